@@ -1,0 +1,317 @@
+"""HTTP layer: OpenAI-compatible routes over the cascade engine. Handlers stay thin."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gateway import sse
+from gateway.auth import Tenant
+from gateway.engine import Call, Decision
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    PayloadTooLarge,
+    PermissionDenied,
+    RateLimited,
+)
+from gateway.openai_types import ChatCompletionRequest, CompletionRequest, parse
+from gateway.service import Gateway
+from gateway.timing import Timings
+
+log = logging.getLogger("smallfirst.http")
+T = TypeVar("T")
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+class RequestGuard:
+    """ASGI middleware: request ids, the body size limit, and no stack trace ever leaks."""
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", []),
+                                      (b"x-request-id", request_id.encode())]
+            await send(message)
+
+        try:
+            if int(headers.get(b"content-length", b"0") or 0) > self.max_body_bytes:
+                raise self._too_large()
+            await self.app(scope, self._limited(receive), send_with_id)
+        except Exception as exc:
+            if started:
+                raise
+            error = exc if isinstance(exc, GatewayError) else None
+            if error is None:
+                log.exception("unhandled error in request %s", request_id)
+            response = error_response(error or GatewayError("Internal error; see the logs."))
+            await response(scope, receive, send_with_id)
+
+    def _too_large(self) -> PayloadTooLarge:
+        return PayloadTooLarge(f"Request body exceeds the limit of {self.max_body_bytes} bytes.")
+
+    def _limited(self, receive: Receive) -> Receive:
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_body_bytes:
+                    raise self._too_large()
+            return message
+
+        return limited
+
+
+def error_response(error: GatewayError) -> JSONResponse:
+    return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers())
+
+
+def decision_headers(decision: Decision, timings: Timings) -> dict[str, str]:
+    scores = ", ".join(
+        f"{name}={value:.3f}"
+        for name, value in (("difficulty", decision.difficulty),
+                            ("confidence", decision.confidence))
+        if value is not None
+    )
+    headers = {
+        "x-smallfirst-route": decision.route.value,
+        "x-smallfirst-policy": decision.policy,
+        "x-smallfirst-scores": scores or "none",
+        "server-timing": timings.server_timing(),
+    }
+    if decision.escalation:
+        headers["x-smallfirst-escalation"] = decision.escalation
+    if decision.note:
+        headers["x-smallfirst-note"] = decision.note
+    return headers
+
+
+async def read_json(request: Request) -> Any:
+    body = await request.body()
+    try:
+        return json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise InvalidRequest("We could not parse the JSON body of your request.") from None
+
+
+async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`, cancelling it if the client goes away first."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+    return task.result()
+
+
+def create_app(gateway: Gateway) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await gateway.start()
+        yield
+        await gateway.stop()
+
+    app = FastAPI(title="smallfirst", lifespan=lifespan, docs_url=None, redoc_url=None)
+    app.state.gateway = gateway
+    _install_error_handlers(app)
+    _install_routes(app, gateway)
+    return RequestGuard(app, gateway.settings.max_body_bytes)  # type: ignore[return-value]
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(GatewayError)
+    async def gateway_error(request: Request, exc: GatewayError) -> JSONResponse:
+        return error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        return error_response(InvalidRequest("Invalid request."))
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return error_response(NotFound(f"Unknown path {request.url.path}."))
+        error = GatewayError(str(exc.detail))
+        error.status_code, error.error_type = exc.status_code, "invalid_request_error"
+        return error_response(error)
+
+
+def _install_routes(app: FastAPI, gateway: Gateway) -> None:
+    def authenticate(request: Request) -> Tenant:
+        return gateway.auth.authenticate(request.headers.get("authorization"))
+
+    def admin(request: Request) -> Tenant:
+        tenant = authenticate(request)
+        if not tenant.admin:
+            raise PermissionDenied("This key may not use the admin API.")
+        return tenant
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz() -> JSONResponse:
+        checks = {"small_model": await gateway.engine.small.ping(),
+                  "policies": gateway.policies.last_error is None}
+        ready = all(checks.values())
+        return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
+                            status_code=200 if ready else 503)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        authenticate(request)
+        return {"object": "list", "data": [
+            {"id": name, "object": "model", "created": 0, "owned_by": "smallfirst"}
+            for name in gateway.model_ids()
+        ]}
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        timings = Timings()
+        with timings.measure("auth"):
+            authenticate(request)
+        body = parse(ChatCompletionRequest, await read_json(request))
+        return await _serve(request, gateway, body, timings, legacy=False)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        timings = Timings()
+        with timings.measure("auth"):
+            authenticate(request)
+        body = parse(CompletionRequest, await read_json(request)).as_chat()
+        return await _serve(request, gateway, body, timings, legacy=True)
+
+    @app.get("/admin/policies")
+    async def policies(request: Request) -> dict[str, Any]:
+        admin(request)
+        return gateway.policies.status()
+
+    @app.post("/admin/policies/reload")
+    async def reload_policies(request: Request) -> JSONResponse:
+        admin(request)
+        ok = gateway.policies.reload()
+        return JSONResponse(gateway.policies.status(), status_code=200 if ok else 422)
+
+
+async def _serve(
+    request: Request,
+    gateway: Gateway,
+    body: ChatCompletionRequest,
+    timings: Timings,
+    *,
+    legacy: bool,
+) -> Response:
+    with timings.measure("policy"):
+        policy, direct = gateway.resolve(body.model, request.headers.get("x-smallfirst-policy"))
+    if gateway.in_flight >= gateway.settings.max_in_flight:
+        raise RateLimited("The gateway is at capacity; retry shortly.", retry_after=1)
+    call = Call(
+        request_id=request.scope["state"]["request_id"],
+        policy=policy,
+        params=body.model_params(),
+        include_usage=body.include_usage,
+        direct=direct,
+        timings=timings,
+    )
+    gateway.in_flight += 1
+    released = False
+    try:
+        if not body.stream:
+            response, decision = await until_disconnect(request, gateway.engine.complete(call))
+            if legacy:
+                response = as_text_completion(response)
+            return JSONResponse(response, headers=decision_headers(decision, timings))
+        chunks, decision = await until_disconnect(request, gateway.engine.stream(call))
+        released = True
+        return StreamingResponse(
+            _sse(gateway, chunks, legacy),
+            media_type="text/event-stream",
+            headers={**decision_headers(decision, timings), "cache-control": "no-cache"},
+        )
+    finally:
+        if not released:
+            gateway.in_flight -= 1
+
+
+async def _sse(
+    gateway: Gateway, chunks: AsyncIterator[dict[str, Any]], legacy: bool
+) -> AsyncIterator[bytes]:
+    try:
+        async for chunk in chunks:
+            yield sse.event(as_text_chunk(chunk) if legacy else chunk)
+        yield sse.DONE
+    except GatewayError as exc:
+        yield sse.error_event(exc.message, exc.error_type, exc.code)
+    except Exception:
+        log.exception("stream failed")
+        yield sse.error_event("Internal error; the answer is incomplete.", "server_error")
+    finally:
+        gateway.in_flight -= 1
+        await _close(chunks)
+
+
+async def _close(chunks: Any) -> None:
+    if hasattr(chunks, "aclose"):
+        await chunks.aclose()
+
+
+def as_text_completion(response: dict[str, Any]) -> dict[str, Any]:
+    choices = [
+        {"index": c.get("index", 0), "text": (c.get("message") or {}).get("content") or "",
+         "logprobs": None, "finish_reason": c.get("finish_reason")}
+        for c in response.get("choices", [])
+    ]
+    return {**response, "id": response["id"].replace("chatcmpl-", "cmpl-", 1),
+            "object": "text_completion", "choices": choices}
+
+
+def as_text_chunk(chunk: dict[str, Any]) -> dict[str, Any]:
+    choices = [
+        {"index": c.get("index", 0), "text": (c.get("delta") or {}).get("content") or "",
+         "logprobs": None, "finish_reason": c.get("finish_reason")}
+        for c in chunk.get("choices", [])
+    ]
+    return {**chunk, "id": chunk["id"].replace("chatcmpl-", "cmpl-", 1),
+            "object": "text_completion", "created": chunk.get("created", int(time.time())),
+            "choices": choices}

@@ -1,0 +1,94 @@
+"""API keys -> tenants. Keys are held only as SHA-256 hashes.
+
+The keys file is YAML:
+
+    tenants:
+      acme:
+        keys: ["sk-live-..."]            # plain keys, hashed on load
+        key_hashes: ["sha256:9f86d0..."]  # or their hashes (`smallfirst keys hash KEY`)
+        admin: false                      # may call /admin endpoints
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gateway.errors import AuthenticationError
+
+OPEN_TENANT = "local"
+
+
+def hash_key(key: str) -> str:
+    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class Tenant:
+    name: str
+    admin: bool = False
+
+
+class _TenantEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    keys: list[str] = Field(default_factory=list)
+    key_hashes: list[str] = Field(default_factory=list)
+    admin: bool = False
+
+
+class _KeysFile(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tenants: dict[str, _TenantEntry]
+
+
+class KeyStore:
+    """Resolves a presented bearer key to its tenant, or raises AuthenticationError."""
+
+    def __init__(self, tenants_by_hash: dict[str, Tenant]) -> None:
+        self._by_hash = tenants_by_hash
+
+    @classmethod
+    def from_file(cls, path: Path) -> KeyStore:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+            parsed = _KeysFile.model_validate(raw)
+        except (OSError, yaml.YAMLError, ValidationError) as exc:
+            raise ValueError(f"invalid API keys file {path}: {exc}") from exc
+        by_hash: dict[str, Tenant] = {}
+        for name, entry in parsed.tenants.items():
+            tenant = Tenant(name, entry.admin)
+            hashes = [hash_key(k) for k in entry.keys] + [h.lower() for h in entry.key_hashes]
+            for digest in hashes:
+                if not digest.startswith("sha256:") or len(digest) != 71:
+                    raise ValueError(f"{path}: tenant {name!r}: bad key hash {digest[:16]}...")
+                by_hash[digest] = tenant
+        return cls(by_hash)
+
+    def authenticate(self, authorization: str | None) -> Tenant:
+        if not authorization:
+            raise AuthenticationError(
+                "Missing API key: send it as 'Authorization: Bearer <key>'."
+            )
+        scheme, _, key = authorization.partition(" ")
+        if scheme.lower() != "bearer" or not key.strip():
+            raise AuthenticationError("Malformed Authorization header: expected 'Bearer <key>'.")
+        # Lookup is by SHA-256 digest: timing reveals nothing about the stored keys.
+        tenant = self._by_hash.get(hash_key(key.strip()))
+        if tenant is None:
+            raise AuthenticationError("Incorrect API key provided.")
+        return tenant
+
+
+class OpenAccess:
+    """Local-development mode: every caller is the admin tenant `local`."""
+
+    def authenticate(self, authorization: str | None) -> Tenant:
+        return Tenant(OPEN_TENANT, admin=True)
+
+
+def is_loopback(host: str) -> bool:
+    return host in {"localhost", "::1"} or host.startswith("127.")

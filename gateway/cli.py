@@ -1,0 +1,150 @@
+"""The `smallfirst` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from gateway.config import ConfigError, Settings, load_settings
+
+
+def _serve_settings(args: argparse.Namespace) -> Settings:
+    settings = load_settings(
+        args.config,
+        host=args.host,
+        port=args.port,
+        policies=args.policies,
+        auth="off" if args.no_auth else None,
+    )
+    from gateway.auth import is_loopback
+
+    if settings.auth == "off" and not is_loopback(settings.host):
+        raise ConfigError(
+            f"refusing to run without auth on a non-loopback address ({settings.host}); "
+            "configure SMALLFIRST_API_KEYS_FILE or bind 127.0.0.1"
+        )
+    return settings
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.service import Gateway
+
+    settings = _serve_settings(args)
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(levelname)s %(name)s %(message)s"
+    )
+    app = create_app(Gateway.from_settings(settings))
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                access_log=False)
+    return 0
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    from gateway.policy_store import PolicyError, load_policy_dir
+
+    try:
+        policies = load_policy_dir(Path(args.directory))
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 1
+    for policy in policies.policies:
+        print(f"ok  {policy.name}  ({', '.join(policy.names)})")
+    return 0
+
+
+def policy_schema() -> str:
+    from gateway.policy import Policy
+
+    return json.dumps(Policy.model_json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+def cmd_policy_schema(args: argparse.Namespace) -> int:
+    sys.stdout.write(policy_schema())
+    return 0
+
+
+def cmd_keys_hash(args: argparse.Namespace) -> int:
+    from gateway.auth import hash_key
+
+    print(hash_key(args.key))
+    return 0
+
+
+def cmd_small_model(args: argparse.Namespace) -> int:
+    from gateway import smallmodel
+
+    python = smallmodel.ensure_vllm()
+    model_dir = smallmodel.ensure_model()
+    if args.action == "setup":
+        print(f"vLLM: {python}\nmodel: {model_dir}")
+        return 0
+    server = smallmodel.VLLMServer(model_dir, port=args.port, python=python)
+    with server:
+        server.wait_ready()
+        print(f"small model serving at {server.api_base} (Ctrl-C to stop)", flush=True)
+        server.wait()
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from gateway.demo import run_demo
+
+    return run_demo(port=args.port, keep_running=not args.exit)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smallfirst", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", type=Path, help="YAML config file")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    serve.add_argument("--policies", type=Path, help="policy directory")
+    serve.add_argument("--no-auth", action="store_true", help="open mode (loopback only)")
+    serve.set_defaults(func=cmd_serve)
+
+    policy = sub.add_parser("policy", help="policy files").add_subparsers(required=True)
+    check = policy.add_parser("check", help="validate a policy directory")
+    check.add_argument("directory")
+    check.set_defaults(func=cmd_policy_check)
+    policy.add_parser("schema", help="print the policy JSON Schema").set_defaults(
+        func=cmd_policy_schema)
+
+    keys = sub.add_parser("keys", help="API keys").add_subparsers(required=True)
+    hashing = keys.add_parser("hash", help="print the hash to store for a key")
+    hashing.add_argument("key")
+    hashing.set_defaults(func=cmd_keys_hash)
+
+    small = sub.add_parser("small-model", help="install, convert and serve the local small model")
+    small.add_argument("action", choices=["setup", "serve"])
+    small.add_argument("--port", type=int, default=8100)
+    small.set_defaults(func=cmd_small_model)
+
+    demo = sub.add_parser("demo", help="start the small model and the gateway, and show it work")
+    demo.add_argument("--port", type=int, default=8000)
+    demo.add_argument("--exit", action="store_true", help="stop after the demo requests")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        print(f"smallfirst: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Gateway configuration: a YAML file, overridden by `SMALLFIRST_*` environment variables.
+
+Built once at start-up and passed down; request code never reads the environment.
+Precedence (highest first): explicit CLI flags, environment, config file, defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_SMALL_MODEL = "hosted_vllm/smollm2-135m-instruct"
+
+
+class ConfigError(Exception):
+    """The configuration file or environment is invalid."""
+
+
+class BackendConfig(BaseModel):
+    """One model endpoint reached through litellm."""
+
+    model: str = Field(description="litellm model string, e.g. 'openai/gpt-4o'")
+    api_base: str | None = None
+    api_key: SecretStr | None = None
+    name: str | None = Field(
+        default=None,
+        description="Public name clients may request directly; defaults to the model string "
+        "without its provider prefix.",
+    )
+
+    @property
+    def public_name(self) -> str:
+        return self.name or self.model.split("/", 1)[-1]
+
+
+class RetryConfig(BaseModel):
+    """Retries of one backend call on 429 and 5xx (exponential backoff with full jitter)."""
+
+    max_attempts: int = Field(default=3, ge=1, le=10)
+    backoff_base_s: float = Field(default=0.2, ge=0)
+    backoff_max_s: float = Field(default=4.0, ge=0)
+    max_retry_after_s: float = Field(
+        default=10.0, ge=0, description="An upstream Retry-After longer than this is not waited."
+    )
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SMALLFIRST_", extra="forbid")
+
+    small_model: str = DEFAULT_SMALL_MODEL
+    small_api_base: str = "http://127.0.0.1:8100/v1"
+    small_api_key: SecretStr | None = None
+    small_name: str | None = None
+    frontier_model: str | None = None
+    frontier_api_base: str | None = None
+    frontier_api_key: SecretStr | None = None
+    frontier_name: str | None = None
+    frontier_fallbacks: list[BackendConfig] = Field(
+        default_factory=list, description="Tried in order after the frontier model fails."
+    )
+    redis_url: str | None = None
+    policies: Path = Path("policies")
+    default_policy: str = "auto"
+    api_keys_file: Path | None = None
+    auth: Literal["on", "off"] = "on"
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
+    max_in_flight: int = Field(default=256, ge=1, description="Beyond this, 429 with Retry-After.")
+    connect_timeout_s: float = Field(default=5.0, gt=0)
+    retry: RetryConfig = Field(default_factory=RetryConfig)
+    watch_policies: bool = True
+    log_level: str = "info"
+
+    @field_validator("auth", mode="before")
+    @classmethod
+    def _auth_words(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        if isinstance(value, str) and value.lower() in {"0", "false", "no", "disabled"}:
+            return "off"
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The config file arrives as init kwargs; the environment overrides it.
+        return env_settings, init_settings
+
+    @property
+    def small(self) -> BackendConfig:
+        return BackendConfig(
+            model=self.small_model,
+            api_base=self.small_api_base,
+            api_key=self.small_api_key,
+            name=self.small_name,
+        )
+
+    @property
+    def frontiers(self) -> list[BackendConfig]:
+        """The frontier model first, then its fallbacks, in the order they are tried."""
+        first = []
+        if self.frontier_model:
+            first.append(
+                BackendConfig(
+                    model=self.frontier_model,
+                    api_base=self.frontier_api_base,
+                    api_key=self.frontier_api_key,
+                    name=self.frontier_name,
+                )
+            )
+        return first + list(self.frontier_fallbacks)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings from an optional YAML file, the environment, then explicit overrides."""
+    file_values: dict[str, Any] = {}
+    if config_file is not None:
+        try:
+            file_values = yaml.safe_load(Path(config_file).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+        if not isinstance(file_values, dict):
+            raise ConfigError(f"{config_file}: expected a mapping at the top level")
+        base = Path(config_file).parent
+        for key in ("policies", "api_keys_file"):
+            if isinstance(file_values.get(key), str):
+                file_values[key] = str((base / file_values[key]).resolve())
+    try:
+        settings = Settings(**file_values)
+    except ValueError as exc:
+        raise ConfigError(f"invalid configuration: {exc}") from exc
+    explicit = {k: v for k, v in overrides.items() if v is not None}
+    return settings.model_copy(update=explicit) if explicit else settings

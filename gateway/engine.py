@@ -1,0 +1,572 @@
+"""The cascade engine: difficulty -> small model -> confidence -> accept or escalate.
+
+Plain asyncio, no HTTP. Input is an OpenAI chat request (already validated); output is an
+OpenAI `chat.completion` dict or a stream of `chat.completion.chunk` dicts, plus the routing
+`Decision` the caller reports. The small model is always read as a stream so its time to
+first token can be held to the policy's latency budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from gateway.backends import BackendFailure, LiteLLMBackend
+from gateway.config import RetryConfig
+from gateway.errors import GatewayError, InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
+from gateway.policy import Policy, StreamMode
+from gateway.retry import call_with_retry
+from gateway.scoring import (
+    CONFIDENCE_SCORERS,
+    DIFFICULTY_SCORERS,
+    Answer,
+    ConfidenceScorer,
+    DifficultyScorer,
+    Prompt,
+)
+from gateway.timing import Timings
+
+
+class Route(StrEnum):
+    SMALL = "small"
+    ESCALATED = "escalated"
+    FRONTIER = "frontier"
+    CACHE_EXACT = "cache_exact"
+    CACHE_SEMANTIC = "cache_semantic"
+
+
+@dataclass
+class Decision:
+    """How a request was routed, and why; reported in response headers."""
+
+    policy: str
+    route: Route = Route.SMALL
+    difficulty: float | None = None
+    confidence: float | None = None
+    escalation: str | None = None  # difficulty | low_confidence | error | deadline
+    note: str | None = None  # e.g. frontier_unavailable: the small answer was served anyway
+
+
+@dataclass
+class Call:
+    """One client request as the engine sees it."""
+
+    request_id: str
+    policy: Policy
+    params: dict[str, Any]  # messages and sampling parameters, forwarded to models
+    include_usage: bool = False
+    direct: str | None = None  # a backend named directly by the client
+    timings: Timings = field(default_factory=Timings)
+
+    @property
+    def completion_id(self) -> str:
+        return f"chatcmpl-{self.request_id}"
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return bool(self.params.get("logprobs"))
+
+
+class Usage:
+    """Token usage summed over every model attempt of one request."""
+
+    def __init__(self) -> None:
+        self.prompt = self.completion = 0
+
+    def add(self, usage: dict[str, Any] | None) -> None:
+        if usage:
+            self.prompt += usage.get("prompt_tokens") or 0
+            self.completion += usage.get("completion_tokens") or 0
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+        }
+
+
+class SmallAnswer:
+    """The small model's answer assembled from stream chunks, kept for replay."""
+
+    def __init__(self) -> None:
+        self.chunks: list[dict[str, Any]] = []
+        self.text: list[str] = []
+        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.logprobs: list[dict[str, Any]] = []
+        self.finish_reason: str | None = None
+        self.model: str | None = None
+        self.usage: dict[str, Any] | None = None
+        self.content_chunks = 0
+
+    def absorb(self, chunk: dict[str, Any]) -> None:
+        self.model = chunk.get("model") or self.model
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        if not chunk.get("choices"):
+            return  # a usage-only chunk: never replayed
+        self.chunks.append(chunk)
+        for choice in chunk["choices"]:
+            delta = choice.get("delta") or {}
+            if delta.get("content"):
+                self.text.append(delta["content"])
+                self.content_chunks += 1
+            for call in delta.get("tool_calls") or []:
+                self._merge_tool_call(call)
+            self.logprobs.extend((choice.get("logprobs") or {}).get("content") or [])
+            self.finish_reason = choice.get("finish_reason") or self.finish_reason
+
+    def _merge_tool_call(self, delta: dict[str, Any]) -> None:
+        call = self.tool_calls.setdefault(
+            delta.get("index", 0), {"id": None, "type": "function",
+                                    "function": {"name": "", "arguments": ""}}
+        )
+        call["id"] = delta.get("id") or call["id"]
+        function = delta.get("function") or {}
+        call["function"]["name"] += function.get("name") or ""
+        call["function"]["arguments"] += function.get("arguments") or ""
+
+    @property
+    def tokens(self) -> int:
+        return len(self.logprobs) or self.content_chunks
+
+    def answer(self) -> Answer:
+        return Answer(
+            text="".join(self.text),
+            token_logprobs=[e["logprob"] for e in self.logprobs if "logprob" in e],
+            complete=self.finish_reason is not None,
+        )
+
+    def message(self) -> dict[str, Any]:
+        message: dict[str, Any] = {"role": "assistant", "content": "".join(self.text) or None}
+        if self.tool_calls:
+            message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+        return message
+
+
+class Escalate(Exception):
+    """Internal: the small attempt ended without an acceptable answer."""
+
+    def __init__(self, reason: str, failure: BackendFailure | None = None) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.failure = failure
+
+
+def to_gateway_error(failure: BackendFailure) -> GatewayError:
+    """What the client sees when no backend could answer."""
+    if failure.timeout:
+        return UpstreamTimeout(f"Upstream model timed out ({failure.backend}).")
+    if failure.status == 429:
+        return RateLimited(
+            f"Upstream rate limit ({failure.backend}).", retry_after=failure.retry_after or 1
+        )
+    if failure.status in (400, 404, 413, 422):
+        return InvalidRequest(f"The model rejected the request: {failure.message}")
+    return UpstreamError(f"Upstream model failed ({failure.backend}): {failure.message}")
+
+
+class CascadeEngine:
+    """Routes chat requests across one small backend and an ordered list of frontier ones."""
+
+    def __init__(
+        self,
+        small: LiteLLMBackend,
+        frontiers: list[LiteLLMBackend],
+        retry: RetryConfig,
+        difficulty: dict[str, DifficultyScorer] | None = None,
+        confidence: dict[str, ConfidenceScorer] | None = None,
+    ) -> None:
+        self.small = small
+        self.frontiers = frontiers
+        self.retry = retry
+        self.difficulty = difficulty or {k: cls() for k, cls in DIFFICULTY_SCORERS.items()}
+        self.confidence = confidence or {k: cls() for k, cls in CONFIDENCE_SCORERS.items()}
+
+    @property
+    def backend_names(self) -> list[str]:
+        return [self.small.name, *(f.name for f in self.frontiers)]
+
+    # ---- non-streamed -------------------------------------------------------------------
+
+    async def complete(self, call: Call) -> tuple[dict[str, Any], Decision]:
+        decision = Decision(policy=call.policy.name)
+        usage = Usage()
+        plan = await self._plan(call, decision)
+        if plan == "small":
+            small = SmallAnswer()
+            try:
+                await self._run_small(call, decision, small, usage, holdback=False)
+                return self._small_response(call, small, usage), decision
+            except Escalate as esc:
+                return await self._escalate_complete(call, decision, usage, esc, small)
+        response = await self._frontier_complete(call, usage)
+        return response, decision
+
+    async def _escalate_complete(
+        self, call: Call, decision: Decision, usage: Usage, esc: Escalate, small: SmallAnswer
+    ) -> tuple[dict[str, Any], Decision]:
+        usable = esc.failure is None and small.finish_reason is not None
+        if not self.frontiers:
+            if usable:
+                decision.note = "frontier_unavailable"
+                return self._small_response(call, small, usage), decision
+            raise to_gateway_error(esc.failure or BackendFailure(self.small.name, esc.reason))
+        decision.route, decision.escalation = Route.ESCALATED, esc.reason
+        try:
+            return await self._frontier_complete(call, usage), decision
+        except GatewayError:
+            if not usable:
+                raise
+            decision.route, decision.note = Route.SMALL, "frontier_failed"
+            return self._small_response(call, small, usage), decision
+
+    async def _frontier_complete(self, call: Call, usage: Usage) -> dict[str, Any]:
+        timeout = call.policy.latency_budget.escalation / 1000
+
+        async def attempt(backend: LiteLLMBackend) -> dict[str, Any]:
+            return await backend.complete(call.params, timeout=timeout)
+
+        with call.timings.measure("frontier"):
+            backend, response = await self._over_frontiers(attempt)
+        usage.add(response.get("usage"))
+        response.update(id=call.completion_id, usage=usage.as_dict())
+        response["model"] = response.get("model") or backend.name
+        return response
+
+    def _small_response(self, call: Call, small: SmallAnswer, usage: Usage) -> dict[str, Any]:
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": small.message(),
+            "finish_reason": small.finish_reason or "stop",
+        }
+        choice["logprobs"] = {"content": small.logprobs} if call.wants_logprobs else None
+        return {
+            "id": call.completion_id,
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": small.model or self.small.name,
+            "choices": [choice],
+            "usage": usage.as_dict(),
+        }
+
+    # ---- streamed -----------------------------------------------------------------------
+
+    async def stream(self, call: Call) -> tuple[AsyncIterator[dict[str, Any]], Decision]:
+        """Decide the route, then return the chunks to send.
+
+        Everything that can still change the route happens before this returns, so the
+        caller can send headers; after that, failures surface from the iterator as
+        GatewayError and must be reported in-band.
+        """
+        decision = Decision(policy=call.policy.name)
+        usage = Usage()
+        plan = await self._plan(call, decision)
+        if plan == "small":
+            small = SmallAnswer()
+            mode = call.policy.streaming.mode
+            try:
+                rest = await self._run_small(
+                    call, decision, small, usage, holdback=mode != StreamMode.BUFFER
+                )
+            except Escalate as esc:
+                return await self._escalate_stream(call, decision, usage, esc, small), decision
+            return self._small_chunks(call, small, rest, usage), decision
+        chunks = await self._frontier_stream(call, usage)
+        return chunks, decision
+
+    async def _escalate_stream(
+        self, call: Call, decision: Decision, usage: Usage, esc: Escalate, small: SmallAnswer
+    ) -> AsyncIterator[dict[str, Any]]:
+        usable = esc.failure is None and small.finish_reason is not None
+        if not self.frontiers:
+            if usable:
+                decision.note = "frontier_unavailable"
+                return self._small_chunks(call, small, None, usage)
+            raise to_gateway_error(esc.failure or BackendFailure(self.small.name, esc.reason))
+        decision.route, decision.escalation = Route.ESCALATED, esc.reason
+        try:
+            return await self._frontier_stream(call, usage)
+        except GatewayError:
+            if not usable:
+                raise
+            decision.route, decision.note = Route.SMALL, "frontier_failed"
+            return self._small_chunks(call, small, None, usage)
+
+    async def _small_chunks(
+        self,
+        call: Call,
+        small: SmallAnswer,
+        rest: AsyncIterator[dict[str, Any]] | None,
+        usage: Usage,
+    ) -> AsyncIterator[dict[str, Any]]:
+        for chunk in small.chunks:
+            yield self._outgoing(call, chunk)
+        if rest is not None:
+            gap = call.policy.latency_budget.small_ttft / 1000
+            try:
+                async for chunk in _with_gap_deadline(rest, gap):
+                    small.absorb(chunk)
+                    if chunk.get("choices"):
+                        yield self._outgoing(call, chunk)
+            except (BackendFailure, TimeoutError) as exc:
+                raise _midstream_error(self.small.name, exc) from exc
+            finally:
+                await _aclose(rest)
+            usage.add(small.usage)
+        if call.include_usage:
+            yield self._usage_chunk(call, small.model or self.small.name, usage)
+
+    async def _frontier_stream(
+        self, call: Call, usage: Usage
+    ) -> AsyncIterator[dict[str, Any]]:
+        timeout = call.policy.latency_budget.escalation / 1000
+
+        async def attempt(backend: LiteLLMBackend) -> tuple[dict, AsyncIterator[dict]]:
+            chunks = await backend.stream(call.params, timeout=timeout)
+            try:
+                async with asyncio.timeout(timeout):
+                    first = await anext(chunks)
+            except BaseException:
+                await _aclose(chunks)
+                raise
+            return first, chunks
+
+        with call.timings.measure("frontier_ttft"):
+            backend, (first, chunks) = await self._over_frontiers(attempt)
+        return self._frontier_chunks(call, backend, first, chunks, usage, timeout)
+
+    async def _frontier_chunks(
+        self,
+        call: Call,
+        backend: LiteLLMBackend,
+        first: dict[str, Any],
+        chunks: AsyncIterator[dict[str, Any]],
+        usage: Usage,
+        gap: float,
+    ) -> AsyncIterator[dict[str, Any]]:
+        model = first.get("model") or backend.name
+        upstream_usage = None
+        try:
+            if first.get("choices"):
+                yield self._outgoing(call, first, model)
+            async for chunk in _with_gap_deadline(chunks, gap):
+                upstream_usage = chunk.get("usage") or upstream_usage
+                if chunk.get("choices"):
+                    yield self._outgoing(call, chunk, model)
+        except (BackendFailure, TimeoutError) as exc:
+            raise _midstream_error(backend.name, exc) from exc
+        finally:
+            await _aclose(chunks)
+        usage.add(upstream_usage or first.get("usage"))
+        if call.include_usage:
+            yield self._usage_chunk(call, model, usage)
+
+    def _outgoing(
+        self, call: Call, chunk: dict[str, Any], model: str | None = None
+    ) -> dict[str, Any]:
+        out = {**chunk, "id": call.completion_id, "object": "chat.completion.chunk"}
+        out.pop("usage", None)
+        if model:
+            out["model"] = model
+        if not call.wants_logprobs:
+            out["choices"] = [{k: v for k, v in c.items() if k != "logprobs"}
+                              for c in chunk["choices"]]
+        return out
+
+    def _usage_chunk(self, call: Call, model: str, usage: Usage) -> dict[str, Any]:
+        return {
+            "id": call.completion_id,
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [],
+            "usage": usage.as_dict(),
+        }
+
+    # ---- shared steps -------------------------------------------------------------------
+
+    async def _plan(self, call: Call, decision: Decision) -> str:
+        """'small' to try the small model first, else 'frontier'."""
+        policy = call.policy
+        if call.direct is not None:
+            if call.direct == self.small.name:
+                decision.route = Route.SMALL
+                return "small"
+            decision.route = Route.FRONTIER
+            return "frontier"
+        if policy.route == "frontier_only":
+            decision.route = Route.FRONTIER
+            return "frontier"
+        if policy.route == "small_only":
+            return "small"
+        prompt = Prompt(call.params["messages"], has_tools=bool(call.params.get("tools")))
+        with call.timings.measure("difficulty"):
+            scorer = self.difficulty[policy.difficulty.scorer]
+            decision.difficulty = await scorer.score(prompt)
+        if decision.difficulty < policy.difficulty.skip_threshold and self.frontiers:
+            decision.route, decision.escalation = Route.FRONTIER, "difficulty"
+            return "frontier"
+        return "small"
+
+    def _escalation_enabled(self, call: Call) -> bool:
+        return call.direct is None and call.policy.route == "cascade"
+
+    async def _run_small(
+        self, call: Call, decision: Decision, small: SmallAnswer, usage: Usage, *, holdback: bool
+    ) -> AsyncIterator[dict[str, Any]] | None:
+        """Run the small model until its answer (or, in holdback, a prefix) can be judged.
+
+        Returns the rest of the stream when a held-back prefix was accepted mid-answer.
+        Raises Escalate when the answer should go to the frontier instead.
+        """
+        policy = call.policy
+        streaming = policy.streaming
+        budget = policy.latency_budget
+        may_escalate = self._escalation_enabled(call)
+        started = time.monotonic()
+        chunks: AsyncIterator[dict[str, Any]] | None = None
+        params = {**call.params, "logprobs": True}
+        try:
+            with call.timings.measure("small"):
+                chunks = await self.small.stream(params, timeout=budget.small_ttft / 1000)
+                prefix_done = await _read_small(
+                    chunks, small, started,
+                    ttft=budget.small_ttft / 1000,
+                    total=budget.small_total_ms / 1000,
+                    hold_tokens=streaming.holdback_tokens if holdback else None,
+                    hold_s=streaming.holdback_ms / 1000 if holdback else None,
+                    direct=holdback and streaming.mode == StreamMode.DIRECT,
+                )
+        except (BackendFailure, TimeoutError) as exc:
+            await _aclose(chunks)
+            failure = exc if isinstance(exc, BackendFailure) else BackendFailure(
+                self.small.name, "deadline passed", timeout=True)
+            usage.add(small.usage)
+            reason = "deadline" if failure.timeout else "error"
+            if not (may_escalate and policy.escalate_on_small_error):
+                raise to_gateway_error(failure) from exc
+            raise Escalate(reason, failure) from exc
+        except BaseException:
+            await _aclose(chunks)
+            raise
+        if not prefix_done:
+            usage.add(small.usage)
+        if streaming.mode == StreamMode.DIRECT and holdback:
+            return chunks if prefix_done else None
+        accepted = await self._judge(call, decision, small, may_escalate)
+        if not accepted:
+            await _aclose(chunks)
+            if prefix_done:
+                usage.add({"completion_tokens": small.tokens})
+            raise Escalate("low_confidence")
+        return chunks if prefix_done else None
+
+    async def _judge(
+        self, call: Call, decision: Decision, small: SmallAnswer, may_escalate: bool
+    ) -> bool:
+        policy = call.policy
+        scorer = self.confidence[policy.confidence.scorer]
+        answer = small.answer()
+        prompt = Prompt(call.params["messages"], has_tools=bool(call.params.get("tools")))
+        with call.timings.measure("confidence"):
+            decision.confidence = await scorer.score(prompt, answer)
+        if not may_escalate:
+            return True
+        if decision.confidence is None or decision.confidence < policy.confidence.threshold:
+            return False
+        floor = policy.confidence.min_token_logprob
+        return floor is None or all(lp >= floor for lp in answer.token_logprobs)
+
+    async def _over_frontiers(
+        self, attempt: Callable[[LiteLLMBackend], Awaitable[Any]]
+    ) -> tuple[LiteLLMBackend, Any]:
+        """Each frontier in order, each with retries; the first success wins."""
+        if not self.frontiers:
+            raise UpstreamError("No frontier model is configured.", code="no_frontier")
+        last: BackendFailure | None = None
+        for backend in self.frontiers:
+            try:
+                result = await call_with_retry(
+                    lambda b=backend: attempt(b),
+                    self.retry,
+                    is_retryable=lambda e: isinstance(e, BackendFailure) and e.retryable,
+                    retry_after=lambda e: getattr(e, "retry_after", None),
+                )
+                return backend, result
+            except (BackendFailure, TimeoutError) as exc:
+                last = backend.failure(exc)
+                if last.status in (400, 404, 413, 422):
+                    break  # the request itself is bad: another provider will not help
+        assert last is not None
+        raise to_gateway_error(last) from last
+
+
+async def _read_small(
+    chunks: AsyncIterator[dict[str, Any]],
+    small: SmallAnswer,
+    started: float,
+    *,
+    ttft: float,
+    total: float,
+    hold_tokens: int | None,
+    hold_s: float | None,
+    direct: bool,
+) -> bool:
+    """Read the small stream into `small` until it ends (False) or the prefix is held (True).
+
+    The first token must arrive within `ttft` and the held part within `total` seconds of
+    `started`; in direct mode reading stops at the first content.
+    """
+    first_at: float | None = None
+    async with asyncio.timeout_at(_loop_time(started + ttft)) as deadline:
+        async for chunk in chunks:
+            small.absorb(chunk)
+            if first_at is None and (small.tokens or small.tool_calls):
+                first_at = time.monotonic()
+                deadline.reschedule(_loop_time(started + total))
+                if direct:
+                    return True
+            if hold_tokens is not None and first_at is not None and (
+                small.tokens >= hold_tokens or time.monotonic() - first_at >= (hold_s or 0)
+            ):
+                return small.finish_reason is None
+    return False
+
+
+def _loop_time(monotonic_instant: float) -> float:
+    """A time.monotonic() instant in the running loop's clock."""
+    loop = asyncio.get_running_loop()
+    return loop.time() + (monotonic_instant - time.monotonic())
+
+
+async def _with_gap_deadline(
+    chunks: AsyncIterator[dict[str, Any]], gap: float
+) -> AsyncIterator[dict[str, Any]]:
+    """Chunks, failing with TimeoutError if the upstream stalls longer than `gap` seconds."""
+    iterator = aiter(chunks)
+    while True:
+        try:
+            async with asyncio.timeout(gap):
+                chunk = await anext(iterator)
+        except StopAsyncIteration:
+            return
+        yield chunk
+
+
+def _midstream_error(backend: str, exc: BaseException) -> GatewayError:
+    if isinstance(exc, TimeoutError) or getattr(exc, "timeout", False):
+        return UpstreamTimeout(f"The model stream stalled ({backend}); the answer is incomplete.")
+    return UpstreamError(f"The model stream broke ({backend}); the answer is incomplete.")
+
+
+async def _aclose(chunks: Any) -> None:
+    if chunks is not None and hasattr(chunks, "aclose"):
+        try:
+            await chunks.aclose()
+        except Exception:  # closing a broken stream must not mask the original error
+            pass

@@ -1,0 +1,105 @@
+"""Policies: the operator-edited YAML that steers routing, streaming and latency budgets.
+
+One file per policy in the policies directory. Clients select a policy by passing one of its
+names as `model`; `schema.json` beside the files is generated from `Policy` and kept in sync
+by a test (`smallfirst policy schema > policies/schema.json`).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class StreamMode(StrEnum):
+    BUFFER = "buffer"  # generate fully, score, then send (small answers only)
+    HOLDBACK = "holdback"  # hold a prefix, score it, then flush and stream on, or escalate
+    DIRECT = "direct"  # stream the small answer as it comes; no post check
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class LatencyBudget(_Strict):
+    """A p99 target and its split across components, in milliseconds.
+
+    The engine derives its deadlines from these allocations, so the budget is the one source
+    of the numbers: the small model must show a first token within `small_ttft` and finish
+    within `small_ttft + small_generation`; a frontier attempt gets `escalation`.
+    """
+
+    p99_ms: float = Field(default=3000, gt=0, description="End-to-end p99 target.")
+    queueing: float = Field(default=20, ge=0)
+    cache: float = Field(default=10, ge=0)
+    routing: float = Field(default=5, ge=0)
+    small_ttft: float = Field(default=1000, gt=0, description="Small model time to first token.")
+    small_generation: float = Field(
+        default=4000, gt=0, description="Small model time after the first token."
+    )
+    escalation: float = Field(default=30000, gt=0, description="One frontier attempt, in full.")
+
+    @property
+    def small_total_ms(self) -> float:
+        return self.small_ttft + self.small_generation
+
+
+class Difficulty(_Strict):
+    """Before generation: a score in [0, 1], the chance the small model's answer is good enough."""
+
+    scorer: Literal["always_small"] = "always_small"
+    skip_threshold: float = Field(
+        default=0.0, ge=0, le=1, description="Below this score, skip the small model."
+    )
+
+
+class Confidence(_Strict):
+    """After the small model answers: accept it or escalate.
+
+    The baseline `logprob` scorer reports exp(mean token logprob), the geometric-mean token
+    probability; an answer is accepted when that reaches `threshold` and no single token's
+    logprob is below `min_token_logprob`.
+    """
+
+    scorer: Literal["logprob", "accept_all"] = "logprob"
+    threshold: float = Field(default=0.5, ge=0, le=1)
+    min_token_logprob: float | None = Field(default=None, le=0)
+
+
+class Streaming(_Strict):
+    mode: StreamMode = StreamMode.HOLDBACK
+    holdback_tokens: int = Field(default=16, ge=1, description="Prefix length scored in holdback.")
+    holdback_ms: float = Field(
+        default=400, gt=0, description="Or score whatever arrived after this long."
+    )
+
+
+class Policy(_Strict):
+    """One routing policy. Clients pass `name` (or an alias) as the request's `model`."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+    aliases: list[str] = Field(default_factory=list)
+    description: str = ""
+    route: Literal["cascade", "small_only", "frontier_only"] = "cascade"
+    allow_direct_models: bool = Field(
+        default=True,
+        description="Whether clients under this policy may name a backend model directly.",
+    )
+    difficulty: Difficulty = Field(default_factory=Difficulty)
+    confidence: Confidence = Field(default_factory=Confidence)
+    streaming: Streaming = Field(default_factory=Streaming)
+    latency_budget: LatencyBudget = Field(default_factory=LatencyBudget)
+    escalate_on_small_error: bool = True
+
+    @model_validator(mode="after")
+    def _aliases_distinct(self) -> Policy:
+        names = [self.name, *self.aliases]
+        if len(set(names)) != len(names):
+            raise ValueError("name and aliases must all be different")
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        return [self.name, *self.aliases]
