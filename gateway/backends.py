@@ -114,8 +114,9 @@ class LiteLLMBackend:
         """Translate any error from a call into a BackendFailure (chained by the caller)."""
         if isinstance(exc, BackendFailure):
             return exc
-        litellm = self._litellm
-        timeout = isinstance(exc, asyncio.TimeoutError | TimeoutError | litellm.Timeout)
+        # litellm wraps errors raised mid-stream; judge by the original one.
+        original = getattr(exc, "original_exception", None) or exc
+        timeout = isinstance(original, TimeoutError | self._litellm.Timeout)
         status = None if timeout else getattr(exc, "status_code", None)
         headers = _headers_of(exc)
         retry_after = parse_retry_after(headers.get("retry-after")) if headers else None
