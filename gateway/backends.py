@@ -13,6 +13,8 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
+import httpx
+
 from gateway.config import BackendConfig
 
 # Parameters of an OpenAI chat request that are forwarded to the model.
@@ -75,12 +77,11 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def _headers_of(exc: BaseException) -> Any:
+def _headers_of(exc: BaseException) -> httpx.Headers | None:
+    # Only litellm_response_headers carries the real headers on every provider path
+    # (a case-sensitive dict on some of them).
     headers = getattr(exc, "litellm_response_headers", None)
-    if headers:
-        return headers
-    response = getattr(exc, "response", None)
-    return getattr(response, "headers", None)
+    return httpx.Headers(headers) if headers else None
 
 
 def _short(exc: BaseException) -> str:
@@ -99,7 +100,9 @@ class LiteLLMBackend:
 
     def _kwargs(self, params: dict[str, Any], timeout: float) -> dict[str, Any]:
         kwargs = {k: params[k] for k in FORWARDED_PARAMS if k in params}
-        kwargs.update(model=self.config.model, timeout=timeout, num_retries=0)
+        # Retries are ours (they honour Retry-After and the deadline): litellm's and the
+        # OpenAI SDK's own are switched off.
+        kwargs.update(model=self.config.model, timeout=timeout, num_retries=0, max_retries=0)
         if self.config.api_base:
             kwargs["api_base"] = self.config.api_base
         if self.config.api_key is not None:
@@ -157,8 +160,6 @@ class LiteLLMBackend:
 
     async def ping(self, timeout: float = 2.0) -> bool:
         """Whether the endpoint answers `GET /models` (only for servers we host)."""
-        import httpx
-
         if not self.config.api_base:
             return True
         try:

@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import time
 from pathlib import Path
 
 from gateway.config import ConfigError, Settings, load_settings
@@ -87,10 +88,10 @@ def cmd_small_model(args: argparse.Namespace) -> int:
         return 0
     server = smallmodel.VLLMServer(model_dir, port=args.port, python=python)
     with server:
-        server.wait_ready()
+        server.wait_ready(timeout=300)
         print(f"small model serving at {server.api_base} (Ctrl-C to stop)", flush=True)
-        server.wait()
-    return 0
+        while True:
+            time.sleep(3600)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
