@@ -1,13 +1,17 @@
-"""Model backends reached through litellm, with errors translated at this boundary.
+"""Model backends, with errors translated at this boundary into BackendFailure.
 
-Every call returns plain OpenAI-shaped dicts (`chat.completion` or `chat.completion.chunk`),
-so the engine never sees litellm's types.
+Two clients behind one interface: `LiteLLMBackend` reaches any provider (the frontier), and
+`OpenAIWireBackend` speaks the OpenAI protocol straight over a pooled httpx client, for the
+small model we host: on the hot hop litellm's streaming wrapper costs about 25 ms per
+16-token answer on this CPU (`python -m load.overhead`), more than the rest of the gateway.
+Every call returns plain OpenAI-shaped dicts (`chat.completion` or `chat.completion.chunk`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import os
 import time
 from collections.abc import AsyncIterator
@@ -89,12 +93,42 @@ def _short(exc: BaseException) -> str:
     return text if len(text) <= 400 else text[:400] + "..."
 
 
-class LiteLLMBackend:
+class Backend:
     """One model endpoint. `name` is the public model name clients and responses use."""
 
-    def __init__(self, config: BackendConfig, *, drop_unsupported: bool) -> None:
+    def __init__(self, config: BackendConfig) -> None:
         self.config = config
         self.name = config.public_name
+
+    async def complete(self, params: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        """A non-streamed chat completion within `timeout` seconds."""
+        raise NotImplementedError
+
+    async def stream(self, params: dict[str, Any], *, timeout: float) -> AsyncIterator[dict]:
+        """Chunks of a streamed chat completion; `timeout` bounds opening the stream."""
+        raise NotImplementedError
+
+    def failure(self, exc: BaseException) -> BackendFailure:
+        """Translate any error from a call into a BackendFailure (chained by the caller)."""
+        raise NotImplementedError
+
+    async def ping(self, timeout: float = 2.0) -> bool:
+        """Whether the endpoint answers `GET /models` (only for servers with a base URL)."""
+        if not self.config.api_base:
+            return True
+        try:
+            async with httpx.AsyncClient(timeout=timeout) as client:
+                response = await client.get(self.config.api_base.rstrip("/") + "/models")
+            return response.status_code < 500
+        except httpx.HTTPError:
+            return False
+
+
+class LiteLLMBackend(Backend):
+    """Any litellm provider; unsupported parameters are dropped when `drop_unsupported`."""
+
+    def __init__(self, config: BackendConfig, *, drop_unsupported: bool) -> None:
+        super().__init__(config)
         self._drop = drop_unsupported
         self._litellm = _litellm()
 
@@ -114,7 +148,6 @@ class LiteLLMBackend:
         return kwargs
 
     def failure(self, exc: BaseException) -> BackendFailure:
-        """Translate any error from a call into a BackendFailure (chained by the caller)."""
         if isinstance(exc, BackendFailure):
             return exc
         # litellm wraps errors raised mid-stream; judge by the original one.
@@ -128,16 +161,14 @@ class LiteLLMBackend:
         )
 
     async def complete(self, params: dict[str, Any], *, timeout: float) -> dict[str, Any]:
-        """A non-streamed chat completion within `timeout` seconds."""
         try:
             async with asyncio.timeout(timeout):
                 response = await self._litellm.acompletion(**self._kwargs(params, timeout))
         except Exception as exc:
             raise self.failure(exc) from exc
-        return response.model_dump(exclude_none=True)
+        return _plain(response.model_dump(exclude_none=True))
 
     async def stream(self, params: dict[str, Any], *, timeout: float) -> AsyncIterator[dict]:
-        """Chunks of a streamed chat completion; `timeout` bounds opening the stream."""
         kwargs = self._kwargs(params, timeout)
         kwargs.update(stream=True, stream_options={"include_usage": True})
         try:
@@ -150,7 +181,7 @@ class LiteLLMBackend:
     async def _chunks(self, upstream: Any) -> AsyncIterator[dict]:
         try:
             async for chunk in upstream:
-                yield chunk.model_dump(exclude_none=True)
+                yield _plain(chunk.model_dump(exclude_none=True))
         except asyncio.CancelledError:
             raise
         except Exception as exc:
@@ -158,13 +189,100 @@ class LiteLLMBackend:
         finally:
             await upstream.aclose()
 
-    async def ping(self, timeout: float = 2.0) -> bool:
-        """Whether the endpoint answers `GET /models` (only for servers we host)."""
-        if not self.config.api_base:
-            return True
+
+def _plain(payload: dict[str, Any]) -> dict[str, Any]:
+    """Drop litellm's own bookkeeping fields from an OpenAI-shaped payload."""
+    for choice in payload.get("choices", []):
+        choice.pop("provider_specific_fields", None)
+        for part in ("message", "delta"):
+            if isinstance(choice.get(part), dict):
+                choice[part].pop("provider_specific_fields", None)
+    return payload
+
+
+class OpenAIWireBackend(Backend):
+    """An OpenAI-compatible server (vLLM) reached directly over pooled HTTP connections."""
+
+    def __init__(self, config: BackendConfig, *, connect_timeout: float = 5.0) -> None:
+        super().__init__(config)
+        if not config.api_base:
+            raise ValueError(f"{config.model}: a direct OpenAI-protocol backend needs api_base")
+        self._model = config.model.split("/", 1)[-1]
+        self._url = config.api_base.rstrip("/") + "/chat/completions"
+        key = config.api_key.get_secret_value() if config.api_key else None
+        self._client = httpx.AsyncClient(
+            headers={"authorization": f"Bearer {key}"} if key else {},
+            timeout=httpx.Timeout(None, connect=connect_timeout),
+            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
+        )
+
+    def _body(self, params: dict[str, Any], stream: bool) -> dict[str, Any]:
+        body = {k: params[k] for k in FORWARDED_PARAMS if k in params}
+        body["model"] = self._model
+        if stream:
+            body.update(stream=True, stream_options={"include_usage": True})
+        return body
+
+    def failure(self, exc: BaseException) -> BackendFailure:
+        if isinstance(exc, BackendFailure):
+            return exc
+        timeout = isinstance(exc, TimeoutError | httpx.TimeoutException)
+        return BackendFailure(self.name, _short(exc), timeout=timeout)
+
+    async def _raise_for_status(self, response: httpx.Response) -> None:
+        if response.status_code < 400:
+            return
+        body = (await response.aread())[:2000].decode(errors="replace")
         try:
-            async with httpx.AsyncClient(timeout=timeout) as client:
-                response = await client.get(self.config.api_base.rstrip("/") + "/models")
-            return response.status_code < 500
-        except httpx.HTTPError:
-            return False
+            message = json.loads(body)["error"]["message"]
+        except (ValueError, KeyError, TypeError):
+            message = body or response.reason_phrase
+        raise BackendFailure(
+            self.name, f"HTTP {response.status_code}: {message}",
+            status=response.status_code,
+            retry_after=parse_retry_after(response.headers.get("retry-after")),
+        )
+
+    async def complete(self, params: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+        try:
+            async with asyncio.timeout(timeout):
+                response = await self._client.post(self._url, json=self._body(params, False))
+                await self._raise_for_status(response)
+                return response.json()
+        except (httpx.HTTPError, TimeoutError, ValueError) as exc:
+            raise self.failure(exc) from exc
+
+    async def stream(self, params: dict[str, Any], *, timeout: float) -> AsyncIterator[dict]:
+        request = self._client.build_request("POST", self._url, json=self._body(params, True))
+        try:
+            async with asyncio.timeout(timeout):
+                response = await self._client.send(request, stream=True)
+                try:
+                    await self._raise_for_status(response)
+                except BaseException:
+                    await response.aclose()
+                    raise
+        except (httpx.HTTPError, TimeoutError) as exc:
+            raise self.failure(exc) from exc
+        return self._chunks(response)
+
+    async def _chunks(self, response: httpx.Response) -> AsyncIterator[dict]:
+        try:
+            async for line in response.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    return
+                chunk = json.loads(data)
+                if "error" in chunk:
+                    raise BackendFailure(self.name, str(chunk["error"].get("message", chunk)))
+                yield chunk
+            raise BackendFailure(self.name, "stream ended without [DONE]")
+        except (httpx.HTTPError, ValueError) as exc:
+            raise self.failure(exc) from exc
+        finally:
+            await response.aclose()
+
+    async def aclose(self) -> None:
+        await self._client.aclose()

@@ -55,6 +55,11 @@ class Settings(BaseSettings):
     small_api_base: str = "http://127.0.0.1:8100/v1"
     small_api_key: SecretStr | None = None
     small_name: str | None = None
+    small_client: Literal["direct", "litellm"] = Field(
+        default="direct",
+        description="'direct' speaks the OpenAI protocol to the small model over pooled HTTP "
+        "(vLLM); 'litellm' goes through litellm like the frontier (any provider, slower).",
+    )
     frontier_model: str | None = None
     frontier_api_base: str | None = None
     frontier_api_key: SecretStr | None = None

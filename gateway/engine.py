@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from gateway.backends import BackendFailure, LiteLLMBackend
+from gateway.backends import Backend, BackendFailure
 from gateway.config import RetryConfig
 from gateway.errors import GatewayError, InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
 from gateway.policy import Policy, StreamMode
@@ -175,8 +175,8 @@ class CascadeEngine:
 
     def __init__(
         self,
-        small: LiteLLMBackend,
-        frontiers: list[LiteLLMBackend],
+        small: Backend,
+        frontiers: list[Backend],
         retry: RetryConfig,
         difficulty: dict[str, DifficultyScorer] | None = None,
         confidence: dict[str, ConfidenceScorer] | None = None,
@@ -228,7 +228,7 @@ class CascadeEngine:
     async def _frontier_complete(self, call: Call, usage: Usage) -> dict[str, Any]:
         timeout = call.policy.latency_budget.escalation / 1000
 
-        async def attempt(backend: LiteLLMBackend) -> dict[str, Any]:
+        async def attempt(backend: Backend) -> dict[str, Any]:
             return await backend.complete(call.params, timeout=timeout)
 
         with call.timings.measure("frontier"):
@@ -326,7 +326,7 @@ class CascadeEngine:
     ) -> AsyncIterator[dict[str, Any]]:
         timeout = call.policy.latency_budget.escalation / 1000
 
-        async def attempt(backend: LiteLLMBackend) -> tuple[dict, AsyncIterator[dict]]:
+        async def attempt(backend: Backend) -> tuple[dict, AsyncIterator[dict]]:
             chunks = await backend.stream(call.params, timeout=timeout)
             try:
                 async with asyncio.timeout(timeout):
@@ -343,7 +343,7 @@ class CascadeEngine:
     async def _frontier_chunks(
         self,
         call: Call,
-        backend: LiteLLMBackend,
+        backend: Backend,
         first: dict[str, Any],
         chunks: AsyncIterator[dict[str, Any]],
         usage: Usage,
@@ -483,8 +483,8 @@ class CascadeEngine:
         return floor is None or all(lp >= floor for lp in answer.token_logprobs)
 
     async def _over_frontiers(
-        self, attempt: Callable[[LiteLLMBackend], Awaitable[Any]]
-    ) -> tuple[LiteLLMBackend, Any]:
+        self, attempt: Callable[[Backend], Awaitable[Any]]
+    ) -> tuple[Backend, Any]:
         """Each frontier in order, each with retries; the first success wins."""
         if not self.frontiers:
             raise UpstreamError("No frontier model is configured.", code="no_frontier")

@@ -9,7 +9,7 @@ import signal
 from dataclasses import dataclass, field
 
 from gateway.auth import KeyStore, OpenAccess
-from gateway.backends import LiteLLMBackend
+from gateway.backends import Backend, LiteLLMBackend, OpenAIWireBackend
 from gateway.config import ConfigError, Settings
 from gateway.engine import CascadeEngine
 from gateway.errors import ModelNotFound, PermissionDenied
@@ -40,7 +40,7 @@ class Gateway:
         else:
             access = KeyStore.from_file(settings.api_keys_file)
         engine = CascadeEngine(
-            LiteLLMBackend(settings.small, drop_unsupported=False),
+            _small_backend(settings),
             [LiteLLMBackend(f, drop_unsupported=True) for f in settings.frontiers],
             settings.retry,
         )
@@ -85,3 +85,11 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if isinstance(self.engine.small, OpenAIWireBackend):
+            await self.engine.small.aclose()
+
+
+def _small_backend(settings: Settings) -> Backend:
+    if settings.small_client == "litellm":
+        return LiteLLMBackend(settings.small, drop_unsupported=False)
+    return OpenAIWireBackend(settings.small, connect_timeout=settings.connect_timeout_s)

@@ -7,7 +7,7 @@ from typing import Any
 import httpx
 import pytest
 
-from gateway.backends import LiteLLMBackend
+from gateway.backends import LiteLLMBackend, OpenAIWireBackend
 from gateway.config import BackendConfig, RetryConfig
 from gateway.engine import Call, CascadeEngine, Route
 from gateway.errors import GatewayError, RateLimited, UpstreamError, UpstreamTimeout
@@ -17,11 +17,12 @@ from tests.conftest import script
 FAST_RETRY = RetryConfig(max_attempts=3, backoff_base_s=0.01, backoff_max_s=0.02)
 
 
-def engine_for(upstream: str, frontiers: int = 1, retry: RetryConfig = FAST_RETRY) -> CascadeEngine:
-    small = LiteLLMBackend(
-        BackendConfig(model="hosted_vllm/small", api_base=f"{upstream}/v1"),
-        drop_unsupported=False,
-    )
+def engine_for(
+    upstream: str, frontiers: int = 1, retry: RetryConfig = FAST_RETRY, small_litellm=False
+) -> CascadeEngine:
+    config = BackendConfig(model="hosted_vllm/small", api_base=f"{upstream}/v1")
+    small = (LiteLLMBackend(config, drop_unsupported=False) if small_litellm
+             else OpenAIWireBackend(config))
     names = ["frontier-a", "frontier-b", "frontier-c"][:frontiers]
     return CascadeEngine(
         small,
@@ -63,8 +64,9 @@ def attempts(upstream: str, key: str) -> int:
     return httpx.get(f"{upstream}/stats").json()["keys"].get(key, 0)
 
 
-async def test_confident_small_answer_is_accepted(upstream: str) -> None:
-    response, decision = await engine_for(upstream).complete(
+@pytest.mark.parametrize("small_litellm", [False, True], ids=["direct", "litellm"])
+async def test_confident_small_answer_is_accepted(upstream: str, small_litellm: bool) -> None:
+    response, decision = await engine_for(upstream, small_litellm=small_litellm).complete(
         call("hi" + script(text="Paris is the capital.", logprob=-0.05))
     )
     assert decision.route == Route.SMALL
@@ -94,9 +96,10 @@ async def test_one_bad_token_fails_the_min_logprob_floor(upstream: str) -> None:
     assert decision.route == Route.ESCALATED
 
 
-async def test_small_error_escalates(upstream: str) -> None:
-    response, decision = await engine_for(upstream).complete(
-        call("hi" + script(status=500, fail_times=1, key="small-err"))
+@pytest.mark.parametrize("small_litellm", [False, True], ids=["direct", "litellm"])
+async def test_small_error_escalates(upstream: str, small_litellm: bool) -> None:
+    response, decision = await engine_for(upstream, small_litellm=small_litellm).complete(
+        call("hi" + script(status=500, fail_times=1, key=f"small-err-{small_litellm}"))
     )
     assert decision.route == Route.ESCALATED
     assert decision.escalation == "error"
