@@ -9,6 +9,7 @@ first token can be held to the policy's latency budget.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from enum import StrEnum
 from typing import Any
 
 from gateway.backends import Backend, BackendFailure
+from gateway.cache.base import CachedAnswer, CacheHit, CacheRequest, ResponseCache
 from gateway.config import RetryConfig
 from gateway.errors import GatewayError, InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
 from gateway.policy import Policy, StreamMode
@@ -60,6 +62,9 @@ class Call:
     params: dict[str, Any]  # messages and sampling parameters, forwarded to models
     include_usage: bool = False
     direct: str | None = None  # a backend named directly by the client
+    tenant: str = "local"
+    read_cache: bool = True  # Cache-Control: no-cache turns reads off
+    write_cache: bool = True  # Cache-Control: no-store turns writes off
     timings: Timings = field(default_factory=Timings)
 
     @property
@@ -69,6 +74,19 @@ class Call:
     @property
     def wants_logprobs(self) -> bool:
         return bool(self.params.get("logprobs"))
+
+    @property
+    def cacheable(self) -> bool:
+        """Only deterministic-enough requests are cached (see the policy's `cache` section)."""
+        settings = self.policy.cache
+        if not settings.enabled:
+            return False
+        temperature = self.params.get("temperature")
+        return not temperature or settings.temperature_above_zero
+
+    def cache_request(self) -> CacheRequest:
+        return CacheRequest(self.tenant, self.policy.name, self.direct or self.policy.name,
+                            self.params)
 
 
 class Usage:
@@ -90,8 +108,8 @@ class Usage:
         }
 
 
-class SmallAnswer:
-    """The small model's answer assembled from stream chunks, kept for replay."""
+class Assembly:
+    """An answer assembled from stream chunks, kept for replay and for the cache."""
 
     def __init__(self) -> None:
         self.chunks: list[dict[str, Any]] = []
@@ -144,8 +162,40 @@ class SmallAnswer:
     def message(self) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": "".join(self.text) or None}
         if self.tool_calls:
-            message["tool_calls"] = [self.tool_calls[i] for i in sorted(self.tool_calls)]
+            message["tool_calls"] = self.ordered_tool_calls()
         return message
+
+    def ordered_tool_calls(self) -> list[dict[str, Any]]:
+        return [self.tool_calls[i] for i in sorted(self.tool_calls)]
+
+    def cached(self, model: str) -> CachedAnswer | None:
+        """The answer to store, or None when it is incomplete or cut short."""
+        if self.finish_reason not in STORABLE_FINISH:
+            return None
+        return CachedAnswer(model=self.model or model, pieces=list(self.text),
+                            finish_reason=self.finish_reason,
+                            tool_calls=self.ordered_tool_calls(), usage=self.usage or {},
+                            created=int(time.time()))
+
+
+STORABLE_FINISH = ("stop", "tool_calls")
+_PIECES = re.compile(r"\s*\S+|\s+")
+
+
+def cached_from_response(response: dict[str, Any]) -> CachedAnswer | None:
+    """The answer to store from a complete non-streamed response, or None."""
+    choice = response["choices"][0]
+    if choice.get("finish_reason") not in STORABLE_FINISH:
+        return None
+    message = choice.get("message") or {}
+    return CachedAnswer(
+        model=response.get("model", ""),
+        pieces=_PIECES.findall(message.get("content") or ""),
+        finish_reason=choice["finish_reason"],
+        tool_calls=message.get("tool_calls") or [],
+        usage=response.get("usage") or {},
+        created=int(time.time()),
+    )
 
 
 class Escalate(Exception):
@@ -180,8 +230,11 @@ class CascadeEngine:
         retry: RetryConfig,
         difficulty: dict[str, DifficultyScorer] | None = None,
         confidence: dict[str, ConfidenceScorer] | None = None,
+        cache: ResponseCache | None = None,
     ) -> None:
         self.small = small
+        self.cache = cache
+        self._writes: set[asyncio.Task] = set()
         self.frontiers = frontiers
         self.retry = retry
         self.difficulty = difficulty or {k: cls() for k, cls in DIFFICULTY_SCORERS.items()}
@@ -195,35 +248,42 @@ class CascadeEngine:
 
     async def complete(self, call: Call) -> tuple[dict[str, Any], Decision]:
         decision = Decision(policy=call.policy.name)
-        usage = Usage()
-        plan = await self._plan(call, decision)
-        if plan == "small":
-            small = SmallAnswer()
-            try:
-                await self._run_small(call, decision, small, usage, holdback=False)
-                return self._small_response(call, small, usage), decision
-            except Escalate as esc:
-                return await self._escalate_complete(call, decision, usage, esc, small)
-        response = await self._frontier_complete(call, usage)
+        hit = await self._lookup(call, decision)
+        if hit is not None:
+            return hit.answer.response(call.completion_id), decision
+        response = await self._complete_uncached(call, decision)
+        if decision.note is None:
+            self._remember(call, cached_from_response(response))
         return response, decision
 
+    async def _complete_uncached(self, call: Call, decision: Decision) -> dict[str, Any]:
+        usage = Usage()
+        if await self._plan(call, decision) == "small":
+            small = Assembly()
+            try:
+                await self._run_small(call, decision, small, usage, holdback=False)
+                return self._small_response(call, small, usage)
+            except Escalate as esc:
+                return await self._escalate_complete(call, decision, usage, esc, small)
+        return await self._frontier_complete(call, usage)
+
     async def _escalate_complete(
-        self, call: Call, decision: Decision, usage: Usage, esc: Escalate, small: SmallAnswer
-    ) -> tuple[dict[str, Any], Decision]:
+        self, call: Call, decision: Decision, usage: Usage, esc: Escalate, small: Assembly
+    ) -> dict[str, Any]:
         usable = esc.failure is None and small.finish_reason is not None
         if not self.frontiers:
             if usable:
                 decision.note = "frontier_unavailable"
-                return self._small_response(call, small, usage), decision
+                return self._small_response(call, small, usage)
             raise to_gateway_error(esc.failure or BackendFailure(self.small.name, esc.reason))
         decision.route, decision.escalation = Route.ESCALATED, esc.reason
         try:
-            return await self._frontier_complete(call, usage), decision
+            return await self._frontier_complete(call, usage)
         except GatewayError:
             if not usable:
                 raise
             decision.route, decision.note = Route.SMALL, "frontier_failed"
-            return self._small_response(call, small, usage), decision
+            return self._small_response(call, small, usage)
 
     async def _frontier_complete(self, call: Call, usage: Usage) -> dict[str, Any]:
         timeout = call.policy.latency_budget.escalation / 1000
@@ -238,7 +298,7 @@ class CascadeEngine:
         response["model"] = response.get("model") or backend.name
         return response
 
-    def _small_response(self, call: Call, small: SmallAnswer, usage: Usage) -> dict[str, Any]:
+    def _small_response(self, call: Call, small: Assembly, usage: Usage) -> dict[str, Any]:
         choice: dict[str, Any] = {
             "index": 0,
             "message": small.message(),
@@ -264,10 +324,12 @@ class CascadeEngine:
         GatewayError and must be reported in-band.
         """
         decision = Decision(policy=call.policy.name)
+        hit = await self._lookup(call, decision)
+        if hit is not None:
+            return self._replay(call, hit), decision
         usage = Usage()
-        plan = await self._plan(call, decision)
-        if plan == "small":
-            small = SmallAnswer()
+        if await self._plan(call, decision) == "small":
+            small = Assembly()
             mode = call.policy.streaming.mode
             try:
                 rest = await self._run_small(
@@ -275,18 +337,23 @@ class CascadeEngine:
                 )
             except Escalate as esc:
                 return await self._escalate_stream(call, decision, usage, esc, small), decision
-            return self._small_chunks(call, small, rest, usage), decision
-        chunks = await self._frontier_stream(call, usage)
-        return chunks, decision
+            return self._small_chunks(call, small, rest, usage, store=True), decision
+        return await self._frontier_stream(call, usage), decision
+
+    async def _replay(self, call: Call, hit: CacheHit) -> AsyncIterator[dict[str, Any]]:
+        for chunk in hit.answer.chunks(call.completion_id):
+            yield chunk
+        if call.include_usage:
+            yield self._usage_chunk(call, hit.answer.model, Usage())
 
     async def _escalate_stream(
-        self, call: Call, decision: Decision, usage: Usage, esc: Escalate, small: SmallAnswer
+        self, call: Call, decision: Decision, usage: Usage, esc: Escalate, small: Assembly
     ) -> AsyncIterator[dict[str, Any]]:
         usable = esc.failure is None and small.finish_reason is not None
         if not self.frontiers:
             if usable:
                 decision.note = "frontier_unavailable"
-                return self._small_chunks(call, small, None, usage)
+                return self._small_chunks(call, small, None, usage, store=False)
             raise to_gateway_error(esc.failure or BackendFailure(self.small.name, esc.reason))
         decision.route, decision.escalation = Route.ESCALATED, esc.reason
         try:
@@ -295,14 +362,16 @@ class CascadeEngine:
             if not usable:
                 raise
             decision.route, decision.note = Route.SMALL, "frontier_failed"
-            return self._small_chunks(call, small, None, usage)
+            return self._small_chunks(call, small, None, usage, store=False)
 
     async def _small_chunks(
         self,
         call: Call,
-        small: SmallAnswer,
+        small: Assembly,
         rest: AsyncIterator[dict[str, Any]] | None,
         usage: Usage,
+        *,
+        store: bool,
     ) -> AsyncIterator[dict[str, Any]]:
         for chunk in small.chunks:
             yield self._outgoing(call, chunk)
@@ -318,6 +387,8 @@ class CascadeEngine:
             finally:
                 await _aclose(rest)
             usage.add(small.usage)
+        if store:
+            self._remember(call, small.cached(self.small.name))
         if call.include_usage:
             yield self._usage_chunk(call, small.model or self.small.name, usage)
 
@@ -350,19 +421,21 @@ class CascadeEngine:
         gap: float,
     ) -> AsyncIterator[dict[str, Any]]:
         model = first.get("model") or backend.name
-        upstream_usage = None
+        answer = Assembly()
+        answer.absorb(first)
         try:
             if first.get("choices"):
                 yield self._outgoing(call, first, model)
             async for chunk in _with_gap_deadline(chunks, gap):
-                upstream_usage = chunk.get("usage") or upstream_usage
+                answer.absorb(chunk)
                 if chunk.get("choices"):
                     yield self._outgoing(call, chunk, model)
         except (BackendFailure, TimeoutError) as exc:
             raise _midstream_error(backend.name, exc) from exc
         finally:
             await _aclose(chunks)
-        usage.add(upstream_usage or first.get("usage"))
+        usage.add(answer.usage)
+        self._remember(call, answer.cached(model))
         if call.include_usage:
             yield self._usage_chunk(call, model, usage)
 
@@ -389,6 +462,23 @@ class CascadeEngine:
         }
 
     # ---- shared steps -------------------------------------------------------------------
+
+    async def _lookup(self, call: Call, decision: Decision) -> CacheHit | None:
+        if self.cache is None or not call.read_cache or not call.cacheable:
+            return None
+        with call.timings.measure("cache"):
+            hit = await self.cache.lookup(call.cache_request())
+        if hit is not None:
+            decision.route = Route.CACHE_EXACT if hit.kind == "exact" else Route.CACHE_SEMANTIC
+        return hit
+
+    def _remember(self, call: Call, answer: CachedAnswer | None) -> None:
+        """Write a complete answer to the cache after the response, off the request path."""
+        if answer is None or self.cache is None or not call.write_cache or not call.cacheable:
+            return
+        task = asyncio.create_task(self.cache.store(call.cache_request(), answer))
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
 
     async def _plan(self, call: Call, decision: Decision) -> str:
         """'small' to try the small model first, else 'frontier'."""
@@ -417,7 +507,7 @@ class CascadeEngine:
         return call.direct is None and call.policy.route == "cascade"
 
     async def _run_small(
-        self, call: Call, decision: Decision, small: SmallAnswer, usage: Usage, *, holdback: bool
+        self, call: Call, decision: Decision, small: Assembly, usage: Usage, *, holdback: bool
     ) -> AsyncIterator[dict[str, Any]] | None:
         """Run the small model until its answer (or, in holdback, a prefix) can be judged.
 
@@ -467,7 +557,7 @@ class CascadeEngine:
         return chunks if prefix_done else None
 
     async def _judge(
-        self, call: Call, decision: Decision, small: SmallAnswer, may_escalate: bool
+        self, call: Call, decision: Decision, small: Assembly, may_escalate: bool
     ) -> bool:
         policy = call.policy
         scorer = self.confidence[policy.confidence.scorer]
@@ -508,7 +598,7 @@ class CascadeEngine:
 
 async def _read_small(
     chunks: AsyncIterator[dict[str, Any]],
-    small: SmallAnswer,
+    small: Assembly,
     started: float,
     *,
     ttft: float,

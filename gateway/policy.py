@@ -76,6 +76,18 @@ class Streaming(_Strict):
     )
 
 
+class CacheSettings(_Strict):
+    """Response caching for this policy (exact and, where configured, semantic)."""
+
+    enabled: bool = True
+    ttl_s: int = Field(default=3600, ge=1, description="How long a stored answer is served.")
+    temperature_above_zero: bool = Field(
+        default=False,
+        description="Also cache requests that set temperature > 0 (their answers vary). "
+        "Requests that leave temperature unset are cached.",
+    )
+
+
 class Policy(_Strict):
     """One routing policy. Clients pass `name` (or an alias) as the request's `model`."""
 
@@ -91,6 +103,7 @@ class Policy(_Strict):
     confidence: Confidence = Field(default_factory=Confidence)
     streaming: Streaming = Field(default_factory=Streaming)
     latency_budget: LatencyBudget = Field(default_factory=LatencyBudget)
+    cache: CacheSettings = Field(default_factory=CacheSettings)
     escalate_on_small_error: bool = True
 
     @model_validator(mode="after")
