@@ -21,6 +21,8 @@ import httpx
 
 from gateway.config import BackendConfig
 
+Headers = dict[str, str] | None
+
 # Parameters of an OpenAI chat request that are forwarded to the model.
 FORWARDED_PARAMS = (
     "messages", "temperature", "top_p", "max_tokens", "stop", "seed", "user", "tools",
@@ -100,11 +102,18 @@ class Backend:
         self.config = config
         self.name = config.public_name
 
-    async def complete(self, params: dict[str, Any], *, timeout: float) -> dict[str, Any]:
-        """A non-streamed chat completion within `timeout` seconds."""
+    async def complete(
+        self, params: dict[str, Any], *, timeout: float, headers: Headers = None
+    ) -> dict[str, Any]:
+        """A non-streamed chat completion within `timeout` seconds.
+
+        `headers` go along with the request (the W3C trace context).
+        """
         raise NotImplementedError
 
-    async def stream(self, params: dict[str, Any], *, timeout: float) -> AsyncIterator[dict]:
+    async def stream(
+        self, params: dict[str, Any], *, timeout: float, headers: Headers = None
+    ) -> AsyncIterator[dict]:
         """Chunks of a streamed chat completion; `timeout` bounds opening the stream."""
         raise NotImplementedError
 
@@ -132,8 +141,10 @@ class LiteLLMBackend(Backend):
         self._drop = drop_unsupported
         self._litellm = _litellm()
 
-    def _kwargs(self, params: dict[str, Any], timeout: float) -> dict[str, Any]:
+    def _kwargs(self, params: dict[str, Any], timeout: float, headers: Headers) -> dict[str, Any]:
         kwargs = {k: params[k] for k in FORWARDED_PARAMS if k in params}
+        if headers:
+            kwargs["extra_headers"] = headers
         # Retries are ours (they honour Retry-After and the deadline): litellm's and the
         # OpenAI SDK's own are switched off.
         kwargs.update(model=self.config.model, timeout=timeout, num_retries=0, max_retries=0)
@@ -160,16 +171,21 @@ class LiteLLMBackend(Backend):
             self.name, _short(exc), status=status, retry_after=retry_after, timeout=timeout
         )
 
-    async def complete(self, params: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+    async def complete(
+        self, params: dict[str, Any], *, timeout: float, headers: Headers = None
+    ) -> dict[str, Any]:
+        kwargs = self._kwargs(params, timeout, headers)
         try:
             async with asyncio.timeout(timeout):
-                response = await self._litellm.acompletion(**self._kwargs(params, timeout))
+                response = await self._litellm.acompletion(**kwargs)
         except Exception as exc:
             raise self.failure(exc) from exc
         return _plain(response.model_dump(exclude_none=True))
 
-    async def stream(self, params: dict[str, Any], *, timeout: float) -> AsyncIterator[dict]:
-        kwargs = self._kwargs(params, timeout)
+    async def stream(
+        self, params: dict[str, Any], *, timeout: float, headers: Headers = None
+    ) -> AsyncIterator[dict]:
+        kwargs = self._kwargs(params, timeout, headers)
         kwargs.update(stream=True, stream_options={"include_usage": True})
         try:
             async with asyncio.timeout(timeout):
@@ -243,17 +259,24 @@ class OpenAIWireBackend(Backend):
             retry_after=parse_retry_after(response.headers.get("retry-after")),
         )
 
-    async def complete(self, params: dict[str, Any], *, timeout: float) -> dict[str, Any]:
+    async def complete(
+        self, params: dict[str, Any], *, timeout: float, headers: Headers = None
+    ) -> dict[str, Any]:
+        body = self._body(params, False)
         try:
             async with asyncio.timeout(timeout):
-                response = await self._client.post(self._url, json=self._body(params, False))
+                response = await self._client.post(self._url, json=body, headers=headers)
                 await self._raise_for_status(response)
                 return response.json()
         except (httpx.HTTPError, TimeoutError, ValueError) as exc:
             raise self.failure(exc) from exc
 
-    async def stream(self, params: dict[str, Any], *, timeout: float) -> AsyncIterator[dict]:
-        request = self._client.build_request("POST", self._url, json=self._body(params, True))
+    async def stream(
+        self, params: dict[str, Any], *, timeout: float, headers: Headers = None
+    ) -> AsyncIterator[dict]:
+        request = self._client.build_request(
+            "POST", self._url, json=self._body(params, True), headers=headers
+        )
         try:
             async with asyncio.timeout(timeout):
                 response = await self._client.send(request, stream=True)

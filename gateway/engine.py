@@ -16,6 +16,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from opentelemetry import trace
+from opentelemetry.trace import INVALID_SPAN, Span
+
 from gateway.backends import Backend, BackendFailure
 from gateway.cache.base import CachedAnswer, CacheHit, CacheRequest, ResponseCache
 from gateway.config import RetryConfig
@@ -30,6 +33,8 @@ from gateway.scoring import (
     DifficultyScorer,
     Prompt,
 )
+from gateway.telemetry import genai
+from gateway.telemetry.tracing import outgoing_headers
 from gateway.timing import Timings
 
 
@@ -120,6 +125,9 @@ class Assembly:
         self.model: str | None = None
         self.usage: dict[str, Any] | None = None
         self.content_chunks = 0
+        self.started = time.monotonic()
+        self.first_token_at: float | None = None
+        self.span: Span = INVALID_SPAN  # the model call's span, ended with the stream
 
     def absorb(self, chunk: dict[str, Any]) -> None:
         self.model = chunk.get("model") or self.model
@@ -137,6 +145,23 @@ class Assembly:
                 self._merge_tool_call(call)
             self.logprobs.extend((choice.get("logprobs") or {}).get("content") or [])
             self.finish_reason = choice.get("finish_reason") or self.finish_reason
+        if self.first_token_at is None and (self.content_chunks or self.tool_calls):
+            self.first_token_at = time.monotonic()
+
+    @property
+    def ttft_ms(self) -> float | None:
+        if self.first_token_at is None:
+            return None
+        return (self.first_token_at - self.started) * 1000
+
+    def finish_span(self, content: bool) -> None:
+        """Record the answer on the model call's span and end it."""
+        genai.record_response(
+            self.span, model=self.model, response_id=None, finish_reason=self.finish_reason,
+            usage=self.usage, ttft_ms=self.ttft_ms,
+            content="".join(self.text) if content else None,
+        )
+        self.span.end()
 
     def _merge_tool_call(self, delta: dict[str, Any]) -> None:
         call = self.tool_calls.setdefault(
@@ -289,10 +314,20 @@ class CascadeEngine:
         timeout = call.policy.latency_budget.escalation / 1000
 
         async def attempt(backend: Backend) -> dict[str, Any]:
-            return await backend.complete(call.params, timeout=timeout)
+            return await backend.complete(
+                call.params, timeout=timeout, headers=outgoing_headers()
+            )
 
         with call.timings.measure("frontier"):
-            backend, response = await self._over_frontiers(attempt)
+            backend, span, response = await self._over_frontiers(call, attempt)
+        choice = response["choices"][0] if response.get("choices") else {}
+        genai.record_response(
+            span, model=response.get("model"), response_id=response.get("id"),
+            finish_reason=choice.get("finish_reason"), usage=response.get("usage"),
+            content=(choice.get("message") or {}).get("content")
+            if call.policy.telemetry.record_content else None,
+        )
+        span.end()
         usage.add(response.get("usage"))
         response.update(id=call.completion_id, usage=usage.as_dict())
         response["model"] = response.get("model") or backend.name
@@ -383,9 +418,11 @@ class CascadeEngine:
                     if chunk.get("choices"):
                         yield self._outgoing(call, chunk)
             except (BackendFailure, TimeoutError) as exc:
+                genai.record_error(small.span, exc)
                 raise _midstream_error(self.small.name, exc) from exc
             finally:
                 await _aclose(rest)
+                self._small_done(call, small)
             usage.add(small.usage)
         if store:
             self._remember(call, small.cached(self.small.name))
@@ -398,7 +435,7 @@ class CascadeEngine:
         timeout = call.policy.latency_budget.escalation / 1000
 
         async def attempt(backend: Backend) -> tuple[dict, AsyncIterator[dict]]:
-            chunks = await backend.stream(call.params, timeout=timeout)
+            chunks = await backend.stream(call.params, timeout=timeout, headers=outgoing_headers())
             try:
                 async with asyncio.timeout(timeout):
                     first = await anext(chunks)
@@ -407,22 +444,25 @@ class CascadeEngine:
                 raise
             return first, chunks
 
+        started = time.monotonic()
         with call.timings.measure("frontier_ttft"):
-            backend, (first, chunks) = await self._over_frontiers(attempt)
-        return self._frontier_chunks(call, backend, first, chunks, usage, timeout)
+            backend, span, (first, chunks) = await self._over_frontiers(call, attempt)
+        answer = Assembly()
+        answer.started, answer.span = started, span
+        answer.absorb(first)
+        return self._frontier_chunks(call, backend, answer, first, chunks, usage, timeout)
 
     async def _frontier_chunks(
         self,
         call: Call,
         backend: Backend,
+        answer: Assembly,
         first: dict[str, Any],
         chunks: AsyncIterator[dict[str, Any]],
         usage: Usage,
         gap: float,
     ) -> AsyncIterator[dict[str, Any]]:
         model = first.get("model") or backend.name
-        answer = Assembly()
-        answer.absorb(first)
         try:
             if first.get("choices"):
                 yield self._outgoing(call, first, model)
@@ -431,9 +471,12 @@ class CascadeEngine:
                 if chunk.get("choices"):
                     yield self._outgoing(call, chunk, model)
         except (BackendFailure, TimeoutError) as exc:
+            genai.record_error(answer.span, exc)
             raise _midstream_error(backend.name, exc) from exc
         finally:
             await _aclose(chunks)
+            call.timings.add("frontier", (time.monotonic() - answer.started) * 1000)
+            answer.finish_span(call.policy.telemetry.record_content)
         usage.add(answer.usage)
         self._remember(call, answer.cached(model))
         if call.include_usage:
@@ -518,14 +561,19 @@ class CascadeEngine:
         streaming = policy.streaming
         budget = policy.latency_budget
         may_escalate = self._escalation_enabled(call)
-        started = time.monotonic()
         chunks: AsyncIterator[dict[str, Any]] | None = None
         params = {**call.params, "logprobs": True}
+        small.started = time.monotonic()
+        small.span = call.timings.start_span(
+            f"chat {self.small.name}", self._request_attributes(call, self.small, params, 1)
+        )
         try:
-            with call.timings.measure("small"):
-                chunks = await self.small.stream(params, timeout=budget.small_ttft / 1000)
+            with trace.use_span(small.span, end_on_exit=False):
+                chunks = await self.small.stream(
+                    params, timeout=budget.small_ttft / 1000, headers=outgoing_headers()
+                )
                 prefix_done = await _read_small(
-                    chunks, small, started,
+                    chunks, small,
                     ttft=budget.small_ttft / 1000,
                     total=budget.small_total_ms / 1000,
                     hold_tokens=streaming.holdback_tokens if holdback else None,
@@ -536,6 +584,8 @@ class CascadeEngine:
             await _aclose(chunks)
             failure = exc if isinstance(exc, BackendFailure) else BackendFailure(
                 self.small.name, "deadline passed", timeout=True)
+            genai.record_error(small.span, failure)
+            self._small_done(call, small)
             usage.add(small.usage)
             reason = "deadline" if failure.timeout else "error"
             if not (may_escalate and policy.escalate_on_small_error):
@@ -543,9 +593,11 @@ class CascadeEngine:
             raise Escalate(reason, failure) from exc
         except BaseException:
             await _aclose(chunks)
+            self._small_done(call, small)
             raise
         if not prefix_done:
             usage.add(small.usage)
+            self._small_done(call, small)
         if streaming.mode == StreamMode.DIRECT and holdback:
             return chunks if prefix_done else None
         accepted = await self._judge(call, decision, small, may_escalate)
@@ -553,8 +605,26 @@ class CascadeEngine:
             await _aclose(chunks)
             if prefix_done:
                 usage.add({"completion_tokens": small.tokens})
+                self._small_done(call, small)
             raise Escalate("low_confidence")
         return chunks if prefix_done else None
+
+    def _small_done(self, call: Call, small: Assembly) -> None:
+        """The small stream is over: record its time to first token and generation time."""
+        ended = time.monotonic()
+        first = small.first_token_at or ended
+        call.timings.add("small_ttft", (first - small.started) * 1000)
+        if small.first_token_at is not None:
+            call.timings.add("small_generation", (ended - first) * 1000)
+        small.finish_span(call.policy.telemetry.record_content)
+
+    def _request_attributes(
+        self, call: Call, backend: Backend, params: dict[str, Any], attempt: int
+    ) -> dict[str, Any]:
+        return genai.request_attributes(
+            backend.config.model, backend.name, params, attempt,
+            call.policy.telemetry.record_content,
+        )
 
     async def _judge(
         self, call: Call, decision: Decision, small: Assembly, may_escalate: bool
@@ -573,21 +643,25 @@ class CascadeEngine:
         return floor is None or all(lp >= floor for lp in answer.token_logprobs)
 
     async def _over_frontiers(
-        self, attempt: Callable[[Backend], Awaitable[Any]]
-    ) -> tuple[Backend, Any]:
-        """Each frontier in order, each with retries; the first success wins."""
+        self, call: Call, attempt: Callable[[Backend], Awaitable[Any]]
+    ) -> tuple[Backend, Span, Any]:
+        """Each frontier in order, each with retries; the first success wins.
+
+        Every attempt gets its own span, returned open for the winner: the caller records
+        the answer on it and ends it (for a stream, when the stream ends).
+        """
         if not self.frontiers:
             raise UpstreamError("No frontier model is configured.", code="no_frontier")
         last: BackendFailure | None = None
         for backend in self.frontiers:
             try:
-                result = await call_with_retry(
-                    lambda b=backend: attempt(b),
+                span, result = await call_with_retry(
+                    self._traced_attempts(call, backend, attempt),
                     self.retry,
                     is_retryable=lambda e: isinstance(e, BackendFailure) and e.retryable,
                     retry_after=lambda e: getattr(e, "retry_after", None),
                 )
-                return backend, result
+                return backend, span, result
             except (BackendFailure, TimeoutError) as exc:
                 last = backend.failure(exc)
                 if last.status in (400, 404, 413, 422):
@@ -595,11 +669,30 @@ class CascadeEngine:
         assert last is not None
         raise to_gateway_error(last) from last
 
+    def _traced_attempts(
+        self, call: Call, backend: Backend, attempt: Callable[[Backend], Awaitable[Any]]
+    ) -> Callable[[], Awaitable[tuple[Span, Any]]]:
+        tries = 0
+
+        async def traced() -> tuple[Span, Any]:
+            nonlocal tries
+            tries += 1
+            attributes = self._request_attributes(call, backend, call.params, tries)
+            span = call.timings.start_span(f"chat {backend.name}", attributes)
+            try:
+                with trace.use_span(span, end_on_exit=False):
+                    return span, await attempt(backend)
+            except BaseException as exc:
+                genai.record_error(span, backend.failure(exc))
+                span.end()
+                raise
+
+        return traced
+
 
 async def _read_small(
     chunks: AsyncIterator[dict[str, Any]],
     small: Assembly,
-    started: float,
     *,
     ttft: float,
     total: float,
@@ -610,18 +703,20 @@ async def _read_small(
     """Read the small stream into `small` until it ends (False) or the prefix is held (True).
 
     The first token must arrive within `ttft` and the held part within `total` seconds of
-    `started`; in direct mode reading stops at the first content.
+    the call's start; in direct mode reading stops at the first content.
     """
-    first_at: float | None = None
-    async with asyncio.timeout_at(_loop_time(started + ttft)) as deadline:
+    async with asyncio.timeout_at(_loop_time(small.started + ttft)) as deadline:
         async for chunk in chunks:
+            had_first = small.first_token_at is not None
             small.absorb(chunk)
-            if first_at is None and (small.tokens or small.tool_calls):
-                first_at = time.monotonic()
-                deadline.reschedule(_loop_time(started + total))
+            first_at = small.first_token_at
+            if first_at is None:
+                continue
+            if not had_first:
+                deadline.reschedule(_loop_time(small.started + total))
                 if direct:
                     return True
-            if hold_tokens is not None and first_at is not None and (
+            if hold_tokens is not None and (
                 small.tokens >= hold_tokens or time.monotonic() - first_at >= (hold_s or 0)
             ):
                 return small.finish_reason is None

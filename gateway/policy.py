@@ -32,9 +32,10 @@ class LatencyBudget(_Strict):
     """
 
     p99_ms: float = Field(default=3000, gt=0, description="End-to-end p99 target.")
-    queueing: float = Field(default=20, ge=0)
-    cache: float = Field(default=10, ge=0)
-    routing: float = Field(default=5, ge=0)
+    queueing: float = Field(default=20, ge=0, description="Before routing: auth, policy.")
+    cache: float = Field(default=10, ge=0, description="Cache lookups.")
+    embedding: float = Field(default=10, ge=0, description="The shared prompt embedding.")
+    routing: float = Field(default=5, ge=0, description="Difficulty and confidence scoring.")
     small_ttft: float = Field(default=1000, gt=0, description="Small model time to first token.")
     small_generation: float = Field(
         default=4000, gt=0, description="Small model time after the first token."
@@ -88,6 +89,12 @@ class CacheSettings(_Strict):
     )
 
 
+class TelemetrySettings(_Strict):
+    record_content: bool = Field(
+        default=False, description="Put prompt and completion text on trace spans."
+    )
+
+
 class Policy(_Strict):
     """One routing policy. Clients pass `name` (or an alias) as the request's `model`."""
 
@@ -104,6 +111,7 @@ class Policy(_Strict):
     streaming: Streaming = Field(default_factory=Streaming)
     latency_budget: LatencyBudget = Field(default_factory=LatencyBudget)
     cache: CacheSettings = Field(default_factory=CacheSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     escalate_on_small_error: bool = True
 
     @model_validator(mode="after")

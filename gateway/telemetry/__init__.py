@@ -1,0 +1,1 @@
+"""Observability: OpenTelemetry traces and metrics, latency budgets, the access log."""
