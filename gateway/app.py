@@ -15,6 +15,9 @@ from typing import Any, TypeVar
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from opentelemetry import context as otel_context
+from opentelemetry import trace
+from opentelemetry.trace import SpanKind
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,10 +30,10 @@ from gateway.errors import (
     NotFound,
     PayloadTooLarge,
     PermissionDenied,
-    RateLimited,
 )
 from gateway.openai_types import ChatCompletionRequest, CompletionRequest, parse
 from gateway.service import Gateway
+from gateway.telemetry.tracing import incoming_context
 from gateway.timing import Timings
 
 log = logging.getLogger("smallfirst.http")
@@ -126,6 +129,13 @@ async def read_json(request: Request) -> Any:
         raise InvalidRequest("We could not parse the JSON body of your request.") from None
 
 
+class ClientDisconnected(GatewayError):
+    """The client went away before the answer was ready; nobody is left to read a reply."""
+
+    status_code = 499  # "client closed request", as nginx logs it
+    error_type = "client_disconnected"
+
+
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
     """Await `work`, cancelling it if the client goes away first."""
     task = asyncio.ensure_future(work)
@@ -141,6 +151,10 @@ async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
         watcher.cancel()
         if not task.done():
             task.cancel()
+            await asyncio.wait({task})  # let its cleanup (closing upstream calls) finish
+    if task.cancelled():
+        log.info("client disconnected; request %s cancelled", request.scope["state"]["request_id"])
+        raise ClientDisconnected("The client disconnected before the answer was ready.")
     return task.result()
 
 
@@ -208,19 +222,23 @@ def _install_routes(app: FastAPI, gateway: Gateway) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        timings = Timings()
-        with timings.measure("auth"):
-            authenticate(request)
-        body = parse(ChatCompletionRequest, await read_json(request))
-        return await _serve(request, gateway, body, timings, legacy=False)
+        return await _handle(request, gateway, legacy=False)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
-        timings = Timings()
-        with timings.measure("auth"):
-            authenticate(request)
-        body = parse(CompletionRequest, await read_json(request)).as_chat()
-        return await _serve(request, gateway, body, timings, legacy=True)
+        return await _handle(request, gateway, legacy=True)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if gateway.observer.metrics is None:
+            raise NotFound("Metrics are switched off (SMALLFIRST_METRICS=false).")
+        return Response(gateway.observer.metrics.prometheus_text(),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/admin/budget")
+    async def budget(request: Request) -> dict[str, Any]:
+        admin(request)
+        return gateway.budget_report()
 
     @app.get("/admin/policies")
     async def policies(request: Request) -> dict[str, Any]:
@@ -234,61 +252,117 @@ def _install_routes(app: FastAPI, gateway: Gateway) -> None:
         return JSONResponse(gateway.policies.status(), status_code=200 if ok else 422)
 
 
+def _request_timings(request: Request, gateway: Gateway) -> Timings:
+    """The request's timings and, when tracing, its server span (child of a `traceparent`)."""
+    timings = Timings(gateway.tracer)
+    if gateway.tracer is not None:
+        span = gateway.tracer.start_span(
+            f"POST {request.url.path}", context=incoming_context(request.headers),
+            kind=SpanKind.SERVER,
+            attributes={"http.request.method": "POST", "url.path": request.url.path},
+        )
+        timings.root_span, timings.parent = span, trace.set_span_in_context(span)
+    return timings
+
+
+async def _handle(request: Request, gateway: Gateway, *, legacy: bool) -> Response:
+    timings = _request_timings(request, gateway)
+    token = otel_context.attach(timings.parent) if timings.parent is not None else None
+    try:
+        with timings.measure("auth"):
+            tenant = gateway.auth.authenticate(request.headers.get("authorization"))
+        raw = await read_json(request)
+        body = parse(CompletionRequest, raw).as_chat() if legacy else parse(
+            ChatCompletionRequest, raw)
+        return await _serve(request, gateway, body, timings, tenant.name, legacy=legacy)
+    except GatewayError as exc:
+        if timings.root_span is not None and timings.root_span.is_recording():
+            timings.root_span.set_attribute("http.response.status_code", exc.status_code)
+            timings.root_span.end()
+        raise
+    finally:
+        if token is not None:
+            otel_context.detach(token)
+
+
 async def _serve(
     request: Request,
     gateway: Gateway,
     body: ChatCompletionRequest,
     timings: Timings,
+    tenant: str,
     *,
     legacy: bool,
 ) -> Response:
     with timings.measure("policy"):
         policy, direct = gateway.resolve(body.model, request.headers.get("x-smallfirst-policy"))
-    if gateway.in_flight >= gateway.settings.max_in_flight:
-        raise RateLimited("The gateway is at capacity; retry shortly.", retry_after=1)
+    cache_control = request.headers.get("cache-control", "").lower()
     call = Call(
         request_id=request.scope["state"]["request_id"],
         policy=policy,
         params=body.model_params(),
         include_usage=body.include_usage,
         direct=direct,
+        tenant=tenant,
+        read_cache="no-cache" not in cache_control,
+        write_cache="no-store" not in cache_control,
         timings=timings,
     )
-    gateway.in_flight += 1
-    released = False
+    gateway.begin()
+    decision: Decision | None = None
     try:
         if not body.stream:
             response, decision = await until_disconnect(request, gateway.engine.complete(call))
             if legacy:
                 response = as_text_completion(response)
-            return JSONResponse(response, headers=decision_headers(decision, timings))
+            timings.mark_first_byte()
+            headers = decision_headers(decision, timings)
+            gateway.finish(call, decision, 200, stream=False, tenant=tenant)
+            return JSONResponse(response, headers=headers)
         chunks, decision = await until_disconnect(request, gateway.engine.stream(call))
-        released = True
-        return StreamingResponse(
-            _sse(gateway, chunks, legacy),
-            media_type="text/event-stream",
-            headers={**decision_headers(decision, timings), "cache-control": "no-cache"},
-        )
-    finally:
-        if not released:
-            gateway.in_flight -= 1
+    except GatewayError as exc:
+        gateway.finish(call, decision, exc.status_code, stream=body.stream, tenant=tenant,
+                       error=exc.code or exc.error_type)
+        timings.root_span = None
+        raise
+    except BaseException:
+        gateway.finish(call, decision, 500, stream=body.stream, tenant=tenant, error="internal")
+        timings.root_span = None
+        raise
+    return StreamingResponse(
+        _sse(gateway, call, decision, tenant, chunks, legacy),
+        media_type="text/event-stream",
+        headers={**decision_headers(decision, timings), "cache-control": "no-cache"},
+    )
 
 
 async def _sse(
-    gateway: Gateway, chunks: AsyncIterator[dict[str, Any]], legacy: bool
+    gateway: Gateway,
+    call: Call,
+    decision: Decision,
+    tenant: str,
+    chunks: AsyncIterator[dict[str, Any]],
+    legacy: bool,
 ) -> AsyncIterator[bytes]:
+    status, error = 200, None
     try:
         async for chunk in chunks:
+            call.timings.mark_first_byte()
             yield sse.event(as_text_chunk(chunk) if legacy else chunk)
         yield sse.DONE
     except GatewayError as exc:
+        status, error = exc.status_code, exc.code or exc.error_type
         yield sse.error_event(exc.message, exc.error_type, exc.code)
     except Exception:
         log.exception("stream failed")
+        status, error = 500, "internal"
         yield sse.error_event("Internal error; the answer is incomplete.", "server_error")
+    except BaseException:  # the client went away: the stream was cancelled
+        status, error = 499, "client_disconnected"
+        raise
     finally:
-        gateway.in_flight -= 1
         await _close(chunks)
+        gateway.finish(call, decision, status, stream=True, tenant=tenant, error=error)
 
 
 async def _close(chunks: Any) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import logging
 import os
 import time
 from collections.abc import AsyncIterator
@@ -63,6 +64,7 @@ def _litellm() -> Any:
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import litellm
 
+    logging.getLogger("LiteLLM").setLevel(logging.WARNING)
     litellm.suppress_debug_info = True
     litellm.telemetry = False
     return litellm

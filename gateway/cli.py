@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -94,6 +95,25 @@ def cmd_small_model(args: argparse.Namespace) -> int:
             time.sleep(3600)
 
 
+def cmd_budget(args: argparse.Namespace) -> int:
+    import httpx
+
+    from gateway.telemetry.budget import render
+
+    headers = {"authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    try:
+        response = httpx.get(args.url.rstrip("/") + "/admin/budget", headers=headers, timeout=10)
+    except httpx.HTTPError as exc:
+        print(f"smallfirst: cannot reach {args.url}: {exc}", file=sys.stderr)
+        return 1
+    if response.status_code != 200:
+        print(f"smallfirst: {response.status_code}: {response.text}", file=sys.stderr)
+        return 1
+    report = response.json()
+    print(json.dumps(report, indent=2) if args.json else render(report))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from gateway.demo import run_demo
 
@@ -128,6 +148,12 @@ def build_parser() -> argparse.ArgumentParser:
     small.add_argument("action", choices=["setup", "serve"])
     small.add_argument("--port", type=int, default=8100)
     small.set_defaults(func=cmd_small_model)
+
+    budget = sub.add_parser("budget", help="latency spend vs allocation, per policy")
+    budget.add_argument("--url", default="http://127.0.0.1:8000")
+    budget.add_argument("--api-key", default=os.environ.get("SMALLFIRST_API_KEY"))
+    budget.add_argument("--json", action="store_true")
+    budget.set_defaults(func=cmd_budget)
 
     demo = sub.add_parser("demo", help="start the small model and the gateway, and show it work")
     demo.add_argument("--port", type=int, default=8000)

@@ -48,8 +48,18 @@ class RetryConfig(BaseModel):
     )
 
 
+class PriceConfig(BaseModel):
+    """USD per million tokens, for cost and savings metrics."""
+
+    input_per_mtok: float = Field(ge=0)
+    output_per_mtok: float = Field(ge=0)
+
+
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SMALLFIRST_", extra="forbid")
+    # An empty variable counts as unset: `SMALLFIRST_X=` must not blank out the file's value.
+    model_config = SettingsConfigDict(
+        env_prefix="SMALLFIRST_", extra="forbid", env_ignore_empty=True
+    )
 
     small_model: str = DEFAULT_SMALL_MODEL
     small_api_base: str = "http://127.0.0.1:8100/v1"
@@ -79,6 +89,13 @@ class Settings(BaseSettings):
     connect_timeout_s: float = Field(default=5.0, gt=0)
     retry: RetryConfig = Field(default_factory=RetryConfig)
     watch_policies: bool = True
+    metrics: bool = Field(default=True, description="Serve Prometheus text on /metrics.")
+    prices: dict[str, PriceConfig] = Field(
+        default_factory=dict,
+        description="By public model name; frontier models default to litellm's price list, "
+        "the small model to free.",
+    )
+    budget_window: int = Field(default=2048, ge=16, description="Samples per budget quantile.")
     log_level: str = "info"
 
     @field_validator("auth", mode="before")

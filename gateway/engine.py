@@ -56,6 +56,7 @@ class Decision:
     confidence: float | None = None
     escalation: str | None = None  # difficulty | low_confidence | error | deadline
     note: str | None = None  # e.g. frontier_unavailable: the small answer was served anyway
+    cache: str | None = None  # exact | semantic | miss; None when the cache was not consulted
 
 
 @dataclass
@@ -71,6 +72,8 @@ class Call:
     read_cache: bool = True  # Cache-Control: no-cache turns reads off
     write_cache: bool = True  # Cache-Control: no-store turns writes off
     timings: Timings = field(default_factory=Timings)
+    usage: Usage = field(default_factory=lambda: Usage())
+    served_from_cache: dict[str, Any] | None = None  # a cache hit's original usage
 
     @property
     def completion_id(self) -> str:
@@ -95,15 +98,22 @@ class Call:
 
 
 class Usage:
-    """Token usage summed over every model attempt of one request."""
+    """Token usage summed over every model attempt of one request, and per model."""
 
     def __init__(self) -> None:
         self.prompt = self.completion = 0
+        self.by_model: dict[str, dict[str, int]] = {}
 
-    def add(self, usage: dict[str, Any] | None) -> None:
-        if usage:
-            self.prompt += usage.get("prompt_tokens") or 0
-            self.completion += usage.get("completion_tokens") or 0
+    def add(self, usage: dict[str, Any] | None, model: str) -> None:
+        if not usage:
+            return
+        prompt = usage.get("prompt_tokens") or 0
+        completion = usage.get("completion_tokens") or 0
+        self.prompt += prompt
+        self.completion += completion
+        spent = self.by_model.setdefault(model, {"prompt_tokens": 0, "completion_tokens": 0})
+        spent["prompt_tokens"] += prompt
+        spent["completion_tokens"] += completion
 
     def as_dict(self) -> dict[str, int]:
         return {
@@ -282,35 +292,34 @@ class CascadeEngine:
         return response, decision
 
     async def _complete_uncached(self, call: Call, decision: Decision) -> dict[str, Any]:
-        usage = Usage()
         if await self._plan(call, decision) == "small":
             small = Assembly()
             try:
-                await self._run_small(call, decision, small, usage, holdback=False)
-                return self._small_response(call, small, usage)
+                await self._run_small(call, decision, small, holdback=False)
+                return self._small_response(call, small)
             except Escalate as esc:
-                return await self._escalate_complete(call, decision, usage, esc, small)
-        return await self._frontier_complete(call, usage)
+                return await self._escalate_complete(call, decision, esc, small)
+        return await self._frontier_complete(call)
 
     async def _escalate_complete(
-        self, call: Call, decision: Decision, usage: Usage, esc: Escalate, small: Assembly
+        self, call: Call, decision: Decision, esc: Escalate, small: Assembly
     ) -> dict[str, Any]:
         usable = esc.failure is None and small.finish_reason is not None
         if not self.frontiers:
             if usable:
                 decision.note = "frontier_unavailable"
-                return self._small_response(call, small, usage)
+                return self._small_response(call, small)
             raise to_gateway_error(esc.failure or BackendFailure(self.small.name, esc.reason))
         decision.route, decision.escalation = Route.ESCALATED, esc.reason
         try:
-            return await self._frontier_complete(call, usage)
+            return await self._frontier_complete(call)
         except GatewayError:
             if not usable:
                 raise
             decision.route, decision.note = Route.SMALL, "frontier_failed"
-            return self._small_response(call, small, usage)
+            return self._small_response(call, small)
 
-    async def _frontier_complete(self, call: Call, usage: Usage) -> dict[str, Any]:
+    async def _frontier_complete(self, call: Call) -> dict[str, Any]:
         timeout = call.policy.latency_budget.escalation / 1000
 
         async def attempt(backend: Backend) -> dict[str, Any]:
@@ -328,12 +337,12 @@ class CascadeEngine:
             if call.policy.telemetry.record_content else None,
         )
         span.end()
-        usage.add(response.get("usage"))
-        response.update(id=call.completion_id, usage=usage.as_dict())
+        call.usage.add(response.get("usage"), backend.name)
+        response.update(id=call.completion_id, usage=call.usage.as_dict())
         response["model"] = response.get("model") or backend.name
         return response
 
-    def _small_response(self, call: Call, small: Assembly, usage: Usage) -> dict[str, Any]:
+    def _small_response(self, call: Call, small: Assembly) -> dict[str, Any]:
         choice: dict[str, Any] = {
             "index": 0,
             "message": small.message(),
@@ -346,7 +355,7 @@ class CascadeEngine:
             "created": int(time.time()),
             "model": small.model or self.small.name,
             "choices": [choice],
-            "usage": usage.as_dict(),
+            "usage": call.usage.as_dict(),
         }
 
     # ---- streamed -----------------------------------------------------------------------
@@ -362,18 +371,17 @@ class CascadeEngine:
         hit = await self._lookup(call, decision)
         if hit is not None:
             return self._replay(call, hit), decision
-        usage = Usage()
         if await self._plan(call, decision) == "small":
             small = Assembly()
             mode = call.policy.streaming.mode
             try:
                 rest = await self._run_small(
-                    call, decision, small, usage, holdback=mode != StreamMode.BUFFER
+                    call, decision, small, holdback=mode != StreamMode.BUFFER
                 )
             except Escalate as esc:
-                return await self._escalate_stream(call, decision, usage, esc, small), decision
-            return self._small_chunks(call, small, rest, usage, store=True), decision
-        return await self._frontier_stream(call, usage), decision
+                return await self._escalate_stream(call, decision, esc, small), decision
+            return self._small_chunks(call, small, rest, store=True), decision
+        return await self._frontier_stream(call), decision
 
     async def _replay(self, call: Call, hit: CacheHit) -> AsyncIterator[dict[str, Any]]:
         for chunk in hit.answer.chunks(call.completion_id):
@@ -382,29 +390,28 @@ class CascadeEngine:
             yield self._usage_chunk(call, hit.answer.model, Usage())
 
     async def _escalate_stream(
-        self, call: Call, decision: Decision, usage: Usage, esc: Escalate, small: Assembly
+        self, call: Call, decision: Decision, esc: Escalate, small: Assembly
     ) -> AsyncIterator[dict[str, Any]]:
         usable = esc.failure is None and small.finish_reason is not None
         if not self.frontiers:
             if usable:
                 decision.note = "frontier_unavailable"
-                return self._small_chunks(call, small, None, usage, store=False)
+                return self._small_chunks(call, small, None, store=False)
             raise to_gateway_error(esc.failure or BackendFailure(self.small.name, esc.reason))
         decision.route, decision.escalation = Route.ESCALATED, esc.reason
         try:
-            return await self._frontier_stream(call, usage)
+            return await self._frontier_stream(call)
         except GatewayError:
             if not usable:
                 raise
             decision.route, decision.note = Route.SMALL, "frontier_failed"
-            return self._small_chunks(call, small, None, usage, store=False)
+            return self._small_chunks(call, small, None, store=False)
 
     async def _small_chunks(
         self,
         call: Call,
         small: Assembly,
         rest: AsyncIterator[dict[str, Any]] | None,
-        usage: Usage,
         *,
         store: bool,
     ) -> AsyncIterator[dict[str, Any]]:
@@ -423,14 +430,14 @@ class CascadeEngine:
             finally:
                 await _aclose(rest)
                 self._small_done(call, small)
-            usage.add(small.usage)
+            call.usage.add(small.usage, self.small.name)
         if store:
             self._remember(call, small.cached(self.small.name))
         if call.include_usage:
-            yield self._usage_chunk(call, small.model or self.small.name, usage)
+            yield self._usage_chunk(call, small.model or self.small.name, call.usage)
 
     async def _frontier_stream(
-        self, call: Call, usage: Usage
+        self, call: Call
     ) -> AsyncIterator[dict[str, Any]]:
         timeout = call.policy.latency_budget.escalation / 1000
 
@@ -450,7 +457,7 @@ class CascadeEngine:
         answer = Assembly()
         answer.started, answer.span = started, span
         answer.absorb(first)
-        return self._frontier_chunks(call, backend, answer, first, chunks, usage, timeout)
+        return self._frontier_chunks(call, backend, answer, first, chunks, timeout)
 
     async def _frontier_chunks(
         self,
@@ -459,7 +466,6 @@ class CascadeEngine:
         answer: Assembly,
         first: dict[str, Any],
         chunks: AsyncIterator[dict[str, Any]],
-        usage: Usage,
         gap: float,
     ) -> AsyncIterator[dict[str, Any]]:
         model = first.get("model") or backend.name
@@ -477,10 +483,10 @@ class CascadeEngine:
             await _aclose(chunks)
             call.timings.add("frontier", (time.monotonic() - answer.started) * 1000)
             answer.finish_span(call.policy.telemetry.record_content)
-        usage.add(answer.usage)
+        call.usage.add(answer.usage, backend.name)
         self._remember(call, answer.cached(model))
         if call.include_usage:
-            yield self._usage_chunk(call, model, usage)
+            yield self._usage_chunk(call, model, call.usage)
 
     def _outgoing(
         self, call: Call, chunk: dict[str, Any], model: str | None = None
@@ -511,8 +517,10 @@ class CascadeEngine:
             return None
         with call.timings.measure("cache"):
             hit = await self.cache.lookup(call.cache_request())
+        decision.cache = hit.kind if hit is not None else "miss"
         if hit is not None:
             decision.route = Route.CACHE_EXACT if hit.kind == "exact" else Route.CACHE_SEMANTIC
+            call.served_from_cache = hit.answer.usage
         return hit
 
     def _remember(self, call: Call, answer: CachedAnswer | None) -> None:
@@ -550,7 +558,7 @@ class CascadeEngine:
         return call.direct is None and call.policy.route == "cascade"
 
     async def _run_small(
-        self, call: Call, decision: Decision, small: Assembly, usage: Usage, *, holdback: bool
+        self, call: Call, decision: Decision, small: Assembly, *, holdback: bool
     ) -> AsyncIterator[dict[str, Any]] | None:
         """Run the small model until its answer (or, in holdback, a prefix) can be judged.
 
@@ -586,7 +594,7 @@ class CascadeEngine:
                 self.small.name, "deadline passed", timeout=True)
             genai.record_error(small.span, failure)
             self._small_done(call, small)
-            usage.add(small.usage)
+            call.usage.add(small.usage, self.small.name)
             reason = "deadline" if failure.timeout else "error"
             if not (may_escalate and policy.escalate_on_small_error):
                 raise to_gateway_error(failure) from exc
@@ -596,7 +604,7 @@ class CascadeEngine:
             self._small_done(call, small)
             raise
         if not prefix_done:
-            usage.add(small.usage)
+            call.usage.add(small.usage, self.small.name)
             self._small_done(call, small)
         if streaming.mode == StreamMode.DIRECT and holdback:
             return chunks if prefix_done else None
@@ -604,7 +612,7 @@ class CascadeEngine:
         if not accepted:
             await _aclose(chunks)
             if prefix_done:
-                usage.add({"completion_tokens": small.tokens})
+                call.usage.add({"completion_tokens": small.tokens}, self.small.name)
                 self._small_done(call, small)
             raise Escalate("low_confidence")
         return chunks if prefix_done else None

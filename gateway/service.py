@@ -8,13 +8,19 @@ import logging
 import signal
 from dataclasses import dataclass, field
 
+from opentelemetry.trace import Tracer
+
 from gateway.auth import KeyStore, OpenAccess
 from gateway.backends import Backend, LiteLLMBackend, OpenAIWireBackend
 from gateway.config import ConfigError, Settings
-from gateway.engine import CascadeEngine
-from gateway.errors import ModelNotFound, PermissionDenied
+from gateway.engine import Call, CascadeEngine, Decision
+from gateway.errors import ModelNotFound, PermissionDenied, RateLimited
 from gateway.policy import Policy
 from gateway.policy_store import PolicyStore
+from gateway.telemetry.budget import BudgetTracker
+from gateway.telemetry.metrics import Metrics, Price, litellm_price
+from gateway.telemetry.observer import Observer, Pricing
+from gateway.telemetry.tracing import setup_tracing
 
 log = logging.getLogger("smallfirst")
 
@@ -25,6 +31,8 @@ class Gateway:
     policies: PolicyStore
     engine: CascadeEngine
     auth: KeyStore | OpenAccess
+    observer: Observer
+    tracer: Tracer | None = None
     in_flight: int = 0
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -45,7 +53,30 @@ class Gateway:
             settings.retry,
         )
         store = PolicyStore(settings.policies, settings.default_policy)
-        return cls(settings, store, engine, access)
+        observer = Observer(
+            Metrics() if settings.metrics else None,
+            BudgetTracker(settings.budget_window),
+            _pricing(settings),
+        )
+        return cls(settings, store, engine, access, observer, setup_tracing())
+
+    def begin(self) -> None:
+        """Admit one more request, or refuse it with a 429 when at capacity."""
+        if self.in_flight >= self.settings.max_in_flight:
+            raise RateLimited("The gateway is at capacity; retry shortly.", retry_after=1)
+        self.in_flight += 1
+        self.observer.started()
+
+    def finish(
+        self, call: Call, decision: Decision | None, status: int, *, stream: bool,
+        tenant: str, error: str | None = None,
+    ) -> None:
+        self.in_flight -= 1
+        self.observer.finished(call, decision, status, stream=stream, tenant=tenant, error=error)
+
+    def budget_report(self) -> dict:
+        budgets = {p.name: p.latency_budget for p in self.policies.current.policies}
+        return self.observer.budgets.report(budgets)
 
     def resolve(self, model: str, policy_header: str | None) -> tuple[Policy, str | None]:
         """The policy for a request and, when `model` names a backend, that backend."""
@@ -87,6 +118,20 @@ class Gateway:
         self._tasks.clear()
         if isinstance(self.engine.small, OpenAIWireBackend):
             await self.engine.small.aclose()
+        if self.observer.metrics:
+            self.observer.metrics.shutdown()
+
+
+def _pricing(settings: Settings) -> Pricing:
+    prices = {settings.small.public_name: Price(0.0, 0.0)}
+    for frontier in settings.frontiers:
+        listed = litellm_price(frontier.model)
+        if listed is not None:
+            prices[frontier.public_name] = listed
+    for name, price in settings.prices.items():
+        prices[name] = Price(price.input_per_mtok, price.output_per_mtok)
+    reference = settings.frontiers[0].public_name if settings.frontiers else None
+    return Pricing(prices, reference)
 
 
 def _small_backend(settings: Settings) -> Backend:

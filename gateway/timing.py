@@ -24,6 +24,7 @@ class Timings:
         self.durations_ms: dict[str, float] = {}
         self.tracer = tracer
         self.parent = parent  # the request span's context, for spans opened outside it
+        self.root_span: Span | None = None  # the request's span, ended when the request ends
         self.first_byte_ms: float | None = None
 
     @contextmanager

@@ -1,0 +1,102 @@
+"""OpenTelemetry metrics, exported as Prometheus text on `/metrics` and, when configured, OTLP.
+
+Labels stay low-cardinality: policy, route, component, cache kind, reason, model. Never
+tenants, users or prompts.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from opentelemetry.sdk.metrics import Histogram, MeterProvider
+from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
+from prometheus_client import CollectorRegistry, generate_latest
+
+from gateway.telemetry.tracing import otlp_protocol, resource
+
+# Seconds, fit for 1 ms cache hits up to 60 s frontier answers.
+BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+             10.0, 20.0, 30.0, 60.0)
+MODEL_COMPONENTS = ("small_ttft", "small_generation", "frontier", "frontier_ttft")
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD per million tokens."""
+
+    input: float
+    output: float
+
+    def cost(self, usage: Mapping[str, Any]) -> float:
+        return ((usage.get("prompt_tokens") or 0) * self.input
+                + (usage.get("completion_tokens") or 0) * self.output) / 1e6
+
+
+def litellm_price(model: str) -> Price | None:
+    """The frontier's list price from litellm's bundled price map, when it knows the model."""
+    try:
+        import litellm
+    except ImportError:
+        return None
+    entry = litellm.model_cost.get(model) or litellm.model_cost.get(model.split("/", 1)[-1])
+    if not entry or "input_cost_per_token" not in entry:
+        return None
+    return Price(entry["input_cost_per_token"] * 1e6, entry.get("output_cost_per_token", 0) * 1e6)
+
+
+class Metrics:
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        from opentelemetry.exporter.prometheus import PrometheusMetricReader
+
+        env = os.environ if env is None else env
+        self.registry = CollectorRegistry()
+        readers: list[Any] = [PrometheusMetricReader(registry=self.registry)]
+        protocol = otlp_protocol(env, "metrics")
+        if protocol is not None:
+            readers.append(_otlp_reader(protocol))
+        self.provider = MeterProvider(
+            resource=resource(),
+            metric_readers=readers,
+            views=[View(instrument_type=Histogram,
+                        aggregation=ExplicitBucketHistogramAggregation(BUCKETS_S))],
+        )
+        meter = self.provider.get_meter("smallfirst")
+        self.requests = meter.create_counter("smallfirst.requests", description="Requests")
+        self.duration = meter.create_histogram(
+            "smallfirst.request.duration", unit="s", description="Request duration")
+        self.ttft = meter.create_histogram(
+            "smallfirst.request.time_to_first_token", unit="s",
+            description="Time to the first byte of the answer")
+        self.component = meter.create_histogram(
+            "smallfirst.component.duration", unit="s", description="Time per component")
+        self.overhead = meter.create_histogram(
+            "smallfirst.gateway.overhead", unit="s",
+            description="Request time not spent waiting on models")
+        self.cache_lookups = meter.create_counter("smallfirst.cache.lookups")
+        self.cache_hits = meter.create_counter("smallfirst.cache.hits")
+        self.escalations = meter.create_counter("smallfirst.escalations")
+        self.tokens = meter.create_counter("smallfirst.tokens")
+        self.cost = meter.create_counter(
+            "smallfirst.cost.usd", description="Estimated model cost by model")
+        self.saved = meter.create_counter(
+            "smallfirst.saved.usd", description="Cost avoided against the frontier alone")
+        self.in_flight = meter.create_up_down_counter("smallfirst.requests.in_flight")
+
+    def prometheus_text(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()
+
+
+def _otlp_reader(protocol: str) -> Any:
+    from opentelemetry.sdk.metrics.export import PeriodicExportingMetricReader
+
+    if protocol == "grpc":
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter
+    else:
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+    return PeriodicExportingMetricReader(OTLPMetricExporter())
