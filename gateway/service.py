@@ -15,7 +15,7 @@ from gateway.backends import Backend, LiteLLMBackend, OpenAIWireBackend
 from gateway.config import ConfigError, Settings
 from gateway.engine import Call, CascadeEngine, Decision
 from gateway.errors import ModelNotFound, PermissionDenied, RateLimited
-from gateway.policy import Policy
+from gateway.policy import LatencyBudget, Policy
 from gateway.policy_store import PolicyStore
 from gateway.telemetry.budget import BudgetTracker
 from gateway.telemetry.metrics import Metrics, Price, litellm_price
@@ -54,7 +54,7 @@ class Gateway:
         )
         store = PolicyStore(settings.policies, settings.default_policy)
         observer = Observer(
-            Metrics() if settings.metrics else None,
+            Metrics(budgets=lambda: _budgets(store)) if settings.metrics else None,
             BudgetTracker(settings.budget_window),
             _pricing(settings),
         )
@@ -75,8 +75,7 @@ class Gateway:
         self.observer.finished(call, decision, status, stream=stream, tenant=tenant, error=error)
 
     def budget_report(self) -> dict:
-        budgets = {p.name: p.latency_budget for p in self.policies.current.policies}
-        return self.observer.budgets.report(budgets)
+        return self.observer.budgets.report(_budgets(self.policies))
 
     def resolve(self, model: str, policy_header: str | None) -> tuple[Policy, str | None]:
         """The policy for a request and, when `model` names a backend, that backend."""
@@ -120,6 +119,10 @@ class Gateway:
             await self.engine.small.aclose()
         if self.observer.metrics:
             self.observer.metrics.shutdown()
+
+
+def _budgets(store: PolicyStore) -> dict[str, LatencyBudget]:
+    return {p.name: p.latency_budget for p in store.current.policies}
 
 
 def _pricing(settings: Settings) -> Pricing:

@@ -7,20 +7,24 @@ tenants, users or prompts.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import Histogram, MeterProvider
 from opentelemetry.sdk.metrics.view import ExplicitBucketHistogramAggregation, View
 from prometheus_client import CollectorRegistry, generate_latest
 
+from gateway.policy import LatencyBudget
+from gateway.telemetry.budget import ALLOCATIONS, allocation_ms
 from gateway.telemetry.tracing import otlp_protocol, resource
 
 # Seconds, fit for 1 ms cache hits up to 60 s frontier answers.
 BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
              10.0, 20.0, 30.0, 60.0)
-MODEL_COMPONENTS = ("small_ttft", "small_generation", "frontier", "frontier_ttft")
+
+BudgetSource = Callable[[], Mapping[str, LatencyBudget]]
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,12 @@ def litellm_price(model: str) -> Price | None:
 
 
 class Metrics:
-    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+    """The gateway's instruments. `budgets` returns the loaded policies' latency budgets; their
+    allocations are published as a gauge so dashboards compare spend with data, not copies."""
+
+    def __init__(
+        self, env: Mapping[str, str] | None = None, budgets: BudgetSource | None = None
+    ) -> None:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
         env = os.environ if env is None else env
@@ -75,15 +84,35 @@ class Metrics:
         self.overhead = meter.create_histogram(
             "smallfirst.gateway.overhead", unit="s",
             description="Request time not spent waiting on models")
-        self.cache_lookups = meter.create_counter("smallfirst.cache.lookups")
-        self.cache_hits = meter.create_counter("smallfirst.cache.hits")
-        self.escalations = meter.create_counter("smallfirst.escalations")
-        self.tokens = meter.create_counter("smallfirst.tokens")
+        self.budget_spend = meter.create_histogram(
+            "smallfirst.budget.spend", unit="s",
+            description="Time per request against each latency-budget allocation")
+        self.cache_lookups = meter.create_counter(
+            "smallfirst.cache.lookups", description="Response-cache lookups by result")
+        self.cache_hits = meter.create_counter(
+            "smallfirst.cache.hits", description="Response-cache hits by kind")
+        self.escalations = meter.create_counter(
+            "smallfirst.escalations", description="Requests sent on to the frontier, by reason")
+        self.tokens = meter.create_counter(
+            "smallfirst.tokens", description="Tokens by model and type (input, output)")
         self.cost = meter.create_counter(
             "smallfirst.cost.usd", description="Estimated model cost by model")
         self.saved = meter.create_counter(
             "smallfirst.saved.usd", description="Cost avoided against the frontier alone")
-        self.in_flight = meter.create_up_down_counter("smallfirst.requests.in_flight")
+        self.in_flight = meter.create_up_down_counter(
+            "smallfirst.requests.in_flight", description="Requests being served")
+        self._budgets = budgets
+        if budgets is not None:
+            meter.create_observable_gauge(
+                "smallfirst.budget.allocation", callbacks=[self._allocations], unit="s",
+                description="Each policy's latency-budget allocation (total: the p99 target)")
+
+    def _allocations(self, options: CallbackOptions) -> Iterable[Observation]:
+        assert self._budgets is not None
+        for policy, budget in self._budgets().items():
+            for component in ALLOCATIONS:
+                yield Observation(allocation_ms(budget, component) / 1000,
+                                  {"policy": policy, "component": component})
 
     def prometheus_text(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,8 +8,8 @@ from opentelemetry.trace import Span, Status, StatusCode
 
 from gateway.engine import Call, Decision, Route
 from gateway.telemetry import access_log
-from gateway.telemetry.budget import BudgetTracker
-from gateway.telemetry.metrics import MODEL_COMPONENTS, Metrics, Price
+from gateway.telemetry.budget import BudgetTracker, model_wait_ms, spends
+from gateway.telemetry.metrics import Metrics, Price
 
 FREE = Price(0.0, 0.0)
 
@@ -60,10 +60,11 @@ class Observer:
         total_ms = timings.elapsed_ms()
         route = decision.route.value if decision else "none"
         policy = call.policy.name
+        spent = spends(timings.durations_ms, total_ms)
         if decision is not None and status < 400:
-            self.budgets.observe(policy, timings.durations_ms, total_ms)
+            self.budgets.observe_spends(policy, spent)
         if self.metrics:
-            self._record_metrics(call, decision, status, route, total_ms, stream)
+            self._record_metrics(call, decision, status, route, total_ms, stream, spent)
         _end_span(timings.root_span, route, policy, status, error)
         access_log.write(
             request_id=call.request_id, tenant=tenant, policy=policy, route=route,
@@ -76,7 +77,7 @@ class Observer:
 
     def _record_metrics(
         self, call: Call, decision: Decision | None, status: int, route: str, total_ms: float,
-        stream: bool,
+        stream: bool, spent: dict[str, float],
     ) -> None:
         m = self.metrics
         assert m is not None
@@ -92,8 +93,9 @@ class Observer:
         durations = call.timings.durations_ms
         for component, ms in durations.items():
             m.component.record(ms / 1000, {"policy": policy, "component": component})
-        waiting = sum(durations.get(c, 0.0) for c in MODEL_COMPONENTS)
-        m.overhead.record(max(0.0, total_ms - waiting) / 1000, labels)
+        for allocation, ms in spent.items():
+            m.budget_spend.record(ms / 1000, {"policy": policy, "component": allocation})
+        m.overhead.record(max(0.0, total_ms - model_wait_ms(durations)) / 1000, labels)
         assert decision is not None
         if decision.cache is not None:
             m.cache_lookups.add(1, {"policy": policy,
