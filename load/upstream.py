@@ -12,7 +12,8 @@ Run it as its own process::
 
 or in-process with ``create_app()``. Endpoints: ``POST /v1/chat/completions``,
 ``POST /v1/completions``, ``POST /v1/messages`` (Anthropic wire format), ``GET /v1/models``,
-``GET /health``, ``GET /stats`` (attempts per script key) and ``POST /stats/reset[?key=K]``.
+``GET /health``, ``GET /stats`` (attempts, and streams cut short by the client, per
+script key) and ``POST /stats/reset[?key=K]``.
 
 The script is a JSON object from the ``x-upstream-script`` request header or, since a gateway
 forwards only the body, from a directive ``<<script {...}>>`` anywhere in the last user message.
@@ -755,6 +756,7 @@ class Stats:
 
     keys: Counter[str] = field(default_factory=Counter)
     paths: Counter[str] = field(default_factory=Counter)
+    cancelled: Counter[str] = field(default_factory=Counter)  # streams the client abandoned
 
     def record(self, key: str, path: str) -> int:
         self.keys[key] += 1
@@ -762,14 +764,29 @@ class Stats:
         return self.keys[key]
 
     def snapshot(self) -> JSON:
-        return {"total": self.keys.total(), "keys": dict(self.keys), "paths": dict(self.paths)}
+        return {"total": self.keys.total(), "keys": dict(self.keys), "paths": dict(self.paths),
+                "cancelled": dict(self.cancelled)}
 
     def reset(self, key: str | None = None) -> None:
         if key is None:
             self.keys.clear()
             self.paths.clear()
+            self.cancelled.clear()
         else:
             self.keys.pop(key, None)
+            self.cancelled.pop(key, None)
+
+
+async def _counting_cancels(
+    events: AsyncIterator[bytes], stats: Stats, key: str
+) -> AsyncIterator[bytes]:
+    """The events, counting under `key` a stream stopped early because its client went away."""
+    try:
+        async for event in events:
+            yield event
+    except (asyncio.CancelledError, GeneratorExit):
+        stats.cancelled[key] += 1
+        raise
 
 
 async def _json_object(request: Request) -> JSON:
@@ -819,7 +836,7 @@ def endpoint(fmt: WireFormat) -> Callable[[Request], Awaitable[Response]]:
             return fmt.error(status, message, headers)
         reply = plan_reply(script, call)
         if call.stream:
-            events = fmt.events(script, call, reply)
+            events = _counting_cancels(fmt.events(script, call, reply), state.stats, script.key)
             headers["cache-control"] = "no-cache"
             return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         return await _complete(fmt, script, call, reply, headers)
