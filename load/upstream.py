@@ -12,8 +12,8 @@ Run it as its own process::
 
 or in-process with ``create_app()``. Endpoints: ``POST /v1/chat/completions``,
 ``POST /v1/completions``, ``POST /v1/messages`` (Anthropic wire format), ``GET /v1/models``,
-``GET /health``, ``GET /stats`` (attempts, and streams cut short by the client, per
-script key) and ``POST /stats/reset[?key=K]``.
+``GET /health``, ``GET /stats`` (attempts, streams cut short by the client, and the last
+``traceparent`` header received, per script key) and ``POST /stats/reset[?key=K]``.
 
 The script is a JSON object from the ``x-upstream-script`` request header or, since a gateway
 forwards only the body, from a directive ``<<script {...}>>`` anywhere in the last user message.
@@ -757,6 +757,7 @@ class Stats:
     keys: Counter[str] = field(default_factory=Counter)
     paths: Counter[str] = field(default_factory=Counter)
     cancelled: Counter[str] = field(default_factory=Counter)  # streams the client abandoned
+    traceparents: dict[str, str] = field(default_factory=dict)  # the last one seen, per key
 
     def record(self, key: str, path: str) -> int:
         self.keys[key] += 1
@@ -765,16 +766,18 @@ class Stats:
 
     def snapshot(self) -> JSON:
         return {"total": self.keys.total(), "keys": dict(self.keys), "paths": dict(self.paths),
-                "cancelled": dict(self.cancelled)}
+                "cancelled": dict(self.cancelled), "traceparent": dict(self.traceparents)}
 
     def reset(self, key: str | None = None) -> None:
         if key is None:
             self.keys.clear()
             self.paths.clear()
             self.cancelled.clear()
+            self.traceparents.clear()
         else:
             self.keys.pop(key, None)
             self.cancelled.pop(key, None)
+            self.traceparents.pop(key, None)
 
 
 async def _counting_cancels(
@@ -826,6 +829,8 @@ def endpoint(fmt: WireFormat) -> Callable[[Request], Awaitable[Response]]:
         except BadRequest as exc:
             return fmt.error(400, str(exc), {})
         attempt = state.stats.record(script.key, request.url.path)
+        if "traceparent" in request.headers:  # W3C trace context a gateway passed on
+            state.stats.traceparents[script.key] = request.headers["traceparent"]
         headers = {ATTEMPT_HEADER: str(attempt)}
         await sleep_ms(script.stall_before_ms)
         status = script.failure_status(attempt)

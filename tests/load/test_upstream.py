@@ -296,8 +296,18 @@ async def test_fail_times_then_succeed_and_stats(client: httpx.AsyncClient) -> N
     # The counter restarted, so the key fails again.
     assert (await client.post("/v1/chat/completions", json=body)).status_code == 503
     await client.post("/stats/reset")
-    empty = {"total": 0, "keys": {}, "paths": {}, "cancelled": {}}
+    empty = {"total": 0, "keys": {}, "paths": {}, "cancelled": {}, "traceparent": {}}
     assert (await client.get("/stats")).json() == empty
+
+
+async def test_stats_record_the_last_traceparent_per_key(client: httpx.AsyncClient) -> None:
+    parent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    body = chat(directive({"key": "traced"}))
+    await client.post("/v1/chat/completions", json=body, headers={"traceparent": parent})
+    await client.post("/v1/chat/completions", json=chat())
+    assert (await client.get("/stats")).json()["traceparent"] == {"traced": parent}
+    await client.post("/stats/reset", params={"key": "traced"})
+    assert (await client.get("/stats")).json()["traceparent"] == {}
 
 
 async def test_fail_times_defaults_to_500(client: httpx.AsyncClient) -> None:
