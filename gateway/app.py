@@ -361,8 +361,10 @@ async def _sse(
         status, error = 499, "client_disconnected"
         raise
     finally:
-        await _close(chunks)
-        gateway.finish(call, decision, status, stream=True, tenant=tenant, error=error)
+        try:
+            await _close(chunks)
+        finally:
+            gateway.finish(call, decision, status, stream=True, tenant=tenant, error=error)
 
 
 async def _close(chunks: Any) -> None:

@@ -238,7 +238,10 @@ class OpenAIWireBackend(Backend):
         body = {k: params[k] for k in FORWARDED_PARAMS if k in params}
         body["model"] = self._model
         if stream:
-            body.update(stream=True, stream_options={"include_usage": True})
+            # Usage on every chunk (vLLM): an answer cut short by a rejected holdback
+            # prefix still reports what it cost.
+            body.update(stream=True, stream_options={"include_usage": True,
+                                                     "continuous_usage_stats": True})
         return body
 
     def failure(self, exc: BaseException) -> BackendFailure:

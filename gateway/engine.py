@@ -612,7 +612,8 @@ class CascadeEngine:
         if not accepted:
             await _aclose(chunks)
             if prefix_done:
-                call.usage.add({"completion_tokens": small.tokens}, self.small.name)
+                spent = small.usage or {"completion_tokens": small.tokens}
+                call.usage.add(spent, self.small.name)
                 self._small_done(call, small)
             raise Escalate("low_confidence")
         return chunks if prefix_done else None

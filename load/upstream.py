@@ -203,6 +203,7 @@ class Call:
     last_user_text: str  # where a script directive is looked for
     stream: bool = False
     include_usage: bool = False
+    continuous_usage: bool = False  # vLLM's stream_options.continuous_usage_stats
     max_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
@@ -238,8 +239,9 @@ class Reply:
         """Character offset of each piece (legacy logprobs' text_offset)."""
         return (0, *itertools.accumulate(len(p) for p in self.pieces))[: len(self.pieces)]
 
-    def usage(self) -> JSON:
-        done = len(self.pieces)
+    def usage(self, done: int | None = None) -> JSON:
+        """Usage after `done` pieces (all of them by default)."""
+        done = len(self.pieces) if done is None else done
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": done,
@@ -456,6 +458,8 @@ def parse_chat(body: JSON, default_model: str) -> Call:
         stream=bool(body.get("stream")),
         include_usage=isinstance(stream_options, dict)
         and bool(stream_options.get("include_usage")),
+        continuous_usage=isinstance(stream_options, dict)
+        and bool(stream_options.get("continuous_usage_stats")),
         max_tokens=_int_or_none(max_tokens, "max_tokens"),
         logprobs=bool(body.get("logprobs")),
         top_logprobs=_int_or_none(body.get("top_logprobs"), "top_logprobs") or 0,
@@ -535,7 +539,10 @@ async def chat_events(script: Script, call: Call, reply: Reply) -> AsyncIterator
     yield sse(_chat_delta(reply, _chat_first_delta(reply)))
     async for index, piece in paced(script, reply.pieces):
         logprobs = _chat_logprobs(call, reply, index, index + 1)
-        yield sse(_chat_delta(reply, _chat_piece_delta(reply, piece), logprobs))
+        chunk = _chat_delta(reply, _chat_piece_delta(reply, piece), logprobs)
+        if call.continuous_usage:
+            chunk["usage"] = reply.usage(index + 1)
+        yield sse(chunk)
     yield sse(_chat_delta(reply, {}, finish=reply.finish_reason))
     if call.include_usage:
         yield sse(_chat_chunk(reply, [], usage=reply.usage()))
