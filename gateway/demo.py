@@ -21,10 +21,10 @@ from gateway import smallmodel
 from gateway.config import Settings
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
+SYSTEM = "You are a concise, helpful assistant."
 QUESTIONS = [
     ("auto", "What is the capital of France?"),
     ("auto", "Prove that there are infinitely many primes of the form 4k+3."),
-    ("fast", "Write one short sentence about the sea."),
 ]
 
 
@@ -82,6 +82,7 @@ async def _serve_and_show(settings: Settings, keep_running: bool) -> None:
         for policy, question in QUESTIONS:
             await _ask(client, policy, question)
         await _ask_streamed(client, "chat", "Name three colours.")
+        await _ask_streamed(client, "fast", "Complete: The sea is")
     if keep_running:
         print(f"Gateway running at {base}; try:\n  curl {base}/chat/completions "
               "-H 'content-type: application/json' -d '{\"model\": \"auto\", \"messages\": "
@@ -102,7 +103,8 @@ def _show_headers(response: httpx.Response) -> None:
 
 async def _ask(client: httpx.AsyncClient, policy: str, question: str) -> None:
     body = {"model": policy, "max_tokens": 60, "temperature": 0,
-            "messages": [{"role": "user", "content": question}]}
+            "messages": [{"role": "system", "content": SYSTEM},
+                         {"role": "user", "content": question}]}
     response = await client.post("/chat/completions", json=body)
     print(f"Q ({policy}): {question}")
     if response.status_code != 200:
@@ -120,7 +122,8 @@ async def _ask_streamed(client: httpx.AsyncClient, policy: str, question: str) -
 
     body = {"model": policy, "max_tokens": 40, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True},
-            "messages": [{"role": "user", "content": question}]}
+            "messages": [{"role": "system", "content": SYSTEM},
+                         {"role": "user", "content": question}]}
     print(f"Q ({policy}, streamed): {question}\nA: ", end="", flush=True)
     async with client.stream("POST", "/chat/completions", json=body) as response:
         async for line in response.aiter_lines():

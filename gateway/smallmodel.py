@@ -339,9 +339,24 @@ class VLLMServer:
             if code is not None:
                 raise RuntimeError(self._failure(f"vLLM server exited with code {code}"))
             if self._get_ok("/health") and self._get_ok("/v1/models"):
+                self._warm_up(max(1.0, deadline - time.monotonic()))
                 return self
             time.sleep(0.5)
         raise TimeoutError(self._failure(f"vLLM server not ready after {timeout:.0f} s"))
+
+    def _warm_up(self, timeout: float) -> None:
+        """One streamed request with logprobs, the gateway's kind: vLLM's first such answer
+        after start-up takes seconds, which would otherwise blow a real request's deadline."""
+        body = json.dumps({
+            "model": self.served_name, "max_tokens": 4, "stream": True, "logprobs": True,
+            "messages": [{"role": "user", "content": "Hello"}],
+        }).encode()
+        request = urllib.request.Request(
+            self.api_base + "/chat/completions", data=body,
+            headers={"content-type": "application/json"},
+        )
+        with contextlib.suppress(OSError), urllib.request.urlopen(request, timeout=timeout) as r:
+            r.read()
 
     def _failure(self, what: str) -> str:
         """Error text with the end of the server log."""
