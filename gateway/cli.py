@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+from gateway.cache import admin as cache_admin
 from gateway.config import ConfigError, Settings, load_settings
 
 
@@ -159,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--port", type=int, default=8000)
     demo.add_argument("--exit", action="store_true", help="stop after the demo requests")
     demo.set_defaults(func=cmd_demo)
+    cache_admin.register(sub)
     return parser
 
 

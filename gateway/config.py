@@ -77,7 +77,17 @@ class Settings(BaseSettings):
     frontier_fallbacks: list[BackendConfig] = Field(
         default_factory=list, description="Tried in order after the frontier model fails."
     )
-    redis_url: str | None = None
+    redis_url: str | None = Field(
+        default=None,
+        description="Redis for the exact and semantic cache; unset: an in-process exact cache.",
+    )
+    cache_semantic: bool = Field(
+        default=True, description="With Redis, also run the semantic cache (needs FT.*)."
+    )
+    cache_prefix: str = Field(default="smallfirst", pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    cache_memory_entries: int = Field(
+        default=10_000, ge=1, description="Bound of the in-process cache (no Redis)."
+    )
     policies: Path = Path("policies")
     default_policy: str = "auto"
     api_keys_file: Path | None = None

@@ -87,6 +87,42 @@ class CacheSettings(_Strict):
         description="Also cache requests that set temperature > 0 (their answers vary). "
         "Requests that leave temperature unset are cached.",
     )
+    exact: bool = Field(default=True, description="Serve identical requests from the cache.")
+    semantic: bool = Field(
+        default=True,
+        description="Serve reworded questions from the semantic cache (needs Redis with the "
+        "query engine); every candidate must pass the pair verifier.",
+    )
+    semantic_max_false_hit_rate: float = Field(
+        default=0.01, gt=0, le=0.5,
+        description="Target share of different questions served a cached answer; picks the "
+        "verifier's threshold from its calibration (worst negative kind, held-out families).",
+    )
+    semantic_threshold: float | None = Field(
+        default=None, ge=0, le=1,
+        description="Explicit verifier probability threshold; overrides "
+        "semantic_max_false_hit_rate.",
+    )
+    semantic_min_cosine: float = Field(
+        default=0.6, ge=-1, le=1, description="Nearest neighbours below this never reach "
+        "the verifier.",
+    )
+    semantic_candidates: int = Field(default=3, ge=1, le=20, description="KNN k.")
+    multi_turn: Literal["identical_context", "never"] = Field(
+        default="identical_context",
+        description="Semantic reuse in conversations: only when the whole earlier context "
+        "(system prompt, history, tools, parameters) is identical, or never.",
+    )
+    lookup_deadline_ms: float = Field(
+        default=10, gt=0,
+        description="Hard deadline on the whole lookup (exact, embedding, search, "
+        "verification); past it the request proceeds as a miss.",
+    )
+    max_entries_per_tenant: int = Field(
+        default=10000, ge=1,
+        description="Entries kept per tenant under this policy; past it the entries closest "
+        "to expiry (memory: least recently used) are evicted.",
+    )
 
 
 class TelemetrySettings(_Strict):

@@ -12,6 +12,7 @@ from opentelemetry.trace import Tracer
 
 from gateway.auth import KeyStore, OpenAccess
 from gateway.backends import Backend, LiteLLMBackend, OpenAIWireBackend
+from gateway.cache.layered import LayeredCache, build_cache
 from gateway.config import ConfigError, Settings
 from gateway.engine import Call, CascadeEngine, Decision
 from gateway.errors import ModelNotFound, PermissionDenied, RateLimited
@@ -33,6 +34,7 @@ class Gateway:
     auth: KeyStore | OpenAccess
     observer: Observer
     tracer: Tracer | None = None
+    cache: LayeredCache | None = None
     in_flight: int = 0
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
@@ -47,18 +49,26 @@ class Gateway:
             )
         else:
             access = KeyStore.from_file(settings.api_keys_file)
+        store = PolicyStore(settings.policies, settings.default_policy)
+        cache = build_cache(
+            settings.redis_url,
+            lambda name: policy.cache if (policy := store.get(name)) else None,
+            prefix=settings.cache_prefix,
+            semantic=settings.cache_semantic,
+            memory_entries=settings.cache_memory_entries,
+        )
         engine = CascadeEngine(
             _small_backend(settings),
             [LiteLLMBackend(f, drop_unsupported=True) for f in settings.frontiers],
             settings.retry,
+            cache=cache,
         )
-        store = PolicyStore(settings.policies, settings.default_policy)
         observer = Observer(
             Metrics(budgets=lambda: _budgets(store)) if settings.metrics else None,
             BudgetTracker(settings.budget_window),
             _pricing(settings),
         )
-        return cls(settings, store, engine, access, observer, setup_tracing())
+        return cls(settings, store, engine, access, observer, setup_tracing(), cache)
 
     def begin(self) -> None:
         """Admit one more request, or refuse it with a 429 when at capacity."""
@@ -104,7 +114,10 @@ class Gateway:
         return sorted(self.policies.current.by_name) + self.engine.backend_names
 
     async def start(self) -> None:
-        """Background duties: policy hot reload on file change and on SIGHUP."""
+        """The cache (search index, embedder), then background duties: policy hot reload on
+        file change and on SIGHUP."""
+        if self.cache is not None:
+            await self.cache.start()
         if self.settings.watch_policies:
             self._tasks.append(asyncio.create_task(self.policies.watch()))
         with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):
@@ -119,6 +132,8 @@ class Gateway:
             await self.engine.small.aclose()
         if self.observer.metrics:
             self.observer.metrics.shutdown()
+        if self.cache is not None:
+            await self.cache.close()
 
 
 def _budgets(store: PolicyStore) -> dict[str, LatencyBudget]:

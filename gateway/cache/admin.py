@@ -1,0 +1,141 @@
+"""`smallfirst cache ...`: stats, purge, eval and train.
+
+    smallfirst cache stats [--config FILE]
+    smallfirst cache purge --tenant T [--policy P] [--config FILE]
+    smallfirst cache eval --pairs FILE [--report FILE.json] [--plot FILE.png]
+    smallfirst cache train [--pairs FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from gateway.config import ConfigError, load_settings
+
+
+def register(subparsers: Any) -> None:
+    """Add the `cache` command group to the CLI."""
+    cache = subparsers.add_parser("cache", help="the response cache").add_subparsers(
+        required=True)
+
+    stats = cache.add_parser("stats", help="entries per tenant/policy and hit counters")
+    stats.add_argument("--config", type=Path, help="gateway config file (for redis_url)")
+    stats.set_defaults(func=cmd_stats)
+
+    purge = cache.add_parser("purge", help="delete a tenant's entries (optionally one policy)")
+    purge.add_argument("--config", type=Path)
+    purge.add_argument("--tenant", required=True)
+    purge.add_argument("--policy")
+    purge.set_defaults(func=cmd_purge)
+
+    evaluate = cache.add_parser("eval", help="the semantic verifier on labelled pairs")
+    evaluate.add_argument("--pairs", type=Path, required=True,
+                          help="parquet/CSV/JSON lines with q1, q2, same_answer, kind")
+    evaluate.add_argument("--report", type=Path, help="write the figures as JSON")
+    evaluate.add_argument("--plot", type=Path, help="trade-off plot (default: beside the "
+                          "report, or cache-eval.png)")
+    evaluate.add_argument("--policies", type=Path, default=Path("policies"))
+    evaluate.add_argument("--policy", default="auto", help="whose threshold to evaluate")
+    evaluate.add_argument("--include-trained", action="store_true",
+                          help="also count rows the shipped verifier was fitted on")
+    evaluate.set_defaults(func=cmd_eval)
+
+    train = cache.add_parser("train", help="rebuild the shipped pair verifier")
+    train.add_argument("--pairs", type=Path, default=None)
+    train.add_argument("--seed", type=int, default=0)
+    train.set_defaults(func=cmd_train)
+
+
+def _store(config: Path | None) -> Any:
+    settings = load_settings(config)
+    if not settings.redis_url:
+        raise ConfigError("no redis_url configured: the in-process cache lives inside each "
+                          "gateway process and ends with it")
+    from gateway.cache.redis_exact import Keys, RedisExactStore, connect
+
+    return RedisExactStore(connect(settings.redis_url, timeout_s=5), Keys(settings.cache_prefix))
+
+
+async def _with_store(config: Path | None, work: Any) -> Any:
+    store = _store(config)
+    try:
+        return await work(store)
+    finally:
+        await store.close()
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    stats = asyncio.run(_with_store(args.config, lambda s: s.stats()))
+    print(json.dumps(stats, indent=2, sort_keys=True))
+    return 0
+
+
+def cmd_purge(args: argparse.Namespace) -> int:
+    removed = asyncio.run(_with_store(args.config, lambda s: s.purge(args.tenant, args.policy)))
+    scope = f"tenant {args.tenant!r}" + (f", policy {args.policy!r}" if args.policy else "")
+    print(f"purged {removed} keys of {scope}")
+    return 0
+
+
+def _policy_settings(directory: Path, name: str) -> Any:
+    from gateway.policy import CacheSettings
+    from gateway.policy_store import PolicyError, load_policy_dir
+
+    try:
+        policy = load_policy_dir(directory).by_name.get(name)
+    except (PolicyError, OSError):
+        policy = None
+    return policy.cache if policy is not None else CacheSettings()
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from gateway.cache.evaluate import evaluate
+    from gateway.cache.vectors import default_embed
+    from gateway.cache.verifier import PairVerifier
+
+    settings = _policy_settings(args.policies, args.policy)
+    plot = args.plot or (args.report.with_suffix(".png") if args.report else
+                         Path("cache-eval.png"))
+    report = evaluate(
+        args.pairs, default_embed(), PairVerifier.load(),
+        max_false_hit_rate=settings.semantic_max_false_hit_rate,
+        threshold=settings.semantic_threshold, min_cosine=settings.semantic_min_cosine,
+        include_trained=args.include_trained, plot=plot,
+    )
+    _print_report(report)
+    if args.report:
+        args.report.parent.mkdir(parents=True, exist_ok=True)
+        args.report.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+def _print_report(report: dict[str, Any]) -> None:
+    print(f"{report['rows']} pairs ({report['rows_left_out_as_trained']} left out: trained on)"
+          f"; threshold {report['threshold']:.4f}")
+    print(f"hit rate (paraphrases served):      {report['hit_rate']}")
+    print(f"false-hit rate (wrong answers):     {report['false_hit_rate']}")
+    worst = report["worst_negative_kind"]
+    print(f"worst negative kind:                {worst['kind']} {worst['rate']}")
+    cosine = report["cosine_only"]
+    print(f"cosine alone at the same target:    hit rate {cosine['hit_rate_at_target_overall']}"
+          f" (overall), {cosine['hit_rate_at_target_worst_kind']} (every kind)")
+    for kind, row in report["by_kind"].items():
+        print(f"  {kind:26s} {row['means']:15s} {row['rate']:.4f}  (n={row['rows']})")
+    print(f"targets met: {report['targets_met']}; plot: {report.get('plot')}")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from gateway.cache.training import DEFAULT_PAIRS, train
+    from gateway.cache.vectors import default_embed
+
+    pairs = args.pairs or DEFAULT_PAIRS
+    if not pairs.is_file():
+        print(f"smallfirst: no labelled pairs at {pairs}", file=sys.stderr)
+        return 2
+    print(json.dumps(train(pairs, default_embed(), seed=args.seed), indent=2))
+    return 0

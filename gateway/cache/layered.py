@@ -1,0 +1,307 @@
+"""The response cache the engine calls: exact first, then semantic, never a failure.
+
+Lookup starts the embedding (in a worker thread) while the exact store is read; on an exact
+miss, the semantic index is searched with the tenant, policy and context-hash filter, and the
+nearest candidates must pass the pair verifier. The whole lookup runs under the policy's hard
+deadline: past it, or on any Redis error, the request proceeds as a miss. After an error the
+cache stays out of the way for `retry_after_s`, then tries again, so a dead Redis costs
+nothing and a returning one is used at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from gateway.cache.base import CachedAnswer, CacheHit, CacheRequest
+from gateway.cache.fingerprint import context_hash, exact_key, final_user_text, is_multi_turn
+from gateway.cache.memory import MemoryExactStore
+from gateway.cache.redis_exact import RedisExactStore
+from gateway.cache.semantic import Candidate, SemanticIndex
+from gateway.cache.vectors import Embed, cache_vector, windows
+from gateway.cache.verifier import PairVerifier, diff_cosines
+from gateway.policy import CacheSettings
+
+log = logging.getLogger("smallfirst.cache")
+
+SettingsFor = Callable[[str], CacheSettings | None]
+PENDING_VECTORS = 1024
+
+
+@dataclass(frozen=True)
+class _Semantic:
+    text: str
+    context: str
+
+
+class LayeredCache:
+    """`ResponseCache`: an exact store (memory or Redis) and, with Redis, a semantic index."""
+
+    def __init__(
+        self,
+        exact: MemoryExactStore | RedisExactStore,
+        settings_for: SettingsFor,
+        semantic: SemanticIndex | None = None,
+        verifier: PairVerifier | None = None,
+        embed: Callable[[], Embed] | None = None,
+        retry_after_s: float = 1.0,
+    ) -> None:
+        self.exact = exact
+        self.semantic = semantic if verifier is not None else None
+        self.verifier = verifier
+        self._settings_for = settings_for
+        self._embed_factory = embed
+        self._embed: Embed | None = None
+        self.retry_after_s = retry_after_s
+        self.counts: Counter[str] = Counter()
+        self._flushed: Counter[str] = Counter()
+        self._down_until = 0.0
+        self._index_ready = False
+        self._vectors: OrderedDict[str, asyncio.Future] = OrderedDict()
+        self._tasks: set[asyncio.Task] = set()
+
+    # ---- life cycle ------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the search index (QueryEngineMissing if impossible) and load the embedder.
+
+        An unreachable Redis is not fatal: the gateway serves misses until it answers.
+        """
+        if self.semantic is not None:
+            from redis.exceptions import ConnectionError as Unreachable
+            from redis.exceptions import TimeoutError as TooSlow
+
+            try:
+                await self.semantic.ensure()
+                self._index_ready = True
+            except (Unreachable, TooSlow, OSError) as exc:
+                log.warning("cache: Redis unreachable at start (%s); serving misses", exc)
+            await asyncio.to_thread(self._embedder)
+        if isinstance(self.exact, RedisExactStore):
+            self._spawn(self._flush_counts_forever())
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        with contextlib.suppress(Exception):
+            await self._flush_counts()
+        with contextlib.suppress(Exception):
+            await self.exact.close()
+
+    def _spawn(self, work: Any) -> asyncio.Task:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
+
+    def _embedder(self) -> Embed:
+        if self._embed is None:
+            if self._embed_factory is None:
+                from gateway.cache.vectors import default_embed
+
+                self._embed_factory = default_embed
+            self._embed = self._embed_factory()
+        return self._embed
+
+    # ---- lookup ----------------------------------------------------------------------------
+
+    async def lookup(self, request: CacheRequest) -> CacheHit | None:
+        settings = self._settings(request)
+        if settings is None or self._is_down():
+            return None
+        key = exact_key(request)
+        semantic = self._semantic_inputs(request, settings)
+        vector = self._vector_future(key, request, semantic.text) if semantic else None
+        try:
+            async with asyncio.timeout(settings.lookup_deadline_ms / 1000):
+                hit = await self._lookup(request, settings, key, semantic, vector)
+        except TimeoutError:
+            self.counts["deadline"] += 1
+            return None
+        except Exception as exc:  # a broken cache is a miss
+            self._failed(exc)
+            return None
+        self.counts[f"hit_{hit.kind}" if hit else "miss"] += 1
+        return hit
+
+    async def _lookup(self, request: CacheRequest, settings: CacheSettings, key: str,
+                      semantic: _Semantic | None, vector: asyncio.Future | None
+                      ) -> CacheHit | None:
+        if settings.exact:
+            answer = await self.exact.get(request.tenant, request.policy, key)
+            if answer is not None:
+                return CacheHit("exact", answer)
+        if semantic is None or vector is None:
+            return None
+        if not self._index_ready:
+            self._spawn(self._ensure_index())
+            return None
+        candidates = await self.semantic.search(  # type: ignore[union-attr]
+            request.tenant, request.policy, semantic.context, await asyncio.shield(vector),
+            k=settings.semantic_candidates)
+        candidates = [c for c in candidates if c.cosine >= settings.semantic_min_cosine]
+        if not candidates:
+            return None
+        threshold = settings.semantic_threshold
+        if threshold is None:
+            threshold = self.verifier.threshold_for(  # type: ignore[union-attr]
+                settings.semantic_max_false_hit_rate)
+        best = await asyncio.to_thread(self._verify, semantic.text, candidates, threshold)
+        if best is None:
+            self.counts["semantic_rejected"] += 1
+            return None
+        return CacheHit("semantic", best[0].answer, similarity=best[1])
+
+    def _verify(self, text: str, candidates: list[Candidate], threshold: float
+                ) -> tuple[Candidate, float] | None:
+        """The candidate the verifier trusts most, if it reaches the threshold."""
+        diffs = diff_cosines(self._embedder(), [(c.text, text) for c in candidates])
+        scored = [(c, self.verifier.probability(c.text, text, c.cosine, d))  # type: ignore
+                  for c, d in zip(candidates, diffs, strict=True)]
+        best = max(scored, key=lambda item: item[1])
+        return best if best[1] >= threshold else None
+
+    # ---- store -----------------------------------------------------------------------------
+
+    async def store(self, request: CacheRequest, answer: CachedAnswer) -> None:
+        settings = self._settings(request)
+        if settings is None or self._is_down():
+            return
+        key = exact_key(request)
+        try:
+            if isinstance(self.exact, MemoryExactStore):
+                if settings.exact:
+                    await self.exact.put(request.tenant, request.policy, key, answer,
+                                         settings.ttl_s, settings.max_entries_per_tenant)
+                return
+            await self._store_redis(request, settings, key, answer)
+        except Exception as exc:  # a broken cache skips the write
+            self._failed(exc)
+        finally:
+            self._vectors.pop(key, None)
+
+    async def _store_redis(self, request: CacheRequest, settings: CacheSettings, key: str,
+                           answer: CachedAnswer) -> None:
+        semantic = self._semantic_inputs(request, settings)
+        vector = None
+        if semantic is not None:
+            vector = await asyncio.shield(self._vector_future(key, request, semantic.text))
+        pipe = self.exact.client.pipeline(transaction=False)  # type: ignore[union-attr]
+        if settings.exact:
+            pipe.set(self.exact.keys.exact(request.tenant, request.policy, key),
+                     _dumps(answer), ex=int(settings.ttl_s))
+        if semantic is not None and vector is not None:
+            self.semantic.add(pipe, request.tenant, request.policy, key,  # type: ignore
+                              semantic.context, semantic.text, vector, answer, settings.ttl_s)
+        await self.exact.track(pipe, request.tenant, request.policy, key,  # type: ignore
+                               settings.ttl_s, settings.max_entries_per_tenant)
+
+    # ---- helpers ---------------------------------------------------------------------------
+
+    def _settings(self, request: CacheRequest) -> CacheSettings | None:
+        """The policy's cache settings, or None when this request is not cached at all."""
+        settings = self._settings_for(request.policy) or CacheSettings()
+        if not settings.enabled or request.params.get("logprobs"):
+            return None  # replays carry no logprobs
+        return settings
+
+    def _semantic_inputs(self, request: CacheRequest, settings: CacheSettings
+                         ) -> _Semantic | None:
+        if self.semantic is None or not settings.semantic:
+            return None
+        text = final_user_text(request.params)
+        if text is None:
+            return None
+        if settings.multi_turn == "never" and is_multi_turn(request.params):
+            return None
+        return _Semantic(text, context_hash(request))
+
+    def _vector_future(self, key: str, request: CacheRequest, text: str) -> asyncio.Future:
+        """This request's embedding, computed once in a worker thread, shared with store."""
+        future = self._vectors.get(key)
+        if future is None or future.cancelled() or (
+                future.done() and future.exception() is not None):
+            given = request.embedding
+            if given is not None and len(windows(text)) == 1:
+                future = asyncio.get_running_loop().create_future()
+                future.set_result(np.asarray(given, dtype=np.float32))
+            else:
+                future = asyncio.ensure_future(
+                    asyncio.to_thread(lambda: cache_vector(self._embedder(), text)))
+            self._vectors[key] = future
+            while len(self._vectors) > PENDING_VECTORS:
+                self._vectors.popitem(last=False)
+        return future
+
+    def _is_down(self) -> bool:
+        return time.monotonic() < self._down_until
+
+    def _failed(self, exc: BaseException) -> None:
+        self.counts["error"] += 1
+        if "no such index" in str(exc).lower() or "unknown index" in str(exc).lower():
+            self._index_ready = False
+            return
+        if not self._is_down():
+            log.warning("cache: %s: %s; serving misses for %.1fs", type(exc).__name__, exc,
+                        self.retry_after_s)
+        self._down_until = time.monotonic() + self.retry_after_s
+
+    async def _ensure_index(self) -> None:
+        try:
+            await self.semantic.ensure()  # type: ignore[union-attr]
+            self._index_ready = True
+        except Exception as exc:
+            self._failed(exc)
+
+    async def _flush_counts_forever(self, every_s: float = 1.0) -> None:
+        while True:
+            await asyncio.sleep(every_s)
+            with contextlib.suppress(Exception):
+                await self._flush_counts()
+
+    async def _flush_counts(self) -> None:
+        delta = self.counts - self._flushed
+        if delta and isinstance(self.exact, RedisExactStore):
+            await self.exact.add_counts(dict(delta))
+            self._flushed.update(delta)
+
+    async def purge(self, tenant: str, policy: str | None = None) -> int:
+        return await self.exact.purge(tenant, policy)
+
+    async def stats(self) -> dict[str, Any]:
+        return {**await self.exact.stats(), "process_counters": dict(self.counts)}
+
+
+def _dumps(answer: CachedAnswer) -> str:
+    import json
+
+    return json.dumps(answer.to_json())
+
+
+def build_cache(
+    redis_url: str | None,
+    settings_for: SettingsFor,
+    *,
+    prefix: str = "smallfirst",
+    semantic: bool = True,
+    memory_entries: int = 10_000,
+) -> LayeredCache:
+    """In-process exact cache without Redis; Redis exact (+ semantic) with it."""
+    if not redis_url:
+        return LayeredCache(MemoryExactStore(memory_entries), settings_for)
+    from gateway.cache.redis_exact import Keys, connect
+
+    client, keys = connect(redis_url), Keys(prefix)
+    index = verifier = None
+    if semantic:
+        index, verifier = SemanticIndex(client, keys), PairVerifier.load()
+    return LayeredCache(RedisExactStore(client, keys), settings_for, index, verifier)

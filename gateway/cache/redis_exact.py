@@ -1,0 +1,144 @@
+"""The Redis side of the cache: key names, the connection, the exact store and its bounds.
+
+Key layout (prefix `smallfirst` by default; tenant and policy names percent-encoded so that no
+name can reach into another's keys or glob patterns):
+
+    <prefix>:x:<tenant>:<policy>:<fingerprint>   exact answer (JSON string, with TTL)
+    <prefix>:s:<tenant>:<policy>:<fingerprint>   semantic entry (hash, indexed, with TTL)
+    <prefix>:n:<tenant>:<policy>                 sorted set of fingerprints by expiry time
+    <prefix>:idx                                 the semantic search index
+    <prefix>:stats                               hit/miss counters
+
+Each (tenant, policy) holds at most the policy's `max_entries_per_tenant` entries: past it, the
+entries closest to expiry (the oldest, for one TTL) are evicted, exact and semantic together.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+from urllib.parse import quote
+
+from gateway.cache.base import CachedAnswer
+
+ENTRY_KINDS = ("x", "s")
+
+
+def _name(value: str) -> str:
+    return quote(value, safe="") or "%00"
+
+
+class Keys:
+    """Every Redis key the cache uses, built from one prefix."""
+
+    def __init__(self, prefix: str = "smallfirst") -> None:
+        self.prefix = prefix
+        self.index = f"{prefix}:idx"
+        self.stats = f"{prefix}:stats"
+        self.semantic_prefix = f"{prefix}:s:"
+
+    def _scope(self, kind: str, tenant: str, policy: str) -> str:
+        return f"{self.prefix}:{kind}:{_name(tenant)}:{_name(policy)}"
+
+    def exact(self, tenant: str, policy: str, key: str) -> str:
+        return f"{self._scope('x', tenant, policy)}:{key}"
+
+    def semantic(self, tenant: str, policy: str, key: str) -> str:
+        return f"{self._scope('s', tenant, policy)}:{key}"
+
+    def entries(self, tenant: str, policy: str) -> str:
+        return self._scope("n", tenant, policy)
+
+    def of_entry(self, tenant: str, policy: str, key: str) -> list[str]:
+        return [f"{self._scope(kind, tenant, policy)}:{key}" for kind in ENTRY_KINDS]
+
+    def patterns(self, tenant: str, policy: str | None) -> list[str]:
+        """Glob patterns matching every key of a tenant (and policy)."""
+        scope = f"{_name(tenant)}:{'*' if policy is None else _name(policy)}"
+        return [f"{self.prefix}:x:{scope}:*", f"{self.prefix}:s:{scope}:*",
+                f"{self.prefix}:n:{scope}"]
+
+
+def connect(url: str, timeout_s: float = 0.25) -> Any:
+    """An asyncio Redis client with short timeouts (a slow Redis must not stall requests)."""
+    import redis.asyncio as redis
+
+    return redis.Redis.from_url(
+        url, protocol=2, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+        health_check_interval=0, retry_on_timeout=False,
+    )
+
+
+class RedisExactStore:
+    """Exact entries in Redis, with per-(tenant, policy) bounds."""
+
+    def __init__(self, client: Any, keys: Keys) -> None:
+        self.client = client
+        self.keys = keys
+
+    async def get(self, tenant: str, policy: str, key: str) -> CachedAnswer | None:
+        raw = await self.client.get(self.keys.exact(tenant, policy, key))
+        return CachedAnswer.from_json(json.loads(raw)) if raw else None
+
+    async def put(self, tenant: str, policy: str, key: str, answer: CachedAnswer,
+                  ttl_s: float, max_per_tenant: int) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        pipe.set(self.keys.exact(tenant, policy, key), json.dumps(answer.to_json()),
+                 ex=int(ttl_s))
+        await self.track(pipe, tenant, policy, key, ttl_s, max_per_tenant)
+
+    async def track(self, pipe: Any, tenant: str, policy: str, key: str, ttl_s: float,
+                    max_per_tenant: int) -> None:
+        """Run `pipe` with the entry registered, then evict past the bound."""
+        now = time.time()
+        entries = self.keys.entries(tenant, policy)
+        pipe.zadd(entries, {key: now + ttl_s})
+        pipe.zremrangebyscore(entries, "-inf", now)
+        pipe.expire(entries, int(ttl_s) + 60)
+        pipe.zcard(entries)
+        size = (await pipe.execute())[-1]
+        if size > max_per_tenant:
+            evicted = await self.client.zpopmin(entries, size - max_per_tenant)
+            names = [k for member, _ in evicted
+                     for k in self.keys.of_entry(tenant, policy, _text(member))]
+            if names:
+                await self.client.delete(*names)
+
+    async def purge(self, tenant: str, policy: str | None = None) -> int:
+        """Delete every entry of a tenant (and policy); returns how many keys went."""
+        removed = 0
+        for pattern in self.keys.patterns(tenant, policy):
+            batch: list[Any] = []
+            async for name in self.client.scan_iter(match=pattern, count=500):
+                batch.append(name)
+                if len(batch) >= 500:
+                    removed += await self.client.delete(*batch)
+                    batch = []
+            if batch:
+                removed += await self.client.delete(*batch)
+        return removed
+
+    async def stats(self) -> dict[str, Any]:
+        counters = await self.client.hgetall(self.keys.stats)
+        scopes: dict[str, int] = {}
+        async for name in self.client.scan_iter(match=f"{self.keys.prefix}:n:*", count=500):
+            scopes[_text(name).split(":n:", 1)[1]] = await self.client.zcard(name)
+        info = await self.client.info("memory")
+        return {"backend": "redis", "entries_by_scope": scopes,
+                "entries": sum(scopes.values()),
+                "counters": {_text(k): int(v) for k, v in counters.items()},
+                "used_memory": info.get("used_memory_human")}
+
+    async def add_counts(self, counts: dict[str, int]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for field, value in counts.items():
+            pipe.hincrby(self.keys.stats, field, value)
+        await pipe.execute()
+
+    async def close(self) -> None:
+        await self.client.aclose()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)

@@ -1,0 +1,356 @@
+"""The pair verifier: may the answer cached for one question be served for another?
+
+Cosine similarity alone cannot tell "5 km" from "50 km", "ascending" from "descending" or two
+long prompts that differ in one detail. The verifier looks at what differs between the cached
+question and the new one (numbers, negations, opposite words, units, entities, programming
+languages, which words changed and where, the embedding of the changed parts) and a small
+gradient-boosted model turns those features into the probability that the cached answer is
+right for the new question. Its threshold comes from a target false-hit rate, through a
+calibration table measured on families the model was not fitted on.
+
+The model ships as JSON (trees and calibration, with a SHA-256 of its content): no pickle is
+ever loaded. `features` is the one code path used both in training and when serving.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from gateway.cache.vectors import Embed, cache_vectors
+
+MODEL_PATH = Path(__file__).parent / "verifier_model" / "verifier.json"
+
+FEATURES = [
+    "cosine", "diff_cosine", "normalized_equal", "bag_equal", "token_jaccard",
+    "content_jaccard", "content_only_min", "content_only_max", "typo_pairs",
+    "numbers_changed", "numbers_same_bag", "numbers_reordered", "negation_delta",
+    "opposites", "role_changes", "units_changed", "months_changed", "entities_changed",
+    "languages_changed", "wh_changed", "len_ratio", "log_len", "diff_ops", "diff_span",
+    "first_diff", "last_diff", "one_side_empty",
+]
+
+_TOKEN = re.compile(r"[a-z0-9]+(?:[.,'’][a-z0-9]+)*[+#]*|[$%€£¥#+]")
+_CAPITAL = re.compile(r"(?<![.!?]\s)(?<!^)\b[A-Z][a-zA-Z0-9]+")
+
+STOPWORDS = frozenset("""
+a an the is are was were be been being am do does did doing have has had having i me my we our
+you your he she it its they them their this that these those of in on at by with about as into
+for to from or and but if then so than too very can could would should will shall may might
+must what which who whom whose how why when where there here please pls hey hi hello thanks
+thank cheers appreciate appreciated really just quick question kindly tell give show me some
+any s t d ll re ve m much many way ways get got need want like know help write make let lets
+also one ok okay well good great best i'd i'm it's what's that's how's there's you're
+""".split())
+
+NEGATIONS = frozenset(
+    "not no never without none nobody nothing neither nor cannot cant can't don't doesn't "
+    "didn't isn't aren't wasn't weren't won't wouldn't shouldn't couldn't mustn't avoid".split()
+)
+
+OPPOSITES: tuple[tuple[str, str], ...] = tuple(
+    tuple(pair.split("/")) for pair in """
+ascending/descending increasing/decreasing increase/decrease increases/decreases raise/lower
+rise/fall higher/lower high/low highest/lowest maximum/minimum max/min maximize/minimize
+largest/smallest biggest/smallest larger/smaller bigger/smaller most/least more/less
+encode/decode encoding/decoding encrypt/decrypt compress/decompress serialize/deserialize
+import/export upload/download push/pull send/receive buy/sell add/remove add/subtract
+plus/minus enable/disable start/stop open/close on/off in/out up/down before/after
+first/last earliest/latest oldest/newest old/new older/newer early/late past/future
+for/against pros/cons advantages/disadvantages benefits/risks benefits/drawbacks
+favor/against favour/against support/oppose supporting/opposing safe/unsafe safe/dangerous
+safely/dangerous healthy/unhealthy good/bad better/worse best/worst positive/negative
+true/false include/exclude allow/deny accept/reject win/lose gain/lose profit/loss
+hot/cold warm/cold long/short fast/slow heavy/light cheap/expensive cheapest/priciest
+north/south east/west left/right above/below over/under inside/outside internal/external
+eat/avoid recommended/avoid legal/illegal possible/impossible valid/invalid
+multiply/divide even/odd prime/composite lowercase/uppercase encode/encoding
+""".split()
+)
+_OPPOSITE_OF: dict[str, set[str]] = {}
+for _a, _b in OPPOSITES:
+    _OPPOSITE_OF.setdefault(_a, set()).add(_b)
+    _OPPOSITE_OF.setdefault(_b, set()).add(_a)
+
+ROLE_WORDS = frozenset("from to into in than per vs versus by onto until till".split())
+
+UNITS = frozenset("""
+km kms kilometer kilometers kilometre kilometres mile miles mi mph kmh km/h knot knots foot feet
+ft inch inches in cm centimeter centimeters centimetre centimetres mm millimeter millimeters m
+meter meters metre metres yard yards nautical lightyear lightyears au
+kg kilogram kilograms kilo kilos g gram grams mg milligram milligrams lb lbs pound pounds oz
+ounce ounces ton tons tonne tonnes stone
+l liter liters litre litres ml milliliter milliliters gallon gallons pint pints quart quarts cup
+cups tablespoon tablespoons tbsp teaspoon teaspoons tsp fluid
+celsius fahrenheit kelvin c f k degrees
+second seconds sec secs minute minutes min mins hour hours hr hrs day days week weeks month
+months year years decade decades
+usd eur gbp jpy inr cny cad aud chf mxn brl krw sek nok dkk zar sgd hkd nzd rub try
+dollar dollars euro euros pound yen rupee rupees yuan franc francs peso pesos won krona kronor
+real reais rand ruble rubles lira
+byte bytes kb mb gb tb kib mib gib bit bits
+watt watts kw kwh joule joules calorie calories kcal
+acre acres hectare hectares sqft
+""".split())
+
+MONTHS = frozenset("""
+january february march april may june july august september october november december
+jan feb mar apr jun jul aug sep sept oct nov dec monday tuesday wednesday thursday friday
+saturday sunday
+""".split())
+
+LANGUAGES = frozenset("""
+python java javascript js typescript ts go golang rust c c++ cpp c# csharp f# fsharp ruby php
+swift kotlin scala haskell julia r perl erlang elixir lua dart bash shell powershell sql
+matlab ocaml clojure groovy fortran cobol zig nim crystal lisp scheme racket prolog
+objective-c vb vba delphi pascal assembly solidity
+""".split())
+
+WH_WORDS = frozenset("what which who whom whose why when where how".split())
+
+NUMBER_WORDS = {
+    w: str(i) for i, w in enumerate(
+        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+        "fifteen sixteen seventeen eighteen nineteen twenty".split()
+    )
+} | {"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70",
+     "eighty": "80", "ninety": "90", "hundred": "100", "thousand": "1000"}
+
+
+def tokens(text: str) -> list[str]:
+    """Lower-cased word tokens; number words become digits, `1,743` becomes `1743`."""
+    out = []
+    for token in _TOKEN.findall(unicodedata.normalize("NFKC", text).lower()):
+        token = token.replace("’", "'")
+        if re.fullmatch(r"\d+(?:,\d{3})+(?:\.\d+)?", token):
+            token = token.replace(",", "")
+        out.append(NUMBER_WORDS.get(token, token))
+    return out
+
+
+def _is_number(token: str) -> bool:
+    return bool(re.fullmatch(r"\d+(?:[.,]\d+)*", token))
+
+
+def _content(words: list[str]) -> list[str]:
+    return [w for w in words if w not in STOPWORDS and not re.fullmatch(r"\W", w)]
+
+
+def _entities(text: str) -> set[str]:
+    return {m.lower() for m in _CAPITAL.findall(text)}
+
+
+def _jaccard(a: set[str], b: set[str]) -> float:
+    return len(a & b) / len(a | b) if a | b else 1.0
+
+
+def _typo_pairs(only_a: list[str], only_b: list[str]) -> tuple[int, set[str], set[str]]:
+    """Pair up changed words that are spelling variants of each other (typos, case)."""
+    rest_a, rest_b = set(only_a), set(only_b)
+    pairs = 0
+    for word in sorted(only_a):
+        if len(word) < 4 or _is_number(word):
+            continue
+        match = max(
+            (w for w in rest_b if not _is_number(w)),
+            key=lambda w: difflib.SequenceMatcher(None, word, w).ratio(), default=None,
+        )
+        if match and difflib.SequenceMatcher(None, word, match).ratio() >= 0.8:
+            pairs += 1
+            rest_a.discard(word)
+            rest_b.discard(match)
+    return pairs, rest_a, rest_b
+
+
+def _roles(words: list[str]) -> dict[str, str]:
+    """Content word -> the preposition in front of it ("from X to Y")."""
+    roles: dict[str, str] = {}
+    current = ""
+    for word in words:
+        if word in ROLE_WORDS:
+            current = word
+        elif word not in STOPWORDS:
+            roles.setdefault(word, current)
+    return roles
+
+
+@dataclass(frozen=True)
+class PairDiff:
+    """What differs between the cached question `a` and the new one `b`."""
+
+    a: list[str]
+    b: list[str]
+    opcodes: list[tuple[str, int, int, int, int]]
+
+    @classmethod
+    def of(cls, a: str, b: str) -> PairDiff:
+        ta, tb = tokens(a), tokens(b)
+        matcher = difflib.SequenceMatcher(None, ta, tb, autojunk=False)
+        return cls(ta, tb, matcher.get_opcodes())
+
+    def changed(self) -> tuple[list[str], list[str]]:
+        """The tokens of each side inside the non-equal stretches."""
+        only_a, only_b = [], []
+        for tag, i1, i2, j1, j2 in self.opcodes:
+            if tag != "equal":
+                only_a += self.a[i1:i2]
+                only_b += self.b[j1:j2]
+        return only_a, only_b
+
+    def diff_texts(self) -> tuple[str, str]:
+        """The changed content of each side, as short texts to embed and compare."""
+        only_a, only_b = self.changed()
+        return " ".join(_content(only_a)), " ".join(_content(only_b))
+
+
+def features(a: str, b: str, cosine: float, diff_cosine: float) -> np.ndarray:
+    """The verifier's input for cached question `a` and new question `b`."""
+    diff = PairDiff.of(a, b)
+    ta, tb = diff.a, diff.b
+    sa, sb = set(ta), set(tb)
+    ca, cb = set(_content(ta)), set(_content(tb))
+    only_a, only_b = diff.changed()
+    typos, rest_a, rest_b = _typo_pairs(sorted(set(only_a) - sb), sorted(set(only_b) - sa))
+    rest_a, rest_b = set(_content(sorted(rest_a))), set(_content(sorted(rest_b)))
+    nums_a = [t for t in ta if _is_number(t)]
+    nums_b = [t for t in tb if _is_number(t)]
+    opposite = sum(
+        1 for w in (sa - sb) if _OPPOSITE_OF.get(w, set()) & (sb - sa)
+    ) + sum(1 for w in (sa ^ sb) if w.startswith("un") and w[2:] in (sa | sb))
+    roles_a, roles_b = _roles(ta), _roles(tb)
+    role_changes = sum(1 for w in roles_a.keys() & roles_b.keys() if roles_a[w] != roles_b[w])
+    longest = max(len(ta), len(tb), 1)
+    changed_at = [i1 for tag, i1, _, _, _ in diff.opcodes if tag != "equal"]
+    changed_end = [i2 for tag, _, i2, _, _ in diff.opcodes if tag != "equal"]
+    span = sum(max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in diff.opcodes if tag != "equal")
+    da, db = diff.diff_texts()
+    values = {
+        "cosine": cosine,
+        "diff_cosine": diff_cosine,
+        "normalized_equal": float(ta == tb),
+        "bag_equal": float(sorted(ta) == sorted(tb)),
+        "token_jaccard": _jaccard(sa, sb),
+        "content_jaccard": _jaccard(ca, cb),
+        "content_only_min": min(len(rest_a), len(rest_b)),
+        "content_only_max": max(len(rest_a), len(rest_b)),
+        "typo_pairs": typos,
+        "numbers_changed": len(set(nums_a) ^ set(nums_b)),
+        "numbers_same_bag": float(bool(nums_a) and sorted(nums_a) == sorted(nums_b)),
+        "numbers_reordered": float(sorted(nums_a) == sorted(nums_b) and nums_a != nums_b),
+        "negation_delta": abs(sum(t in NEGATIONS or t.endswith("n't") for t in ta)
+                              - sum(t in NEGATIONS or t.endswith("n't") for t in tb)),
+        "opposites": opposite,
+        "role_changes": role_changes,
+        "units_changed": len((sa ^ sb) & UNITS),
+        "months_changed": len((sa ^ sb) & MONTHS),
+        "entities_changed": len((_entities(a) ^ _entities(b)) - (sa & sb)),
+        "languages_changed": float((sa & LANGUAGES) != (sb & LANGUAGES)),
+        "wh_changed": float((sa & WH_WORDS) != (sb & WH_WORDS)),
+        "len_ratio": min(len(a), len(b)) / max(len(a), len(b), 1),
+        "log_len": float(np.log1p(longest)),
+        "diff_ops": len(changed_at),
+        "diff_span": span / longest,
+        "first_diff": (min(changed_at) / longest) if changed_at else 1.0,
+        "last_diff": (max(changed_end) / longest) if changed_end else 1.0,
+        "one_side_empty": float(bool(da) != bool(db)),
+    }
+    return np.array([values[name] for name in FEATURES], dtype=np.float64)
+
+
+def diff_cosines(embed: Embed, pairs: list[tuple[str, str]]) -> np.ndarray:
+    """Cosine between the changed content of each pair (1.0 when nothing changed)."""
+    texts = [PairDiff.of(a, b).diff_texts() for a, b in pairs]
+    todo = [i for i, (x, y) in enumerate(texts) if x and y]
+    out = np.array([1.0 if not (x or y) else 0.0 for x, y in texts])
+    if todo:
+        vectors = cache_vectors(embed, [t for i in todo for t in texts[i]])
+        out[todo] = np.einsum("ij,ij->i", vectors[0::2], vectors[1::2])
+    return out
+
+
+# ---- the shipped model ----------------------------------------------------------------------
+
+
+class VerifierError(RuntimeError):
+    """The shipped verifier file is missing, corrupt or of another version."""
+
+
+@dataclass(frozen=True)
+class Tree:
+    feature: np.ndarray
+    threshold: np.ndarray
+    left: np.ndarray
+    right: np.ndarray
+    value: np.ndarray
+
+    def predict(self, x: np.ndarray) -> float:
+        node = 0
+        while self.left[node] >= 0:
+            node = self.left[node] if x[self.feature[node]] <= self.threshold[node] \
+                else self.right[node]
+        return float(self.value[node])
+
+
+class PairVerifier:
+    """Gradient-boosted trees over `features`, loaded from JSON, with a calibration table."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        if data.get("features") != FEATURES:
+            raise VerifierError("the verifier was trained on another feature set; rebuild it")
+        self.data = data
+        self.init = float(data["init"])
+        self.rate = float(data["learning_rate"])
+        self.trees = [Tree(*(np.asarray(t[k]) for k in ("feature", "threshold", "left",
+                                                           "right", "value")))
+                      for t in data["trees"]]
+        self.calibration = data["calibration"]  # [threshold, worst-kind fhr, fhr, hit rate]
+
+    @classmethod
+    def load(cls, path: Path = MODEL_PATH) -> PairVerifier:
+        return _load(str(path))
+
+    def probability_of(self, x: np.ndarray) -> float:
+        raw = self.init + self.rate * sum(tree.predict(x) for tree in self.trees)
+        return float(1.0 / (1.0 + np.exp(-raw)))
+
+    def probability(self, a: str, b: str, cosine: float, diff_cosine: float) -> float:
+        return self.probability_of(features(a, b, cosine, diff_cosine))
+
+    def threshold_for(self, max_false_hit_rate: float) -> float:
+        """The lowest threshold whose calibrated worst-kind false-hit rate meets the target.
+
+        The table's rates come from predictions on families each model did not see, and the
+        worst kind counts: meeting the target overall is not enough.
+        """
+        chosen = 1.0
+        for threshold, worst, _overall, _hits in sorted(self.calibration, reverse=True):
+            if worst > max_false_hit_rate:
+                break
+            chosen = threshold
+        return chosen
+
+
+@lru_cache(maxsize=4)
+def _load(path: str) -> PairVerifier:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise VerifierError(f"cannot read the pair verifier {path}: {exc}") from exc
+    body = {k: v for k, v in data.items() if k != "sha256"}
+    if data.get("sha256") != content_hash(body):
+        raise VerifierError(f"{path}: content hash mismatch (corrupt or edited by hand)")
+    return PairVerifier(body)
+
+
+def content_hash(body: dict[str, Any]) -> str:
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()

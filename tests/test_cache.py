@@ -1,0 +1,161 @@
+"""The response cache: exact keys, bounds, purge, replay, semantic safety, Redis failures.
+
+Redis is a real Valkey server with the query engine module, started by the test session.
+Each test uses its own key prefix (and so its own search index) on that server.
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from typing import Any
+
+import pytest
+
+from gateway.cache.base import CachedAnswer, CacheRequest
+from gateway.cache.layered import LayeredCache, build_cache
+from gateway.cache.memory import MemoryExactStore
+from gateway.cache.redis_exact import Keys, RedisExactStore, connect
+from gateway.policy import CacheSettings
+
+ANSWER = CachedAnswer(model="m", pieces=["Hello", " world", "."], finish_reason="stop",
+                      usage={"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6})
+BASE = {
+    "messages": [{"role": "system", "content": "Be brief."},
+                 {"role": "user", "content": "What is the capital of France?"}],
+    "temperature": 0.0, "top_p": 1.0, "max_tokens": 50, "stop": ["\n\n"], "seed": 7,
+    "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {}}}],
+    "tool_choice": "auto", "response_format": {"type": "text"},
+}
+_prefixes = itertools.count()
+
+
+def prefix() -> str:
+    return f"t{next(_prefixes)}-{uuid.uuid4().hex[:6]}"
+
+
+def request(tenant: str = "acme", policy: str = "auto", model: str = "auto",
+            **params: Any) -> CacheRequest:
+    return CacheRequest(tenant, policy, model, {**BASE, **params})
+
+
+def settings_for(**fields: Any):
+    settings = CacheSettings(**fields)
+    return lambda name: settings
+
+
+@pytest.fixture(params=["memory", "redis"])
+async def exact_cache(request: pytest.FixtureRequest) -> LayeredCache:
+    if request.param == "memory":
+        cache = build_cache(None, settings_for())
+    else:
+        url = request.getfixturevalue("redis_url")
+        cache = build_cache(url, settings_for(), prefix=prefix(), semantic=False)
+    await cache.start()
+    yield cache
+    await cache.close()
+
+
+# ---- exact ---------------------------------------------------------------------------------
+
+
+async def test_identical_request_hits(exact_cache: LayeredCache) -> None:
+    await exact_cache.store(request(), ANSWER)
+    hit = await exact_cache.lookup(request())
+    assert hit is not None and hit.kind == "exact"
+    assert hit.answer == ANSWER
+
+
+async def test_key_order_does_not_matter(exact_cache: LayeredCache) -> None:
+    await exact_cache.store(request(), ANSWER)
+    reordered = CacheRequest("acme", "auto", "auto", dict(reversed(list(BASE.items()))))
+    assert await exact_cache.lookup(reordered) is not None
+
+
+CHANGES = {
+    "tenant": {"tenant": "other"},
+    "policy": {"policy": "chat"},
+    "model": {"model": "frontier-a"},
+    "system_prompt": {"messages": [{"role": "system", "content": "Be verbose."},
+                                   BASE["messages"][1]]},
+    "history": {"messages": [BASE["messages"][0], {"role": "user", "content": "Hi"},
+                             {"role": "assistant", "content": "Hello"}, BASE["messages"][1]]},
+    "final_turn": {"messages": [BASE["messages"][0],
+                                {"role": "user", "content": "What is the capital of Spain?"}]},
+    "tools": {"tools": [{"type": "function", "function": {"name": "search", "parameters": {}}}]},
+    "tool_choice": {"tool_choice": "none"},
+    "response_format": {"response_format": {"type": "json_object"}},
+    "temperature": {"temperature": 0.5},
+    "top_p": {"top_p": 0.9},
+    "max_tokens": {"max_tokens": 51},
+    "stop": {"stop": ["END"]},
+    "seed": {"seed": 8},
+    "logprobs": {"logprobs": True},
+}
+
+
+@pytest.mark.parametrize("field", list(CHANGES))
+async def test_changing_a_fingerprint_field_misses(exact_cache: LayeredCache, field: str) -> None:
+    await exact_cache.store(request(), ANSWER)
+    change = CHANGES[field]
+    who = {k: change[k] for k in ("tenant", "policy", "model") if k in change}
+    params = {k: v for k, v in change.items() if k not in who}
+    assert await exact_cache.lookup(request(**who, **params)) is None
+
+
+async def test_requests_with_logprobs_are_never_stored(exact_cache: LayeredCache) -> None:
+    await exact_cache.store(request(logprobs=True), ANSWER)
+    assert await exact_cache.lookup(request(logprobs=True)) is None
+
+
+async def test_bound_per_tenant_evicts_oldest(exact_cache: LayeredCache) -> None:
+    exact_cache._settings_for = settings_for(max_entries_per_tenant=2)
+    for n in range(3):
+        await exact_cache.store(request(seed=n), ANSWER)
+    await exact_cache.store(request(tenant="b", seed=0), ANSWER)
+    assert await exact_cache.lookup(request(seed=0)) is None
+    assert await exact_cache.lookup(request(seed=1)) is not None
+    assert await exact_cache.lookup(request(seed=2)) is not None
+    assert await exact_cache.lookup(request(tenant="b", seed=0)) is not None
+
+
+async def test_purge_by_tenant_and_policy(exact_cache: LayeredCache) -> None:
+    for tenant, policy in (("a", "auto"), ("a", "chat"), ("b", "auto")):
+        await exact_cache.store(request(tenant=tenant, policy=policy), ANSWER)
+    assert await exact_cache.purge("a", "chat") >= 1
+    assert await exact_cache.lookup(request(tenant="a", policy="chat")) is None
+    assert await exact_cache.lookup(request(tenant="a", policy="auto")) is not None
+    await exact_cache.purge("a")
+    assert await exact_cache.lookup(request(tenant="a", policy="auto")) is None
+    assert await exact_cache.lookup(request(tenant="b", policy="auto")) is not None
+
+
+async def test_disabled_policy_neither_reads_nor_writes(exact_cache: LayeredCache) -> None:
+    exact_cache._settings_for = settings_for(enabled=False)
+    await exact_cache.store(request(), ANSWER)
+    exact_cache._settings_for = settings_for()
+    assert await exact_cache.lookup(request()) is None
+
+
+async def test_memory_ttl_expires() -> None:
+    now = [0.0]
+    store = MemoryExactStore(clock=lambda: now[0])
+    await store.put("t", "p", "k", ANSWER, ttl_s=10, max_per_tenant=5)
+    assert await store.get("t", "p", "k") == ANSWER
+    now[0] = 11
+    assert await store.get("t", "p", "k") is None
+
+
+async def test_redis_ttl_is_set(redis_url: str) -> None:
+    keys = Keys(prefix())
+    store = RedisExactStore(connect(redis_url), keys)
+    await store.put("t", "p", "k", ANSWER, ttl_s=30, max_per_tenant=5)
+    assert 0 < await store.client.ttl(keys.exact("t", "p", "k")) <= 30
+    await store.close()
+
+
+def test_tenant_names_cannot_reach_other_keys() -> None:
+    keys = Keys("sf")
+    assert keys.exact("a:b", "p", "k") != keys.exact("a", "b:p", "k")
+    assert all("*" not in k.split(":", 2)[2] for k in [keys.entries("a*", "p")])
+    assert keys.patterns("a*", None)[0] == "sf:x:a%2A:*:*"
