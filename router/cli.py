@@ -1,0 +1,227 @@
+"""`router train|eval|calibrate`: the command line of the learning package.
+
+The gateway's `smallfirst` CLI calls `register(subparsers)` to mount these under `router`;
+`python -m router.cli train ...` runs them without the gateway.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+
+__all__ = ["add_commands", "main", "register"]
+
+DEFAULT_PRICE_RATIO = 20.0
+
+
+def _data_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", nargs="+", required=True, type=Path,
+                        help="outcome parquet files (the labelled outcomes schema)")
+    parser.add_argument("--cache-dir", type=Path, default=None,
+                        help="embedding cache (default $SMALLFIRST_CACHE_DIR or .cache-embeddings)")
+    parser.add_argument("--threads", type=int, default=1, help="embedding intra-op threads")
+
+
+def _model_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", type=Path, default=None,
+                        help="bundle folder (default: the shipped default bundle)")
+
+
+def add_commands(sub) -> None:
+    """Add train, eval and calibrate to an argparse subparsers object."""
+    train = sub.add_parser("train", help="train a bundle from outcome rows")
+    _data_args(train)
+    train.add_argument("--out", type=Path, required=True, help="bundle folder to write")
+    train.add_argument("--version", default=None, help="bundle version (default: today's date)")
+    train.add_argument("--tolerance", type=float, default=0.05,
+                       help="good enough: small_score >= large_score - tolerance")
+    train.add_argument("--metrics", type=Path, default=None,
+                       help="a report.json (from eval --cross-fit) to record in the bundle")
+    train.add_argument("--model-card", type=Path, default=None, help="MODEL_CARD.md to include")
+    train.set_defaults(func=cmd_train)
+
+    evaluate = sub.add_parser("eval", help="evaluate a bundle or a cross-fitted recipe")
+    _data_args(evaluate)
+    _model_arg(evaluate)
+    evaluate.add_argument("--report", type=Path, required=True, help="folder for report.json")
+    evaluate.add_argument("--cross-fit", type=int, default=0, metavar="K",
+                          help="train K-fold by prompt on --data instead of loading a bundle")
+    evaluate.add_argument("--train-data", nargs="+", type=Path, default=None,
+                          help="transfer: train on these files, evaluate on --data")
+    evaluate.add_argument("--tolerance", type=float, default=0.05)
+    evaluate.add_argument("--price-ratio", type=float, default=DEFAULT_PRICE_RATIO,
+                          help="large/small price per call when the data has no USD costs")
+    evaluate.set_defaults(func=cmd_eval)
+
+    calibrate = sub.add_parser("calibrate", help="choose thresholds and write them to a policy")
+    _data_args(calibrate)
+    _model_arg(calibrate)
+    goal = calibrate.add_mutually_exclusive_group(required=True)
+    goal.add_argument("--target-quality", type=float, help="fraction of the large model's quality")
+    goal.add_argument("--max-escalation-rate", type=float, help="share sent to the large model")
+    calibrate.add_argument("--policy", type=Path, required=True, help="policy YAML to update")
+    calibrate.add_argument("--bundle-ref", default=None,
+                           help="bundle path to write into the policy (default: --model as given)")
+    calibrate.set_defaults(func=cmd_calibrate)
+
+
+def register(subparsers) -> None:
+    """Mount `router train|eval|calibrate` on the gateway CLI's subparsers."""
+    router = subparsers.add_parser("router", help="train, evaluate and calibrate the router")
+    add_commands(router.add_subparsers(dest="router_command", required=True))
+
+
+def _matrices(args, paths: list[Path]):
+    from router.data import load_outcomes
+    from router.train import build_matrices
+
+    frame = load_outcomes(paths)
+    return frame, build_matrices(frame, args.cache_dir, args.threads)
+
+
+def cmd_train(args) -> int:
+    from router.bundle import write_bundle
+    from router.data import fingerprint
+    from router.embedding import DIM, MAX_TOKENS, MODEL_ID
+    from router.features import FEATURE_NAMES
+    from router.train import TrainConfig, fit
+
+    frame, m = _matrices(args, args.data)
+    models = fit(m, TrainConfig(tolerance=args.tolerance))
+    metadata = {
+        "version": args.version or dt.date.today().isoformat(),
+        "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "label": f"small_score >= large_score - {args.tolerance}",
+        "feature_spec": {
+            "embedding_model": MODEL_ID, "embedding_dim": DIM, "max_tokens": MAX_TOKENS,
+            "feature_names": list(FEATURE_NAMES), "feature_set": models.feature_groups,
+        },
+        "training": {
+            "data": fingerprint(args.data), "rows": len(frame),
+            "rows_with_answers": int(m.has_answer.sum()), "config": asdict(models.config),
+            "command": "router train " + " ".join(f"--{k} {v}" for k, v in (
+                ("data", " ".join(p.name for p in args.data)), ("tolerance", args.tolerance))),
+        },
+        "thresholds": models.thresholds.as_dict(),
+        "metrics": json.loads(args.metrics.read_text()) if args.metrics else {},
+    }
+    extra = {"MODEL_CARD.md": args.model_card.read_text()} if args.model_card else {}
+    digest = write_bundle(args.out, metadata, models.difficulty, models.confidence, extra)
+    print(f"wrote {args.out} (digest {digest[:16]}, {len(frame)} rows)")
+    return 0
+
+
+def _load_models(args):
+    from router.serving import DEFAULT_BUNDLE, RouterBundle
+
+    bundle = RouterBundle.load(args.model or DEFAULT_BUNDLE)
+
+    class Loaded:  # the shape evaluate.predict expects
+        difficulty = bundle.difficulty_model
+        confidence = bundle.confidence_model
+        skip_threshold = bundle.metadata.get("thresholds", {}).get("skip_threshold", 0.0)
+
+    return bundle, Loaded
+
+
+def cmd_eval(args) -> int:
+    from router import evaluate
+    from router.progress import progress
+    from router.train import TrainConfig
+
+    frame, m = _matrices(args, args.data)
+    config = TrainConfig(tolerance=args.tolerance)
+    setup: dict = {"data": [p.name for p in args.data], "price_ratio": args.price_ratio}
+    if args.cross_fit:
+        predictions = evaluate.crossfit(m, config, args.cross_fit, progress)
+        setup["evaluation"] = f"cross-fitted, {args.cross_fit} folds by prompt"
+    elif args.train_data:
+        _, train_m = _matrices(args, args.train_data)
+        predictions = evaluate.transfer(train_m, m, config)
+        setup["evaluation"] = "transfer: trained on " + ", ".join(p.name for p in args.train_data)
+    else:
+        bundle, loaded = _load_models(args)
+        predictions = evaluate.predict(loaded, m)
+        trained_on = set(bundle.metadata.get("training", {}).get("data", {}))
+        setup["evaluation"] = f"bundle {bundle.path} ({bundle.version})"
+        setup["in_sample_files"] = sorted(trained_on & {p.name for p in args.data})
+    args.report.mkdir(parents=True, exist_ok=True)
+    sources = frame["source_file"].to_numpy()
+    report = {}
+    for name in sorted(set(sources)):
+        rows = sources == name
+        report[name] = evaluate.dataset_report(predictions, m, rows, args.tolerance,
+                                               args.price_ratio)
+        _usd(report[name], frame, rows)
+        evaluate.plot_curves(predictions, m, rows, name, args.report / f"{name}.png")
+    report["_setup"] = setup
+    (args.report / "report.json").write_text(json.dumps(report, indent=2, default=_json) + "\n")
+    _print_table(report)
+    return 0
+
+
+def _usd(dataset_report: dict, frame, rows) -> None:
+    """Replace the price-ratio flag by USD when the rows carry costs."""
+    costs = frame.loc[rows, ["small_cost", "large_cost"]]
+    if costs.notna().all().all():
+        small, large = costs["small_cost"].astype(float), costs["large_cost"].astype(float)
+        dataset_report["summary"]["usd_per_call_small"] = float(small.mean())
+        dataset_report["summary"]["usd_per_call_large"] = float(large.mean())
+
+
+def _json(value):
+    return None if value != value else float(value)
+
+
+def _print_table(report: dict) -> None:
+    columns = ("roc_auc", "calibration_error", "apgr", "cpt_50", "cpt_80", "small_share_at_95")
+    print(f"{'dataset':42} {'mode':15} " + " ".join(f"{c[:12]:>12}" for c in columns))
+    for name, modes in report.items():
+        if name.startswith("_"):
+            continue
+        for mode, values in modes.items():
+            if mode == "summary":
+                continue
+            cells = " ".join(f"{values.get(c, float('nan')):12.3f}" for c in columns)
+            print(f"{name[:42]:42} {mode:15} {cells}")
+
+
+def cmd_calibrate(args) -> int:
+    from router.calibrate import choose_thresholds, write_policy
+    from router.evaluate import predict
+
+    _, m = _matrices(args, args.data)
+    bundle, loaded = _load_models(args)
+    p = predict(loaded, m)
+    rows = m.has_answer if bundle.confidence_model is not None and m.has_answer.any() else None
+    tolerance = float(bundle.metadata.get("training", {}).get("config", {}).get("tolerance", 0.05))
+    pick = {"target_quality": args.target_quality, "max_escalation_rate": args.max_escalation_rate,
+            "tolerance": tolerance}
+    if rows is None:
+        thresholds = choose_thresholds(p.difficulty, None, m.small, m.large, **pick)
+    else:
+        thresholds = choose_thresholds(p.difficulty[rows], p.confidence[rows], m.small[rows],
+                                       m.large[rows], **pick)
+    reference = args.bundle_ref or str(args.model or "default")
+    write_policy(args.policy, thresholds, reference)
+    print(json.dumps({"policy": str(args.policy), "bundle": reference, **thresholds.as_dict()}))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="router", description=__doc__.splitlines()[0])
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, OSError) as exc:
+        print(f"router: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

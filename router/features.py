@@ -1,0 +1,317 @@
+"""Hand-made features of a prompt, the small model's answer and its token logprobs.
+
+This is the one feature code path: training calls `feature_row` on logged or public rows,
+serving calls it on the live request. Every feature has a fixed name and position
+(`FEATURE_NAMES`); a value that cannot be computed (no answer, no logprobs) is NaN, and the
+bundle records which groups its models were trained on.
+"""
+
+from __future__ import annotations
+
+import ast
+import math
+import re
+from collections.abc import Sequence
+
+import numpy as np
+
+__all__ = [
+    "ANSWER_FEATURES",
+    "FEATURE_NAMES",
+    "GROUPS",
+    "LOGPROB_FEATURES",
+    "PROMPT_FEATURES",
+    "answer_features",
+    "feature_row",
+    "logprob_features",
+    "prompt_features",
+]
+
+PROMPT_FEATURES = (
+    "p_log_chars", "p_log_words", "p_lines", "p_sentences", "p_digit_frac", "p_upper_frac",
+    "p_numbers", "p_max_number_log", "p_code", "p_math", "p_latex", "p_options", "p_option_len",
+    "p_questions", "p_how_many", "p_calculate", "p_write", "p_explain", "p_true_false",
+    "p_negated", "p_percent_money", "p_units",
+)
+ANSWER_FEATURES = (
+    "a_log_chars", "a_log_words", "a_lines", "a_len_ratio", "a_empty", "a_hedges", "a_refusal",
+    "a_self_correct", "a_final_stated", "a_final_pos", "a_final_count", "a_final_distinct",
+    "a_letter_valid", "a_letters_mentioned", "a_option_in_body", "a_final_num_int",
+    "a_final_eq_last", "a_final_in_prompt", "a_arith_checked", "a_arith_wrong",
+    "a_arith_wrong_frac", "a_prompt_numbers_used", "a_overlap", "a_novel_word_frac",
+    "a_repetition", "a_truncated", "a_questions", "a_numbers", "a_steps_per_number",
+    "a_final_scale", "a_final_eq_body_last",
+)
+LOGPROB_FEATURES = (
+    "lp_count", "lp_mean", "lp_min", "lp_q05", "lp_q10", "lp_q25", "lp_std", "lp_low_frac",
+    "lp_final_span_mean", "lp_top_entropy",
+)
+GROUPS = {"prompt": PROMPT_FEATURES, "answer": ANSWER_FEATURES, "logprobs": LOGPROB_FEATURES}
+FEATURE_NAMES = PROMPT_FEATURES + ANSWER_FEATURES + LOGPROB_FEATURES
+
+_NAN = float("nan")
+_WORD = re.compile(r"[A-Za-z][A-Za-z']+")
+_NUMBER = re.compile(r"(?<![\w.])-?\$?\d[\d,]*(?:\.\d+)?%?")
+_OPTION = re.compile(r"^\s*\(?([A-J])[.)]\s+(.+)$", re.M)
+_CODE = re.compile(
+    r"```|\bdef |\bclass |\breturn\b|;\s*$|\{\s*$|#include|\bimport |=>|\)\s*\{", re.M
+)
+_MATH = re.compile(r"[=+*/^<>]|\bsqrt\b|\bsum\b|\bintegral\b|\bderivative\b|\bequation\b")
+_LATEX = re.compile(r"\\[a-z]+|\$[^$]+\$")
+_UNITS = re.compile(r"\b(?:km|kg|cm|mm|m/s|mph|hours?|minutes?|seconds?|miles?|meters?|"
+                    r"grams?|liters?|pounds?|feet|inches|mol|J|K|N|Pa|V|W|Hz)\b")
+_HEDGES = re.compile(r"\b(?:i think|i believe|maybe|perhaps|possibly|probably|not sure|"
+                     r"might|it seems|likely|unclear|assume|approximately|roughly|guess)\b", re.I)
+_REFUSAL = re.compile(r"\b(?:i can(?:no|')t|i am unable|i'm unable|as an ai|i'm sorry|"
+                      r"i apologi[sz]e|cannot (?:be determined|answer)|not enough information|"
+                      r"none of the (?:above|options))", re.I)
+_SELF_CORRECT = re.compile(r"\b(?:wait|actually|let me re|mistake|correction|re-?evaluate|"
+                           r"re-?calculate|on second thought|however)\b", re.I)
+_FINAL = re.compile(
+    r"(?:####\s*|\\boxed\{|(?:final )?answer(?: is)?\s*[:=]?\s*(?:is\s*)?|"
+    r"answer is\s*)\(?\$?(-?[\d,]*\.?\d+|[A-J])\b", re.I,
+)
+_ARITH = re.compile(r"((?:[-(]?\$?\d[\d,]*(?:\.\d+)?%?\)?\s*[-+*/x×÷]\s*)+"
+                    r"[(]?\$?\d[\d,]*(?:\.\d+)?%?\)*)\s*=\s*\$?(-?\d[\d,]*(?:\.\d+)?)")
+_CALC = re.compile(r"<<([^<>=]{1,80})=([^<>]{1,40})>>")
+_LETTER_REF = re.compile(r"\(([A-J])\)")
+_STOP = frozenset("the a an of to in and or is are be for on with as by that this it at from "
+                  "which what how many much".split())
+
+
+def _log1p(value: float) -> float:
+    return math.log1p(max(value, 0.0))
+
+
+def _to_float(token: str) -> float | None:
+    token = token.replace(",", "").replace("$", "").rstrip("%")
+    try:
+        return float(token)
+    except ValueError:
+        return None
+
+
+def _numbers(text: str) -> list[float]:
+    values = (_to_float(m.group()) for m in _NUMBER.finditer(text))
+    return [v for v in values if v is not None]
+
+
+def _words(text: str) -> set[str]:
+    return {w.lower() for w in _WORD.findall(text)} - _STOP
+
+
+def _options(prompt: str) -> dict[str, str]:
+    return {m.group(1): m.group(2).strip() for m in _OPTION.finditer(prompt)}
+
+
+def _question_text(prompt: str) -> str:
+    first_option = _OPTION.search(prompt)
+    return prompt[: first_option.start()] if first_option else prompt
+
+
+def prompt_features(prompt: str) -> list[float]:
+    """Length, structure, code and maths markers and question type of a prompt."""
+    text = prompt or ""
+    chars = max(len(text), 1)
+    numbers = _numbers(text)
+    options = _options(text)
+    question = _question_text(text).lower()
+    return [
+        _log1p(len(text)),
+        _log1p(len(text.split())),
+        float(text.count("\n") + 1),
+        float(len(re.findall(r"[.!?](?:\s|$)", text))),
+        sum(c.isdigit() for c in text) / chars,
+        sum(c.isupper() for c in text) / chars,
+        _log1p(len(numbers)),
+        _log1p(max((abs(v) for v in numbers), default=0.0)),
+        float(len(_CODE.findall(text))),
+        float(len(_MATH.findall(text))),
+        float(len(_LATEX.findall(text))),
+        float(len(options)),
+        _log1p(float(np.mean([len(o) for o in options.values()])) if options else 0.0),
+        float(question.count("?")),
+        float(bool(re.search(r"\bhow (?:many|much|long|far|old)\b", question))),
+        float(bool(re.search(r"\b(?:calculate|compute|find|solve|determine|evaluate)\b",
+                             question))),
+        float(bool(re.search(r"\b(?:write|compose|draft|describe|create|generate)\b", question))),
+        float(bool(re.search(r"\b(?:why|explain|discuss|compare)\b", question))),
+        float(bool(re.search(r"\b(?:statement 1|true or false|true, false)\b", text.lower()))),
+        float(bool(re.search(r"\b(?:not|except|least|false|incorrect)\b", question))),
+        float(bool(re.search(r"[$%€£]", text))),
+        float(len(_UNITS.findall(text))),
+    ]
+
+
+def _safe_eval(expression: str) -> float | None:
+    """Evaluate + - * / arithmetic on numbers only; None for anything else."""
+    expression = expression.replace(",", "").replace("$", "").replace("×", "*")
+    expression = re.sub(r"(?<=[\d)\s])x(?=[\s\d(])", "*", expression).replace("÷", "/")
+    expression = re.sub(r"(\d+(?:\.\d+)?)%", r"(\1/100)", expression)
+    if len(expression) > 120 or "**" in expression:
+        return None
+    try:
+        return _eval_node(ast.parse(expression.strip(), mode="eval").body)
+    except (SyntaxError, ValueError, ZeroDivisionError, OverflowError, RecursionError):
+        return None
+
+
+def _eval_node(node: ast.AST) -> float:
+    if isinstance(node, ast.Constant) and isinstance(node.value, int | float):
+        return float(node.value)
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub | ast.UAdd):
+        value = _eval_node(node.operand)
+        return -value if isinstance(node.op, ast.USub) else value
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Add | ast.Sub | ast.Mult | ast.Div):
+        left, right = _eval_node(node.left), _eval_node(node.right)
+        ops = {ast.Add: left + right, ast.Sub: left - right, ast.Mult: left * right}
+        return ops[type(node.op)] if type(node.op) in ops else left / right
+    raise ValueError("not plain arithmetic")
+
+
+def _close(a: float, b: float) -> bool:
+    return abs(a - b) <= max(0.011 * max(abs(a), abs(b)), 0.011)
+
+
+def _arithmetic(answer: str) -> tuple[int, int, float | None]:
+    """(checked, wrong, last computed value) over `a op b = c` steps and <<a*b=c>> notes."""
+    checked = wrong = 0
+    last: tuple[int, float] | None = None
+    for pattern in (_ARITH, _CALC):
+        for match in pattern.finditer(answer):
+            value, stated = _safe_eval(match.group(1)), _to_float(match.group(2).strip())
+            if value is None or stated is None:
+                continue
+            checked += 1
+            wrong += not _close(value, stated)
+            if last is None or match.end() >= last[0]:
+                last = (match.end(), stated)
+    return checked, wrong, (last[1] if last else None)
+
+
+def _final_answer(answer: str) -> tuple[list[re.Match[str]], str | None]:
+    matches = list(_FINAL.finditer(answer))
+    if matches:
+        return matches, matches[-1].group(1)
+    numbers = list(_NUMBER.finditer(answer[-200:]))
+    return [], (numbers[-1].group() if numbers else None)
+
+
+def _repetition(words: list[str]) -> float:
+    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
+    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+
+
+def answer_features(prompt: str, answer: str | None) -> list[float]:
+    """Length, hedging, stated final answer, arithmetic and overlap features of an answer."""
+    if answer is None:
+        return [_NAN] * len(ANSWER_FEATURES)
+    text, prompt = answer.strip(), prompt or ""
+    words = text.split()
+    matches, final = _final_answer(text)
+    options = _options(prompt)
+    final_value = _to_float(final) if final and not final.isalpha() else None
+    checked, wrong, last = _arithmetic(text)
+    prompt_numbers = set(_numbers(prompt))
+    answer_words, prompt_words = _words(text), _words(prompt)
+    body = text[: matches[-1].start()] if matches else text
+    option_text = options.get(final.upper(), "") if final and final.isalpha() else ""
+    finals = [m.group(1).upper() for m in matches]
+    return [
+        _log1p(len(text)),
+        _log1p(len(words)),
+        float(text.count("\n") + 1),
+        math.log((len(text) + 1) / (len(prompt) + 1)),
+        float(not text),
+        float(len(_HEDGES.findall(text))),
+        float(len(_REFUSAL.findall(text))),
+        float(len(_SELF_CORRECT.findall(text))),
+        float(bool(matches)),
+        matches[0].start() / max(len(text), 1) if matches else _NAN,
+        float(len(matches)),
+        float(len(set(finals))),
+        float(final.upper() in options) if final and final.isalpha() and options else _NAN,
+        float(len(set(_LETTER_REF.findall(body)))),
+        float(bool(option_text) and option_text.lower()[:40] in body.lower()),
+        float(final_value.is_integer()) if final_value is not None else _NAN,
+        float(_close(final_value, last)) if final_value is not None and last is not None
+        else _NAN,
+        float(final_value in prompt_numbers) if final_value is not None else _NAN,
+        float(checked),
+        float(wrong),
+        wrong / checked if checked else _NAN,
+        len(prompt_numbers & set(_numbers(text))) / len(prompt_numbers) if prompt_numbers
+        else _NAN,
+        len(answer_words & prompt_words) / max(len(answer_words | prompt_words), 1),
+        len(answer_words - prompt_words) / max(len(answer_words), 1),
+        _repetition([w.lower() for w in words]),
+        float(bool(text) and text[-1] not in ".!?)]}*\"'`$%" and not text[-1].isdigit()),
+        float(text.count("?")),
+        _log1p(len(_numbers(text))),
+        checked / max(len(prompt_numbers), 1),
+        _scale(final_value, prompt_numbers),
+        _eq_body_last(final_value, body),
+    ]
+
+
+def _scale(final_value: float | None, prompt_numbers: set[float]) -> float:
+    """log10 of the final number against the prompt's largest number."""
+    if final_value is None:
+        return _NAN
+    largest = max((abs(v) for v in prompt_numbers), default=0.0)
+    return math.log10(abs(final_value) + 1.0) - math.log10(largest + 1.0)
+
+
+def _eq_body_last(final_value: float | None, body: str) -> float:
+    """Whether the stated final number is the last number of the reasoning before it."""
+    numbers = _numbers(body[-400:]) if final_value is not None else []
+    return float(_close(final_value, numbers[-1])) if numbers else _NAN
+
+
+def logprob_features(
+    logprobs: Sequence[float] | None,
+    final_pos: float = _NAN,
+    top_logprobs: Sequence[Sequence[float]] | None = None,
+) -> list[float]:
+    """Statistics of the answer's token logprobs; all NaN when none came back."""
+    if not logprobs:
+        return [_NAN] * len(LOGPROB_FEATURES)
+    lp = np.asarray(logprobs, dtype=np.float64)
+    start = int(final_pos * len(lp)) if not math.isnan(final_pos) else max(len(lp) - 8, 0)
+    return [
+        _log1p(len(lp)),
+        float(lp.mean()),
+        float(lp.min()),
+        *(float(q) for q in np.quantile(lp, [0.05, 0.10, 0.25])),
+        float(lp.std()),
+        float((lp < -2.0).mean()),
+        float(lp[min(start, len(lp) - 1) :].mean()),
+        _top_entropy(top_logprobs),
+    ]
+
+
+def _top_entropy(top_logprobs: Sequence[Sequence[float]] | None) -> float:
+    if not top_logprobs:
+        return _NAN
+    entropies = []
+    for alternatives in top_logprobs:
+        p = np.exp(np.asarray(alternatives, dtype=np.float64))
+        if p.size and p.sum() > 0:
+            p = p / p.sum()
+            entropies.append(float(-(p * np.log(np.maximum(p, 1e-12))).sum()))
+    return float(np.mean(entropies)) if entropies else _NAN
+
+
+def feature_row(
+    prompt: str,
+    answer: str | None = None,
+    logprobs: Sequence[float] | None = None,
+    top_logprobs: Sequence[Sequence[float]] | None = None,
+) -> np.ndarray:
+    """All hand features in `FEATURE_NAMES` order, as float64 (NaN where not computable)."""
+    answer_part = answer_features(prompt, answer)
+    final_pos = answer_part[ANSWER_FEATURES.index("a_final_pos")]
+    return np.array(
+        prompt_features(prompt) + answer_part + logprob_features(logprobs, final_pos, top_logprobs),
+        dtype=np.float64,
+    )

@@ -1,0 +1,241 @@
+"""Fit the difficulty and confidence models from labelled outcome rows.
+
+Both models predict one label: the small model's answer was good enough, i.e. its score was
+within `tolerance` of the large model's (escalating would not have improved the answer). The
+difficulty model sees the prompt only; the confidence model also sees the small answer (and its
+token logprobs when the rows carry them). Stacking and calibration are cross-fitted inside the
+training rows, grouped by prompt, so no prompt's label leaks into its own features.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from router.calibrate import Thresholds, choose_thresholds
+from router.data import EmbeddingCache, default_cache_dir
+from router.embedding import MODEL_ID, Embedder
+from router.features import (
+    ANSWER_FEATURES,
+    FEATURE_NAMES,
+    LOGPROB_FEATURES,
+    PROMPT_FEATURES,
+    feature_row,
+)
+from router.models import LinearPart, PlattCalibrator, StackedModel, TreeEnsemble
+from router.progress import progress
+
+__all__ = [
+    "Matrices",
+    "TrainConfig",
+    "TrainedModels",
+    "build_matrices",
+    "fit",
+    "labels",
+    "prompt_folds",
+]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training knobs (recorded in the bundle)."""
+
+    tolerance: float = 0.05  # good enough: small_score >= large_score - tolerance
+    label: str = "good_enough"  # or "small_correct": small_score >= 0.5
+    linear_c: float = 0.5
+    max_iter: int = 300
+    learning_rate: float = 0.05
+    max_leaf_nodes: int = 15
+    min_samples_leaf: int = 40
+    l2_regularization: float = 1.0
+    inner_folds: int = 4
+    seed: int = 0
+    use_logprobs: bool = True  # use logprob features when the rows carry them
+
+
+@dataclass
+class Matrices:
+    """Model inputs for a set of rows: hand features, prompt embeddings, outcomes."""
+
+    hand: np.ndarray  # (n, len(FEATURE_NAMES)), NaN where not computable
+    embedding: np.ndarray  # (n, 384) float32
+    small: np.ndarray  # small_score
+    large: np.ndarray  # large_score
+    has_answer: np.ndarray  # bool
+    prompts: list[str]
+    datasets: list[str] = field(default_factory=list)
+
+    def subset(self, mask: np.ndarray) -> Matrices:
+        index = np.nonzero(mask)[0]
+        return Matrices(
+            self.hand[index], self.embedding[index], self.small[index], self.large[index],
+            self.has_answer[index], [self.prompts[i] for i in index],
+            [self.datasets[i] for i in index] if self.datasets else [],
+        )
+
+
+@dataclass(frozen=True)
+class TrainedModels:
+    """Fitted models plus the thresholds suggested by their out-of-fold scores."""
+
+    difficulty: StackedModel
+    confidence: StackedModel | None
+    config: TrainConfig
+    feature_groups: dict[str, list[str]]
+    thresholds: Thresholds
+
+    @property
+    def skip_threshold(self) -> float:
+        return self.thresholds.skip_threshold
+
+
+def labels(small: np.ndarray, large: np.ndarray, tolerance: float) -> np.ndarray:
+    """1 where the small answer was good enough (escalating would not have helped)."""
+    return (np.asarray(small) >= np.asarray(large) - tolerance).astype(np.int64)
+
+
+def training_labels(m: Matrices, config: TrainConfig) -> np.ndarray:
+    """The label the models learn (see `TrainConfig.label`)."""
+    if config.label == "small_correct":
+        return (m.small >= 0.5).astype(np.int64)
+    return labels(m.small, m.large, config.tolerance)
+
+
+def prompt_folds(prompts: list[str], k: int, salt: str = "outer") -> np.ndarray:
+    """Fold index per row from a hash of the prompt: the same prompt is always in one fold."""
+    return np.array([
+        int.from_bytes(hashlib.sha256(f"{salt}\0{p}".encode()).digest()[:4], "big") % k
+        for p in prompts
+    ])
+
+
+def build_matrices(frame, cache_dir: Path | None = None, threads: int = 1) -> Matrices:
+    """Embed prompts (through the disk cache) and extract hand features for every row."""
+    cache = EmbeddingCache(cache_dir or default_cache_dir(), MODEL_ID)
+    embedder: list[Embedder] = []
+
+    def compute(texts: list[str]) -> np.ndarray:
+        if not embedder:
+            embedder.append(Embedder(intra_op_threads=threads))
+        return embedder[0].embed(texts)
+
+    prompts = frame["prompt"].tolist()
+    embedding = cache.get_many(prompts, compute, progress=lambda b: progress(b, "embedding"))
+    logprobs = frame["small_logprobs"].tolist()
+    rows = zip(prompts, frame["small_response"].tolist(), logprobs, strict=True)
+    hand = np.stack([
+        feature_row(p, a if isinstance(a, str) else None, _as_list(lp))
+        for p, a, lp in progress(rows, "features", total=len(prompts))
+    ]) if prompts else np.zeros((0, len(FEATURE_NAMES)))
+    return Matrices(
+        hand=hand,
+        embedding=embedding.astype(np.float32),
+        small=frame["small_score"].to_numpy(dtype=np.float64),
+        large=frame["large_score"].to_numpy(dtype=np.float64),
+        has_answer=frame["small_response"].map(lambda a: isinstance(a, str)).to_numpy(bool),
+        prompts=prompts,
+        datasets=frame["dataset"].astype(str).tolist(),
+    )
+
+
+def _as_list(value) -> list[float] | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return [float(v) for v in value] or None
+
+
+def _columns(names: tuple[str, ...]) -> np.ndarray:
+    return np.array([FEATURE_NAMES.index(n) for n in names], dtype=np.int32)
+
+
+def _informative(hand: np.ndarray, columns: np.ndarray) -> np.ndarray:
+    """Drop columns with fewer than two distinct finite values in the training rows."""
+    keep = [c for c in columns if len(np.unique(hand[np.isfinite(hand[:, c]), c])) >= 2]
+    return np.array(keep, dtype=np.int32)
+
+
+def _fit_linear(x: np.ndarray, y: np.ndarray, config: TrainConfig) -> LinearPart:
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=config.linear_c, max_iter=500).fit(x, y)
+    return LinearPart(model.coef_[0].astype(np.float64), float(model.intercept_[0]))
+
+
+def _fit_trees(x: np.ndarray, y: np.ndarray, config: TrainConfig) -> TreeEnsemble:
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    model = HistGradientBoostingClassifier(
+        max_iter=config.max_iter, learning_rate=config.learning_rate,
+        max_leaf_nodes=config.max_leaf_nodes, min_samples_leaf=config.min_samples_leaf,
+        l2_regularization=config.l2_regularization, early_stopping=False,
+        categorical_features=None, random_state=config.seed,
+    ).fit(x, y)
+    return TreeEnsemble.from_sklearn(model)
+
+
+def _oof_linear(m: Matrices, y: np.ndarray, folds: np.ndarray, config: TrainConfig) -> np.ndarray:
+    """Out-of-fold embedding logits, so the trees learn how far to trust them."""
+    out = np.zeros(len(y))
+    for k in range(config.inner_folds):
+        held = folds == k
+        if held.all() or not held.any():
+            continue
+        out[held] = _fit_linear(m.embedding[~held], y[~held], config).logit(m.embedding[held])
+    return out
+
+
+def _fit_stacked(
+    hand: np.ndarray, logit: np.ndarray, y: np.ndarray, folds: np.ndarray,
+    columns: np.ndarray, linear: LinearPart, config: TrainConfig, name: str,
+) -> StackedModel:
+    columns = _informative(hand, columns)
+    x = np.hstack([hand[:, columns], logit[:, None]])
+    oof = np.zeros(len(y))
+    for k in progress(range(config.inner_folds), f"{name} folds"):
+        held = folds == k
+        if held.all() or not held.any() or len(np.unique(y[~held])) < 2:
+            continue
+        oof[held] = _fit_trees(x[~held], y[~held], config).raw(x[held])
+    calibrator = PlattCalibrator.fit(oof, y)
+    return StackedModel(columns, linear, _fit_trees(x, y, config), calibrator), calibrator(oof)
+
+
+def _groups_used(m: Matrices, config: TrainConfig) -> dict[str, list[str]]:
+    answer_rows = m.hand[m.has_answer]
+    lp_index = FEATURE_NAMES.index("lp_mean")
+    with_logprobs = answer_rows.size and np.isfinite(answer_rows[:, lp_index]).mean() > 0.5
+    confidence = list(PROMPT_FEATURES + ANSWER_FEATURES)
+    if config.use_logprobs and with_logprobs:
+        confidence += list(LOGPROB_FEATURES)
+    return {"difficulty": ["prompt_embedding", *PROMPT_FEATURES],
+            "confidence": ["prompt_embedding", *confidence] if m.has_answer.any() else []}
+
+
+def fit(m: Matrices, config: TrainConfig | None = None) -> TrainedModels:
+    """Train both models on all rows of `m` (confidence only on rows with an answer)."""
+    config = config or TrainConfig()
+    y = training_labels(m, config)
+    if len(np.unique(y)) < 2:
+        raise ValueError("training rows need both good-enough and not-good-enough outcomes")
+    folds = prompt_folds(m.prompts, config.inner_folds, salt=f"inner{config.seed}")
+    logit = _oof_linear(m, y, folds, config)
+    linear = _fit_linear(m.embedding, y, config)
+    groups = _groups_used(m, config)
+    difficulty, oof_d = _fit_stacked(m.hand, logit, y, folds, _columns(PROMPT_FEATURES), linear,
+                                     config, "difficulty")
+    confidence, oof_c = None, None
+    rows = m.has_answer
+    if groups["confidence"]:
+        columns = _columns(tuple(groups["confidence"][1:]))
+        confidence, oof_c = _fit_stacked(m.hand[rows], logit[rows], y[rows], folds[rows], columns,
+                                         linear, config, "confidence")
+    if oof_c is None:
+        thresholds = choose_thresholds(oof_d, None, m.small, m.large, target_quality=0.95,
+                                       tolerance=config.tolerance)
+    else:
+        thresholds = choose_thresholds(oof_d[rows], oof_c, m.small[rows], m.large[rows],
+                                       target_quality=0.95, tolerance=config.tolerance)
+    return TrainedModels(difficulty, confidence, config, groups, thresholds)

@@ -1,0 +1,59 @@
+import argparse
+import json
+
+from router.cli import main, register
+from tests.router.conftest import FIXTURE_FILES
+
+METRICS = {"roc_auc", "calibration_error", "apgr", "cpt_50", "cpt_80", "small_share_at_95",
+           "cost_at_95", "price_ratio"}
+
+
+def test_register_mounts_router_commands():
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["router", "eval", "--data", "x.parquet", "--report", "r"])
+    assert args.func.__name__ == "cmd_eval"
+
+
+def test_train_writes_a_verified_bundle(trained_bundle):
+    meta = json.loads((trained_bundle / "bundle.json").read_text())
+    assert meta["version"] == "test"
+    assert set(meta["training"]["data"]) == {p.name for p in FIXTURE_FILES}
+    assert (trained_bundle / "MANIFEST.sha256").read_text().count("\n") == 2
+
+
+def test_eval_bundle_report_and_plots(trained_bundle, fake_embedder, tmp_path):
+    report_dir = tmp_path / "report"
+    args = ["eval", "--model", str(trained_bundle), "--data", *map(str, FIXTURE_FILES),
+            "--report", str(report_dir)]
+    assert main(args) == 0
+    report = json.loads((report_dir / "report.json").read_text())
+    gsm = report["outcomes_routellm_gsm8k"]
+    assert {"difficulty", "confidence", "combined", "random", "oracle"} <= set(gsm)
+    assert METRICS <= set(gsm["combined"])
+    assert "confidence" not in report["outcomes_routellm_mmlu"]  # no answers published there
+    assert report["_setup"]["in_sample_files"]
+    assert (report_dir / "outcomes_routellm_gsm8k.png").stat().st_size > 1000
+
+
+def test_eval_cross_fit_has_the_baseline(fake_embedder, tmp_path):
+    args = ["eval", "--cross-fit", "2", "--data", str(FIXTURE_FILES[-1]), "--report",
+            str(tmp_path)]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert "baseline_tfidf" in report["outcomes_routellm_mmlu"]
+
+
+def test_calibrate_writes_policy(trained_bundle, fake_embedder, tmp_path):
+    policy = tmp_path / "p.yaml"
+    policy.write_text("# keep me\nname: auto\nconfidence:\n  threshold: 0.5  # and me\n")
+    args = ["calibrate", "--model", str(trained_bundle), "--data", *map(str, FIXTURE_FILES),
+            "--target-quality", "0.9", "--policy", str(policy), "--bundle-ref", "b"]
+    assert main(args) == 0
+    text = policy.read_text()
+    assert "# keep me" in text and "# and me" in text and "bundle: b" in text
+
+
+def test_bad_input_is_a_clean_error(tmp_path, capsys):
+    assert main(["train", "--data", str(tmp_path / "none.parquet"), "--out", str(tmp_path)]) == 2
+    assert "router: error" in capsys.readouterr().err

@@ -1,0 +1,35 @@
+import numpy as np
+import pytest
+
+from router.data import REQUIRED_COLUMNS, EmbeddingCache, fingerprint, load_outcomes
+from tests.router.conftest import FIXTURE_FILES, REAL_DATA, HashEmbedder
+
+
+def test_fixtures_load_in_the_outcomes_schema():
+    frame = load_outcomes(FIXTURE_FILES)
+    assert set(REQUIRED_COLUMNS) <= set(frame.columns)
+    assert frame["small_logprobs"].isna().all()
+    assert len(fingerprint(FIXTURE_FILES)) == len(FIXTURE_FILES)
+
+
+def test_embedding_cache_round_trip(tmp_path):
+    calls = []
+
+    def compute(texts):
+        calls.append(len(texts))
+        return HashEmbedder().embed(texts)
+
+    texts = ["a b", "c d", "a b", "e"]
+    first = EmbeddingCache(tmp_path, "m").get_many(texts, compute, batch_size=2)
+    assert sum(calls) == 3
+    again = EmbeddingCache(tmp_path, "m").get_many(texts, compute)
+    assert sum(calls) == 3
+    np.testing.assert_array_equal(first, again)
+
+
+@pytest.mark.skipif(not REAL_DATA.is_dir(), reason="labelled outcomes data not present")
+def test_real_outcomes_files_load():
+    files = sorted(REAL_DATA.glob("*.parquet"))
+    frame = load_outcomes(files[:1])
+    assert len(frame) > 1000
+    assert frame["small_score"].between(0, 1).all() and frame["large_score"].between(0, 1).all()

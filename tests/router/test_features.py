@@ -1,0 +1,68 @@
+import math
+
+import numpy as np
+
+from router.features import (
+    ANSWER_FEATURES,
+    FEATURE_NAMES,
+    GROUPS,
+    PROMPT_FEATURES,
+    answer_features,
+    feature_row,
+    prompt_features,
+)
+
+GSM = "Seattle has 20 sheep. Charleston has 4 times as many. How many sheep do they have together?"
+
+
+def value(row, name):
+    return row[FEATURE_NAMES.index(name)]
+
+
+def test_row_layout_and_missing_parts_are_nan():
+    row = feature_row(GSM)
+    assert row.shape == (len(FEATURE_NAMES),)
+    assert sum(len(v) for v in GROUPS.values()) == len(FEATURE_NAMES)
+    assert np.isnan(value(row, "a_log_chars")) and np.isnan(value(row, "lp_mean"))
+    assert value(row, "p_how_many") == 1.0
+
+
+def test_correct_arithmetic_and_final_answer():
+    answer = "Charleston has 20 x 4 = <<20*4=80>>80 sheep.\nTogether 20 + 80 = 100.\n#### 100"
+    row = feature_row(GSM, answer)
+    assert value(row, "a_final_stated") == 1.0
+    assert value(row, "a_arith_wrong") == 0.0 and value(row, "a_arith_checked") == 3.0
+    assert value(row, "a_final_num_int") == 1.0
+    assert value(row, "a_final_eq_last") == 1.0
+    assert 0.85 < value(row, "a_final_pos") < 1.0
+
+
+def test_arithmetic_that_does_not_check_out():
+    answer = "20 x 4 = 90 sheep. Together 20 + 90 = 110.\n#### 95.5"
+    row = feature_row(GSM, answer)
+    assert value(row, "a_arith_wrong") == 1.0
+    assert value(row, "a_final_num_int") == 0.0
+    assert value(row, "a_final_eq_last") == 0.0
+
+
+def test_multiple_choice_answer():
+    prompt = "Which is a mammal?\nOptions:\nA. shark\nB. whale\nC. trout"
+    row = feature_row(prompt, "Whales breathe air. The answer is (B).")
+    assert value(row, "p_options") == 3.0
+    assert value(row, "a_letter_valid") == 1.0
+    assert value(feature_row(prompt, "The answer is (H)."), "a_letter_valid") == 0.0
+    assert value(feature_row(prompt, "I'm not sure, maybe whales."), "a_final_stated") == 0.0
+
+
+def test_hedges_refusals_and_logprobs():
+    row = feature_row("Explain why.", "I'm sorry, I cannot answer. Maybe ask later?", [-0.1, -3.0])
+    assert value(row, "a_refusal") >= 1 and value(row, "a_hedges") >= 1
+    assert value(row, "lp_min") == -3.0 and value(row, "lp_low_frac") == 0.5
+    entropy = feature_row("q", "a", [-0.1], top_logprobs=[[math.log(0.5), math.log(0.5)]])
+    assert value(entropy, "lp_top_entropy") == np.float64(math.log(2))
+
+
+def test_no_code_execution_in_arithmetic_check():
+    answer = "__import__('os').system('x') = 3 and 9**9**9 = 1 and 2 * 3 = 6"
+    assert answer_features("p", answer)[ANSWER_FEATURES.index("a_arith_checked")] == 1.0
+    assert len(prompt_features("")) == len(PROMPT_FEATURES)

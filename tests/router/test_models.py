@@ -1,0 +1,27 @@
+import numpy as np
+from sklearn.ensemble import HistGradientBoostingClassifier
+
+from router.models import LinearPart, PlattCalibrator, StackedModel, TreeEnsemble
+
+
+def test_exported_trees_match_sklearn_including_missing_values():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(400, 5))
+    x[rng.random(x.shape) < 0.2] = np.nan
+    y = (np.nan_to_num(x[:, 0]) + np.nan_to_num(x[:, 1]) * 0.5 + rng.normal(size=400) > 0)
+    model = HistGradientBoostingClassifier(max_iter=30, max_leaf_nodes=7).fit(x, y)
+    trees = TreeEnsemble.from_sklearn(model)
+    np.testing.assert_allclose(trees.raw(x), model.decision_function(x), atol=1e-9)
+    restored = TreeEnsemble.from_arrays(trees.to_arrays("t/"), "t/")
+    np.testing.assert_allclose(restored.raw(x[:3]), trees.raw(x[:3]))
+
+
+def test_stacked_model_round_trip():
+    rng = np.random.default_rng(1)
+    linear = LinearPart(rng.normal(size=384), 0.3)
+    model = StackedModel(np.array([0, 2], dtype=np.int32), linear, None, PlattCalibrator(2.0, -1))
+    hand, emb = rng.normal(size=(4, 5)), rng.normal(size=(4, 384))
+    restored = StackedModel.from_arrays(model.to_arrays("m/"), "m/")
+    np.testing.assert_allclose(restored.predict(hand, emb), model.predict(hand, emb))
+    probs = model.predict(hand, emb)
+    assert ((probs > 0) & (probs < 1)).all()

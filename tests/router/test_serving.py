@@ -1,0 +1,57 @@
+import threading
+
+import numpy as np
+import pytest
+
+from router.serving import DEFAULT_BUNDLE, RouterBundle
+from tests.router.conftest import HashEmbedder
+
+PROMPT = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+
+
+def test_scores_are_probabilities(trained_bundle):
+    bundle = RouterBundle.load(trained_bundle)
+    emb = HashEmbedder().embed([PROMPT])[0]
+    d = bundle.difficulty(PROMPT, emb)
+    good = bundle.confidence(PROMPT, "3 + 4 = 7 apples.\n#### 7", None, emb)
+    bad = bundle.confidence(PROMPT, "3 + 4 = 9 apples.\n#### 9.5", None, emb)
+    assert all(0.0 < s < 1.0 for s in (d, good, bad))
+    assert bundle.feature_set["confidence"][0] == "prompt_embedding"
+    assert "lp_mean" not in bundle.feature_set["confidence"]  # fixtures carry no logprobs
+    # logprobs are accepted (and ignored by a bundle trained without them)
+    assert bundle.confidence(PROMPT, "#### 7", [-0.1, -0.2], emb) == pytest.approx(
+        bundle.confidence(PROMPT, "#### 7", None, emb))
+
+
+def test_embedding_is_computed_when_not_given(trained_bundle, fake_embedder):
+    bundle = RouterBundle.load(trained_bundle)
+    emb = fake_embedder.embed([PROMPT])[0]
+    assert bundle.difficulty(PROMPT) == pytest.approx(bundle.difficulty(PROMPT, emb))
+    with pytest.raises(ValueError, match="384"):
+        bundle.difficulty(PROMPT, np.zeros(10))
+
+
+def test_thread_safe_scoring(trained_bundle):
+    bundle = RouterBundle.load(trained_bundle)
+    emb = HashEmbedder().embed([PROMPT])[0]
+    expected = bundle.confidence(PROMPT, "#### 7", None, emb)
+    results = []
+
+    def work():
+        results.extend(bundle.confidence(PROMPT, "#### 7", None, emb) for _ in range(50))
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert results == [expected] * 200
+
+
+@pytest.mark.skipif(not (DEFAULT_BUNDLE / "MANIFEST.sha256").exists(), reason="no default bundle")
+def test_default_bundle_loads_and_scores():
+    bundle = RouterBundle.load("default")
+    emb = np.full(384, 1 / np.sqrt(384), dtype=np.float32)
+    assert 0.0 < bundle.difficulty(PROMPT, emb) < 1.0
+    assert 0.0 < bundle.confidence(PROMPT, "#### 7", None, emb) < 1.0
+    assert bundle.version and bundle.metadata["training"]["data"]
