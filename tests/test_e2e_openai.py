@@ -737,8 +737,10 @@ def test_frontier_over_the_anthropic_wire_format(
     assert response.model == "claude-stand-in"
     assert response.usage.completion_tokens == 2 * 3
 
+    # The same question again: skip the cache so it is answered over the wire once more.
     raw = api.create(model="auto", messages=messages, stream=True,
-                     stream_options={"include_usage": True})
+                     stream_options={"include_usage": True},
+                     extra_headers={"cache-control": "no-cache"})
     assert raw.headers["x-smallfirst-route"] == "escalated"
     chunks = list(raw.parse())
     assert streamed_text(chunks) == "because of physics"
