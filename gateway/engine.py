@@ -9,10 +9,11 @@ first token can be held to the policy's latency budget.
 from __future__ import annotations
 
 import asyncio
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
@@ -22,20 +23,27 @@ from opentelemetry.trace import INVALID_SPAN, Span
 from gateway.backends import Backend, BackendFailure
 from gateway.cache.base import CachedAnswer, CacheHit, CacheRequest, ResponseCache
 from gateway.config import RetryConfig
+from gateway.embedding import Embed
 from gateway.errors import GatewayError, InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
 from gateway.policy import Policy, StreamMode
 from gateway.retry import call_with_retry
 from gateway.scoring import (
     CONFIDENCE_SCORERS,
     DIFFICULTY_SCORERS,
+    NO_OPINION,
     Answer,
+    BundleRegistry,
     ConfidenceScorer,
     DifficultyScorer,
+    LearnedConfidence,
+    LearnedDifficulty,
     Prompt,
 )
 from gateway.telemetry import genai
 from gateway.telemetry.tracing import outgoing_headers
 from gateway.timing import Timings
+
+log = logging.getLogger("smallfirst.engine")
 
 
 class Route(StrEnum):
@@ -74,6 +82,7 @@ class Call:
     timings: Timings = field(default_factory=Timings)
     usage: Usage = field(default_factory=lambda: Usage())
     served_from_cache: dict[str, Any] | None = None  # a cache hit's original usage
+    prompt: Prompt | None = None  # what the scorers see, built on first use
 
     @property
     def completion_id(self) -> str:
@@ -192,6 +201,8 @@ class Assembly:
             text="".join(self.text),
             token_logprobs=[e["logprob"] for e in self.logprobs if "logprob" in e],
             complete=self.finish_reason is not None,
+            top_logprobs=[[t["logprob"] for t in e.get("top_logprobs") or []]
+                          for e in self.logprobs] or None,
         )
 
     def message(self) -> dict[str, Any]:
@@ -266,8 +277,12 @@ class CascadeEngine:
         difficulty: dict[str, DifficultyScorer] | None = None,
         confidence: dict[str, ConfidenceScorer] | None = None,
         cache: ResponseCache | None = None,
+        bundles: BundleRegistry | None = None,
+        embed: Embed | None = None,
     ) -> None:
         self.small = small
+        self.bundles = bundles
+        self.embed = embed
         self.cache = cache
         self._writes: set[asyncio.Task] = set()
         self.frontiers = frontiers
@@ -545,14 +560,52 @@ class CascadeEngine:
             return "frontier"
         if policy.route == "small_only":
             return "small"
-        prompt = Prompt(call.params["messages"], has_tools=bool(call.params.get("tools")))
         with call.timings.measure("difficulty"):
-            scorer = self.difficulty[policy.difficulty.scorer]
-            decision.difficulty = await scorer.score(prompt)
-        if decision.difficulty < policy.difficulty.skip_threshold and self.frontiers:
+            scorer = await self._difficulty_scorer(policy)
+            decision.difficulty = await scorer.score(self._prompt(call))
+        skip = policy.difficulty.skip_threshold
+        if decision.difficulty is not None and decision.difficulty < skip and self.frontiers:
             decision.route, decision.escalation = Route.FRONTIER, "difficulty"
             return "frontier"
         return "small"
+
+    def _prompt(self, call: Call) -> Prompt:
+        """The request as the scorers see it, built once; its embedding starts computing
+        in a worker thread as soon as a learned scorer will want it."""
+        if call.prompt is None:
+            policy = call.policy
+            prompt = Prompt(call.params["messages"], has_tools=bool(call.params.get("tools")))
+            wants = "learned" in (policy.difficulty.scorer, policy.confidence.scorer)
+            if wants and self.embed is not None:
+                embed = self.embed
+                future = asyncio.ensure_future(asyncio.to_thread(embed, [prompt.text]))
+                prompt = replace(prompt, embedding=future)
+            call.prompt = prompt
+        return call.prompt
+
+    async def _difficulty_scorer(self, policy: Policy) -> DifficultyScorer:
+        if policy.difficulty.scorer != "learned":
+            return self.difficulty[policy.difficulty.scorer]
+        bundle = await self._bundle(policy.difficulty.bundle)
+        if bundle is None:
+            return NO_OPINION
+        return LearnedDifficulty(bundle, policy.latency_budget.embedding / 1000)
+
+    async def _confidence_scorer(self, policy: Policy) -> ConfidenceScorer:
+        if policy.confidence.scorer != "learned":
+            return self.confidence[policy.confidence.scorer]
+        bundle = await self._bundle(policy.confidence.bundle)
+        return NO_OPINION if bundle is None else LearnedConfidence(bundle)
+
+    async def _bundle(self, name: str) -> Any:
+        """A policy's router bundle; None (scorers without opinion) if it cannot load."""
+        if self.bundles is None:
+            return None
+        try:
+            return await self.bundles.aget(name)
+        except Exception as exc:  # a broken bundle must not fail requests
+            log.error("router bundle %r unusable, scoring without it: %s", name, exc)
+            return None
 
     def _escalation_enabled(self, call: Call) -> bool:
         return call.direct is None and call.policy.route == "cascade"
@@ -639,11 +692,10 @@ class CascadeEngine:
         self, call: Call, decision: Decision, small: Assembly, may_escalate: bool
     ) -> bool:
         policy = call.policy
-        scorer = self.confidence[policy.confidence.scorer]
         answer = small.answer()
-        prompt = Prompt(call.params["messages"], has_tools=bool(call.params.get("tools")))
         with call.timings.measure("confidence"):
-            decision.confidence = await scorer.score(prompt, answer)
+            scorer = await self._confidence_scorer(policy)
+            decision.confidence = await scorer.score(self._prompt(call), answer)
         if not may_escalate:
             return True
         if decision.confidence is None or decision.confidence < policy.confidence.threshold:

@@ -50,7 +50,12 @@ class LatencyBudget(_Strict):
 class Difficulty(_Strict):
     """Before generation: a score in [0, 1], the chance the small model's answer is good enough."""
 
-    scorer: Literal["always_small"] = "always_small"
+    scorer: Literal["always_small", "learned"] = "always_small"
+    bundle: str = Field(
+        default="default",
+        description="Router bundle for `learned`: 'default' (shipped) or a folder path, "
+        "relative to the policies directory.",
+    )
     skip_threshold: float = Field(
         default=0.0, ge=0, le=1, description="Below this score, skip the small model."
     )
@@ -64,7 +69,8 @@ class Confidence(_Strict):
     logprob is below `min_token_logprob`.
     """
 
-    scorer: Literal["logprob", "accept_all"] = "logprob"
+    scorer: Literal["logprob", "accept_all", "learned"] = "logprob"
+    bundle: str = Field(default="default", description="Router bundle for `learned`.")
     threshold: float = Field(default=0.5, ge=0, le=1)
     min_token_logprob: float | None = Field(default=None, le=0)
 

@@ -1,15 +1,23 @@
-"""The scorer interface the cascade engine routes with, and the transparent baselines.
+"""The scorer interface the cascade engine routes with: the transparent baselines and the
+learned router's bundles.
 
 A scorer returns a probability-like score in [0, 1] that the small model's answer is good
-enough; thresholds live in the policy and are applied by the engine, never by the scorer.
-The learned router plugs in by implementing the same two protocols.
+enough (None: no opinion); thresholds live in the policy and are applied by the engine,
+never by the scorer.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import math
+import threading
+import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol
+
+log = logging.getLogger("smallfirst.scoring")
 
 
 @dataclass(frozen=True)
@@ -18,6 +26,13 @@ class Prompt:
 
     messages: list[dict[str, Any]]
     has_tools: bool = False
+    # The shared embedding of `text`, computing in a worker thread (only when a scorer needs it).
+    embedding: asyncio.Future | None = field(default=None, compare=False)
+
+    @property
+    def text(self) -> str:
+        """The final user turn: what the router was trained to judge."""
+        return final_user_text(self.messages)
 
 
 @dataclass(frozen=True)
@@ -27,10 +42,11 @@ class Answer:
     text: str
     token_logprobs: list[float] = field(default_factory=list)
     complete: bool = True
+    top_logprobs: list[list[float]] | None = None
 
 
 class DifficultyScorer(Protocol):
-    async def score(self, prompt: Prompt) -> float: ...
+    async def score(self, prompt: Prompt) -> float | None: ...
 
 
 class ConfidenceScorer(Protocol):
@@ -39,10 +55,20 @@ class ConfidenceScorer(Protocol):
         ...
 
 
+def final_user_text(messages: list[dict[str, Any]]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+            return content or ""
+    return ""
+
+
 class AlwaysSmall:
     """Baseline difficulty: always try the small model first."""
 
-    async def score(self, prompt: Prompt) -> float:
+    async def score(self, prompt: Prompt) -> float | None:
         return 1.0
 
 
@@ -62,5 +88,112 @@ class AcceptAll:
         return 1.0
 
 
+# The baselines, by the name a policy uses; `learned` scorers come from BundleRegistry.
 DIFFICULTY_SCORERS: dict[str, type] = {"always_small": AlwaysSmall}
 CONFIDENCE_SCORERS: dict[str, type] = {"logprob": LogprobConfidence, "accept_all": AcceptAll}
+
+
+class NoOpinion:
+    """A scorer that cannot judge (e.g. its bundle failed to load)."""
+
+    async def score(self, prompt: Prompt, answer: Answer | None = None) -> float | None:
+        return None
+
+
+NO_OPINION = NoOpinion()
+
+
+class LearnedDifficulty:
+    """The router bundle's difficulty model; no opinion if the embedding misses its deadline."""
+
+    def __init__(self, bundle: Any, embedding_deadline_s: float) -> None:
+        self.bundle = bundle
+        self.deadline_s = embedding_deadline_s
+
+    async def score(self, prompt: Prompt) -> float | None:
+        try:
+            embedding = await _embedding(prompt, self.deadline_s)
+        except TimeoutError:
+            return None
+        return await asyncio.to_thread(self.bundle.difficulty, prompt.text, embedding)
+
+
+class LearnedConfidence:
+    """The router bundle's confidence model on the prompt, the answer and its logprobs."""
+
+    def __init__(self, bundle: Any) -> None:
+        self.bundle = bundle
+
+    async def score(self, prompt: Prompt, answer: Answer) -> float | None:
+        embedding = await _embedding(prompt, None)
+        return await asyncio.to_thread(
+            self.bundle.confidence, prompt.text, answer.text,
+            answer.token_logprobs or None, embedding, answer.top_logprobs,
+        )
+
+
+async def _embedding(prompt: Prompt, deadline_s: float | None) -> Any:
+    if prompt.embedding is None:
+        return None
+    async with asyncio.timeout(deadline_s):
+        rows = await asyncio.shield(prompt.embedding)
+    return rows[0]
+
+
+class BundleRegistry:
+    """Router bundles by path, loaded (hash-checked) once and reloaded when they change.
+
+    Relative paths resolve against `root` (the policies directory); `default` is the
+    bundle shipped with the router package.
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._loaded: dict[Path, tuple[float, Any]] = {}
+        self._checked: dict[str, tuple[float, Any]] = {}  # name -> (when, bundle)
+        self._lock = threading.Lock()
+
+    def resolve(self, name: str) -> Path:
+        from router.serving import DEFAULT_BUNDLE
+
+        if name == "default":
+            return DEFAULT_BUNDLE
+        path = Path(name)
+        return path if path.is_absolute() else self.root / path
+
+    def get(self, name: str) -> Any:
+        """The bundle named by a policy (blocking: call from a worker thread)."""
+        from router.serving import RouterBundle
+
+        path = self.resolve(name)
+        stamp = _stamp(path)
+        with self._lock:
+            loaded = self._loaded.get(path)
+            if loaded is None or loaded[0] != stamp:
+                bundle = RouterBundle.load(path)
+                log.info("router bundle %s loaded (version %s)", path, bundle.version)
+                self._loaded[path] = (stamp, bundle)
+                loaded = self._loaded[path]
+            return loaded[1]
+
+
+    async def aget(self, name: str) -> Any:
+        """`get` without blocking the loop; the files are re-checked at most every
+        `RECHECK_S` seconds, so a swapped bundle is picked up soon after it lands."""
+        checked = self._checked.get(name)
+        now = time.monotonic()
+        if checked is not None and now - checked[0] < RECHECK_S:
+            return checked[1]
+        bundle = await asyncio.to_thread(self.get, name)
+        self._checked[name] = (now, bundle)
+        return bundle
+
+
+RECHECK_S = 2.0
+
+
+def _stamp(path: Path) -> float:
+    try:
+        return max(p.stat().st_mtime for p in path.iterdir())
+    except (OSError, ValueError):
+        return 0.0

@@ -14,10 +14,12 @@ from gateway.auth import KeyStore, OpenAccess
 from gateway.backends import Backend, LiteLLMBackend, OpenAIWireBackend
 from gateway.cache.layered import LayeredCache, build_cache
 from gateway.config import ConfigError, Settings
+from gateway.embedding import shared_embedding
 from gateway.engine import Call, CascadeEngine, Decision
 from gateway.errors import ModelNotFound, PermissionDenied, RateLimited
 from gateway.policy import LatencyBudget, Policy
 from gateway.policy_store import PolicyStore
+from gateway.scoring import BundleRegistry
 from gateway.telemetry.budget import BudgetTracker
 from gateway.telemetry.metrics import Metrics, Price, litellm_price
 from gateway.telemetry.observer import Observer, Pricing
@@ -62,6 +64,8 @@ class Gateway:
             [LiteLLMBackend(f, drop_unsupported=True) for f in settings.frontiers],
             settings.retry,
             cache=cache,
+            bundles=BundleRegistry(settings.policies),
+            embed=shared_embedding(),
         )
         observer = Observer(
             Metrics(budgets=lambda: _budgets(store)) if settings.metrics else None,
@@ -118,10 +122,24 @@ class Gateway:
         file change and on SIGHUP."""
         if self.cache is not None:
             await self.cache.start()
+        await asyncio.to_thread(self._load_router)
         if self.settings.watch_policies:
             self._tasks.append(asyncio.create_task(self.policies.watch()))
         with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.policies.reload)
+
+    def _load_router(self) -> None:
+        """Load the bundles and the embedder that policies' learned scorers name now, rather
+        than on the first request (a broken bundle is logged here and scored without)."""
+        learned = [section.bundle for p in self.policies.current.policies
+                   for section in (p.difficulty, p.confidence) if section.scorer == "learned"]
+        for name in dict.fromkeys(learned):
+            try:
+                self.engine.bundles.get(name)
+            except Exception as exc:
+                log.error("router bundle %r cannot be loaded: %s", name, exc)
+        if learned:
+            shared_embedding().warm()
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -11,7 +11,6 @@ the shared `router.embedding.Embedder` (all-MiniLM-L6-v2, int8 ONNX), loaded onc
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -23,19 +22,14 @@ WINDOW_WORDS = 150  # about 200 word pieces: inside the model's 256-token window
 LONG_WORDS = 180  # longer turns are embedded as head + tail
 BATCH = 64  # texts per model call (padding makes huge batches slow and memory-hungry)
 
-_lock = threading.Lock()
-_default: Embed | None = None
 
 
 def default_embed() -> Embed:
-    """The process-wide embedder (loaded on first use; thread-safe)."""
-    global _default
-    with _lock:
-        if _default is None:
-            from router.embedding import Embedder
+    """The process-wide embedder (loaded on first use; thread-safe), shared with the router's
+    scorers so that one request is embedded once."""
+    from gateway.embedding import shared_embedding
 
-            _default = Embedder().embed
-        return _default
+    return shared_embedding()
 
 
 def windows(text: str) -> list[str]:
