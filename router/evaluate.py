@@ -50,11 +50,12 @@ def combined_scores(difficulty: np.ndarray, confidence: np.ndarray, skip: float)
 
 def predict(models, m: Matrices) -> Predictions:
     """Apply fitted models (`TrainedModels` or a loaded bundle's models) to rows."""
-    difficulty = models.difficulty.predict(m.hand, m.embedding)
+    difficulty = models.difficulty.predict(m.hand, m.embedding, m.prompts)
     confidence = np.full(len(difficulty), np.nan)
     if models.confidence is not None and m.has_answer.any():
         rows = m.has_answer
-        confidence[rows] = models.confidence.predict(m.hand[rows], m.embedding[rows])
+        prompts = [p for p, has in zip(m.prompts, rows, strict=True) if has]
+        confidence[rows] = models.confidence.predict(m.hand[rows], m.embedding[rows], prompts)
     return Predictions(difficulty, confidence, skip_threshold=getattr(models, "skip_threshold", 0))
 
 

@@ -1,9 +1,10 @@
 """The scoring models, as plain arrays: no pickle, numpy-only inference.
 
-A `StackedModel` is: a logistic regression on the prompt embedding (its logit becomes one more
-feature), gradient-boosted trees over hand features plus that logit, and Platt scaling of the
-trees' raw score into a calibrated probability. Training uses scikit-learn; the fitted parts are
-exported to arrays, so serving needs numpy alone and a bundle never holds executable objects.
+A `StackedModel` is: logistic regressions on the prompt embedding and on hashed prompt n-grams
+(their logits become two more features), gradient-boosted trees over hand features plus those
+logits, and Platt scaling of the trees' raw score into a calibrated probability. Training uses
+scikit-learn; the fitted parts are exported to arrays, so serving needs numpy alone and a
+bundle never holds executable objects.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+from router.lexical import LexicalPart
 
 __all__ = ["LinearPart", "PlattCalibrator", "StackedModel", "TreeEnsemble"]
 
@@ -39,15 +42,19 @@ class LinearPart:
 
 @dataclass(frozen=True)
 class TreeEnsemble:
-    """Binary-classification gradient-boosted trees in padded arrays (n_trees, max_nodes)."""
+    """Binary-classification gradient-boosted trees as flat node arrays.
+
+    All trees' nodes sit in one array; `roots` holds each tree's first node. A leaf points to
+    itself on both sides, so every tree is walked a fixed `depth` steps with no branching.
+    """
 
     feature: np.ndarray  # int32
-    threshold: np.ndarray  # float64; go left when x <= threshold
-    left: np.ndarray  # int32
-    right: np.ndarray  # int32
+    threshold: np.ndarray  # float64; go left when x <= threshold (+inf at leaves)
+    left: np.ndarray  # int32, global node index
+    right: np.ndarray  # int32, global node index
     missing_left: np.ndarray  # bool; where NaN goes
-    leaf: np.ndarray  # bool
-    value: np.ndarray  # float64 leaf values
+    value: np.ndarray  # float64 leaf values (0 at split nodes)
+    roots: np.ndarray  # int32
     baseline: float
     depth: int
 
@@ -55,22 +62,20 @@ class TreeEnsemble:
     def from_sklearn(cls, model) -> TreeEnsemble:
         """Export a fitted binary `HistGradientBoostingClassifier` (numerical features only)."""
         trees = [predictors[0].nodes for predictors in model._predictors]
-        width = max(len(t) for t in trees)
-
-        def pad(field: str, dtype: type) -> np.ndarray:
-            out = np.zeros((len(trees), width), dtype=dtype)
-            for row, nodes in enumerate(trees):
-                out[row, : len(nodes)] = nodes[field]
-            return out
-
+        sizes = np.array([len(t) for t in trees])
+        roots = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
+        nodes = np.concatenate(trees)
+        offset = np.repeat(roots, sizes)
+        own = np.arange(len(nodes), dtype=np.int32)
+        leaf = nodes["is_leaf"].astype(bool)
         return cls(
-            feature=pad("feature_idx", np.int32),
-            threshold=pad("num_threshold", np.float64),
-            left=pad("left", np.int32),
-            right=pad("right", np.int32),
-            missing_left=pad("missing_go_to_left", bool),
-            leaf=pad("is_leaf", bool),
-            value=pad("value", np.float64),
+            feature=np.where(leaf, 0, nodes["feature_idx"]).astype(np.int32),
+            threshold=np.where(leaf, np.inf, nodes["num_threshold"]).astype(np.float64),
+            left=np.where(leaf, own, nodes["left"] + offset).astype(np.int32),
+            right=np.where(leaf, own, nodes["right"] + offset).astype(np.int32),
+            missing_left=np.where(leaf, True, nodes["missing_go_to_left"]).astype(bool),
+            value=np.where(leaf, nodes["value"], 0.0).astype(np.float64),
+            roots=roots,
             baseline=float(np.ravel(model._baseline_prediction)[0]),
             depth=int(max(t["depth"].max() for t in trees)),
         )
@@ -78,18 +83,18 @@ class TreeEnsemble:
     def raw(self, x: np.ndarray) -> np.ndarray:
         """Raw log-odds for rows x (n, d); NaN follows each split's learned missing side."""
         x = np.atleast_2d(x)
-        trees = np.arange(self.feature.shape[0])[None, :]
-        node = np.zeros((x.shape[0], self.feature.shape[0]), dtype=np.int32)
         rows = np.arange(x.shape[0])[:, None]
+        node = np.broadcast_to(self.roots, (x.shape[0], len(self.roots)))
         for _ in range(self.depth):
-            values = x[rows, self.feature[trees, node]]
-            missing = self.missing_left[trees, node]
-            go_left = np.where(np.isnan(values), missing, values <= self.threshold[trees, node])
-            child = np.where(go_left, self.left[trees, node], self.right[trees, node])
-            node = np.where(self.leaf[trees, node], node, child)
-        return self.value[trees, node].sum(axis=1) + self.baseline
+            values = x[rows, self.feature[node]]
+            go_left = values <= self.threshold[node]
+            nan = np.isnan(values)
+            if nan.any():
+                go_left = np.where(nan, self.missing_left[node], go_left)
+            node = np.where(go_left, self.left[node], self.right[node])
+        return self.value[node].sum(axis=1) + self.baseline
 
-    _FIELDS = ("feature", "threshold", "left", "right", "missing_left", "leaf", "value")
+    _FIELDS = ("feature", "threshold", "left", "right", "missing_left", "value", "roots")
 
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
         arrays = {f"{prefix}{name}": getattr(self, name) for name in self._FIELDS}
@@ -100,6 +105,12 @@ class TreeEnsemble:
     def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> TreeEnsemble:
         baseline, depth = arrays[f"{prefix}scalars"]
         parts = {name: arrays[f"{prefix}{name}"] for name in cls._FIELDS}
+        n = len(parts["feature"])
+        if any(len(parts[f]) != n for f in cls._FIELDS[:-1]) or n == 0:
+            raise ValueError("tree arrays differ in length")
+        for name in ("left", "right", "roots"):
+            if parts[name].min() < 0 or parts[name].max() >= n:
+                raise ValueError(f"tree {name} index out of range")
         return cls(**parts, baseline=float(baseline), depth=int(depth))
 
 
@@ -123,32 +134,41 @@ class PlattCalibrator:
 
 @dataclass(frozen=True)
 class StackedModel:
-    """Embedding logit + hand features -> trees -> calibrated probability.
+    """Embedding and lexical logits + hand features -> trees -> calibrated probability.
 
     `columns` index the hand-feature row (see `router.features.FEATURE_NAMES`); the embedding
-    logit is appended as the last tree input when `linear` is set.
+    logit and then the lexical logit are appended as the last tree inputs when set.
     """
 
     columns: np.ndarray  # int32 indices into the hand-feature row
     linear: LinearPart | None
     trees: TreeEnsemble | None
     calibrator: PlattCalibrator
+    lexical: LexicalPart | None = None
 
-    def tree_input(self, hand: np.ndarray, embedding: np.ndarray | None) -> np.ndarray:
+    def tree_input(
+        self, hand: np.ndarray, embedding: np.ndarray | None, prompts: list[str] | None = None
+    ) -> np.ndarray:
         parts = [np.atleast_2d(hand)[:, self.columns]]
         if self.linear is not None:
             if embedding is None:
                 raise ValueError("this model needs the prompt embedding")
             parts.append(self.linear.logit(np.atleast_2d(embedding))[:, None])
+        if self.lexical is not None:
+            if prompts is None:
+                raise ValueError("this model needs the prompt text")
+            parts.append(self.lexical.logit(prompts)[:, None])
         return np.hstack(parts)
 
-    def raw(self, hand: np.ndarray, embedding: np.ndarray | None) -> np.ndarray:
-        x = self.tree_input(hand, embedding)
+    def raw(self, hand: np.ndarray, embedding: np.ndarray | None, prompts=None) -> np.ndarray:
+        x = self.tree_input(hand, embedding, prompts)
         return self.trees.raw(x) if self.trees is not None else x[:, -1]
 
-    def predict(self, hand: np.ndarray, embedding: np.ndarray | None) -> np.ndarray:
+    def predict(
+        self, hand: np.ndarray, embedding: np.ndarray | None, prompts: list[str] | None = None
+    ) -> np.ndarray:
         """Calibrated probabilities that the small answer is good enough, shape (n,)."""
-        return self.calibrator(self.raw(hand, embedding))
+        return self.calibrator(self.raw(hand, embedding, prompts))
 
     def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
         arrays = {
@@ -157,18 +177,23 @@ class StackedModel:
         }
         if self.linear is not None:
             arrays.update(self.linear.to_arrays(f"{prefix}linear_"))
+        if self.lexical is not None:
+            arrays.update(self.lexical.to_arrays(f"{prefix}lexical_"))
         if self.trees is not None:
             arrays.update(self.trees.to_arrays(f"{prefix}trees_"))
         return arrays
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> StackedModel:
-        has_linear = f"{prefix}linear_coef" in arrays
-        has_trees = f"{prefix}trees_scalars" in arrays
+        def has(part: str) -> bool:
+            return any(k.startswith(f"{prefix}{part}_") for k in arrays)
+
         a, b = arrays[f"{prefix}platt"]
         return cls(
             columns=arrays[f"{prefix}columns"].astype(np.int32),
-            linear=LinearPart.from_arrays(arrays, f"{prefix}linear_") if has_linear else None,
-            trees=TreeEnsemble.from_arrays(arrays, f"{prefix}trees_") if has_trees else None,
+            linear=LinearPart.from_arrays(arrays, f"{prefix}linear_") if has("linear") else None,
+            trees=TreeEnsemble.from_arrays(arrays, f"{prefix}trees_") if has("trees") else None,
             calibrator=PlattCalibrator(float(a), float(b)),
+            lexical=(LexicalPart.from_arrays(arrays, f"{prefix}lexical_") if has("lexical")
+                     else None),
         )

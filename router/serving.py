@@ -78,7 +78,8 @@ class RouterBundle:
     def difficulty(self, prompt: str, embedding: np.ndarray | None = None) -> float:
         """P(the small model's answer will be good enough), from the prompt alone."""
         row = self._row(prompt)
-        return float(self.difficulty_model.predict(row, self._embedding(prompt, embedding))[0])
+        embedding = self._embedding(prompt, embedding)
+        return float(self.difficulty_model.predict(row, embedding, [prompt])[0])
 
     def confidence(
         self,
@@ -95,7 +96,7 @@ class RouterBundle:
         lp = logprob_features(token_logprobs, answer_part[_FINAL_POS], top_logprobs)
         row = np.array([*_prompt_part(prompt), *answer_part, *lp], dtype=np.float64)
         embedding = self._embedding(prompt, prompt_embedding)
-        return float(self.confidence_model.predict(row[None, :], embedding)[0])
+        return float(self.confidence_model.predict(row[None, :], embedding, [prompt])[0])
 
     def _row(self, prompt: str) -> np.ndarray:
         row = np.full((1, len(FEATURE_NAMES)), np.nan)

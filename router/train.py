@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from router import lexical
 from router.calibrate import Thresholds, choose_thresholds
 from router.data import EmbeddingCache, default_cache_dir
 from router.embedding import MODEL_ID, Embedder
@@ -25,6 +26,7 @@ from router.features import (
     PROMPT_FEATURES,
     feature_row,
 )
+from router.lexical import LexicalPart
 from router.models import LinearPart, PlattCalibrator, StackedModel, TreeEnsemble
 from router.progress import progress
 
@@ -46,9 +48,11 @@ class TrainConfig:
     tolerance: float = 0.05  # good enough: small_score >= large_score - tolerance
     label: str = "good_enough"  # or "small_correct": small_score >= 0.5
     linear_c: float = 0.5
+    lexical_c: float = 1.0  # 0 turns the hashed n-gram model off
     max_iter: int = 300
     learning_rate: float = 0.05
     max_leaf_nodes: int = 15
+    max_depth: int = 6  # bounds the serving cost: one vectorised step per level
     min_samples_leaf: int = 40
     l2_regularization: float = 1.0
     inner_folds: int = 4
@@ -169,30 +173,50 @@ def _fit_trees(x: np.ndarray, y: np.ndarray, config: TrainConfig) -> TreeEnsembl
 
     model = HistGradientBoostingClassifier(
         max_iter=config.max_iter, learning_rate=config.learning_rate,
-        max_leaf_nodes=config.max_leaf_nodes, min_samples_leaf=config.min_samples_leaf,
+        max_leaf_nodes=config.max_leaf_nodes, max_depth=config.max_depth,
+        min_samples_leaf=config.min_samples_leaf,
         l2_regularization=config.l2_regularization, early_stopping=False,
         categorical_features=None, random_state=config.seed,
     ).fit(x, y)
     return TreeEnsemble.from_sklearn(model)
 
 
-def _oof_linear(m: Matrices, y: np.ndarray, folds: np.ndarray, config: TrainConfig) -> np.ndarray:
-    """Out-of-fold embedding logits, so the trees learn how far to trust them."""
-    out = np.zeros(len(y))
-    for k in range(config.inner_folds):
+def _fit_lexical(tf, y: np.ndarray, config: TrainConfig) -> LexicalPart:
+    from sklearn.linear_model import LogisticRegression
+
+    idf = lexical.fit_idf(tf)
+    model = LogisticRegression(C=config.lexical_c, max_iter=1000).fit(lexical.weigh(tf, idf), y)
+    return LexicalPart(model.coef_[0].astype(np.float32), float(model.intercept_[0]), idf)
+
+
+def _oof_logits(
+    m: Matrices, y: np.ndarray, folds: np.ndarray, config: TrainConfig
+) -> tuple[np.ndarray, LinearPart, LexicalPart | None]:
+    """Out-of-fold embedding (and lexical) logits, so the trees learn how far to trust them;
+    plus the final logistic models fitted on all rows."""
+    tf = lexical.matrix(m.prompts) if config.lexical_c > 0 else None
+    out = np.zeros((len(y), 2 if tf is not None else 1))
+    for k in progress(range(config.inner_folds), "logit folds"):
         held = folds == k
         if held.all() or not held.any():
             continue
-        out[held] = _fit_linear(m.embedding[~held], y[~held], config).logit(m.embedding[held])
-    return out
+        out[held, 0] = _fit_linear(m.embedding[~held], y[~held], config).logit(m.embedding[held])
+        if tf is not None:
+            part = _fit_lexical(tf[~held], y[~held], config)
+            out[held, 1] = lexical.weigh(tf[held], part.idf) @ part.weights + part.intercept
+    linear = _fit_linear(m.embedding, y, config)
+    lexical_part = _fit_lexical(tf, y, config) if tf is not None else None
+    return out, linear, lexical_part
 
 
 def _fit_stacked(
-    hand: np.ndarray, logit: np.ndarray, y: np.ndarray, folds: np.ndarray,
-    columns: np.ndarray, linear: LinearPart, config: TrainConfig, name: str,
-) -> StackedModel:
+    hand: np.ndarray, logits: np.ndarray, y: np.ndarray, folds: np.ndarray,
+    columns: np.ndarray, parts: tuple[LinearPart, LexicalPart | None], config: TrainConfig,
+    name: str,
+) -> tuple[StackedModel, np.ndarray]:
+    """Fit trees on hand features + the stacked logits; also return out-of-fold probabilities."""
     columns = _informative(hand, columns)
-    x = np.hstack([hand[:, columns], logit[:, None]])
+    x = np.hstack([hand[:, columns], logits])
     oof = np.zeros(len(y))
     for k in progress(range(config.inner_folds), f"{name} folds"):
         held = folds == k
@@ -200,7 +224,8 @@ def _fit_stacked(
             continue
         oof[held] = _fit_trees(x[~held], y[~held], config).raw(x[held])
     calibrator = PlattCalibrator.fit(oof, y)
-    return StackedModel(columns, linear, _fit_trees(x, y, config), calibrator), calibrator(oof)
+    model = StackedModel(columns, parts[0], _fit_trees(x, y, config), calibrator, parts[1])
+    return model, calibrator(oof)
 
 
 def _groups_used(m: Matrices, config: TrainConfig) -> dict[str, list[str]]:
@@ -210,8 +235,10 @@ def _groups_used(m: Matrices, config: TrainConfig) -> dict[str, list[str]]:
     confidence = list(PROMPT_FEATURES + ANSWER_FEATURES)
     if config.use_logprobs and with_logprobs:
         confidence += list(LOGPROB_FEATURES)
-    return {"difficulty": ["prompt_embedding", *PROMPT_FEATURES],
-            "confidence": ["prompt_embedding", *confidence] if m.has_answer.any() else []}
+    stacked = ["prompt_embedding", "prompt_ngrams"] if config.lexical_c > 0 else [
+        "prompt_embedding"]
+    return {"difficulty": [*stacked, *PROMPT_FEATURES],
+            "confidence": [*stacked, *confidence] if m.has_answer.any() else []}
 
 
 def fit(m: Matrices, config: TrainConfig | None = None) -> TrainedModels:
@@ -221,17 +248,17 @@ def fit(m: Matrices, config: TrainConfig | None = None) -> TrainedModels:
     if len(np.unique(y)) < 2:
         raise ValueError("training rows need both good-enough and not-good-enough outcomes")
     folds = prompt_folds(m.prompts, config.inner_folds, salt=f"inner{config.seed}")
-    logit = _oof_linear(m, y, folds, config)
-    linear = _fit_linear(m.embedding, y, config)
+    logits, linear, lexical_part = _oof_logits(m, y, folds, config)
+    parts = (linear, lexical_part)
     groups = _groups_used(m, config)
-    difficulty, oof_d = _fit_stacked(m.hand, logit, y, folds, _columns(PROMPT_FEATURES), linear,
+    difficulty, oof_d = _fit_stacked(m.hand, logits, y, folds, _columns(PROMPT_FEATURES), parts,
                                      config, "difficulty")
     confidence, oof_c = None, None
     rows = m.has_answer
     if groups["confidence"]:
-        columns = _columns(tuple(groups["confidence"][1:]))
-        confidence, oof_c = _fit_stacked(m.hand[rows], logit[rows], y[rows], folds[rows], columns,
-                                         linear, config, "confidence")
+        columns = _columns(tuple(n for n in groups["confidence"] if n in FEATURE_NAMES))
+        confidence, oof_c = _fit_stacked(m.hand[rows], logits[rows], y[rows], folds[rows],
+                                         columns, parts, config, "confidence")
     if oof_c is None:
         thresholds = choose_thresholds(oof_d, None, m.small, m.large, target_quality=0.95,
                                        tolerance=config.tolerance)

@@ -25,3 +25,18 @@ def test_stacked_model_round_trip():
     np.testing.assert_allclose(restored.predict(hand, emb), model.predict(hand, emb))
     probs = model.predict(hand, emb)
     assert ((probs > 0) & (probs < 1)).all()
+
+
+def test_lexical_serving_path_matches_training_path():
+    from router import lexical
+    from router.lexical import LexicalPart
+
+    texts = ["what is the capital of France", "how many sheep are there in total", "x"]
+    tf = lexical.matrix(texts)
+    idf = lexical.fit_idf(tf)
+    weights = np.random.default_rng(0).normal(size=lexical.BUCKETS).astype(np.float32)
+    part = LexicalPart(weights, 0.1, idf)
+    np.testing.assert_allclose(part.logit(texts), lexical.weigh(tf, idf) @ weights + 0.1,
+                               atol=1e-5)
+    restored = LexicalPart.from_arrays(part.to_arrays("l/"), "l/")
+    np.testing.assert_allclose(restored.logit(texts), part.logit(texts), atol=1e-2)

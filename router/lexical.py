@@ -1,0 +1,88 @@
+"""A lexical view of the prompt: hashed word uni- and bigrams, no vocabulary to store.
+
+Words are hashed (crc32) into `BUCKETS` slots; counts are log-scaled, weighted by inverse
+document frequency and L2-normalised (TF-IDF without a vocabulary). A logistic regression over
+that vector becomes one more stacked input, next to the embedding's.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+
+__all__ = ["BUCKETS", "LexicalPart", "fit_idf", "hashed", "matrix", "weigh"]
+
+BUCKETS = 1 << 18
+_TOKEN = re.compile(r"\b\w\w+\b")
+
+
+def hashed(text: str) -> tuple[np.ndarray, np.ndarray]:
+    """(bucket indices, 1 + log count) of a text's word uni- and bigrams."""
+    words = _TOKEN.findall(text.lower())
+    grams = words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]
+    counts = Counter(zlib.crc32(g.encode()) & (BUCKETS - 1) for g in grams)
+    if not counts:
+        return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.float32)
+    index = np.fromiter(counts.keys(), dtype=np.int32, count=len(counts))
+    return index, 1.0 + np.log(np.fromiter(counts.values(), dtype=np.float32, count=len(counts)))
+
+
+def matrix(texts: list[str]):
+    """Sparse (n, BUCKETS) matrix of `hashed` rows, before IDF weighting (for training)."""
+    from scipy.sparse import csr_matrix
+
+    parts = [hashed(t) for t in texts]
+    indptr = np.concatenate([[0], np.cumsum([len(i) for i, _ in parts])])
+    index = np.concatenate([i for i, _ in parts]) if parts else np.zeros(0, np.int32)
+    values = np.concatenate([v for _, v in parts]) if parts else np.zeros(0, np.float32)
+    return csr_matrix((values, index, indptr), shape=(len(texts), BUCKETS))
+
+
+def fit_idf(tf) -> np.ndarray:
+    """Smoothed inverse document frequency per bucket, from a `matrix` of training texts."""
+    df = np.asarray((tf > 0).sum(axis=0)).ravel()
+    return (np.log((1.0 + tf.shape[0]) / (1.0 + df)) + 1.0).astype(np.float32)
+
+
+def weigh(tf, idf: np.ndarray):
+    """IDF-weighted, row-normalised copy of a `matrix` (the training-side `LexicalPart` input)."""
+    from scipy.sparse import diags
+    from sklearn.preprocessing import normalize
+
+    return normalize(tf @ diags(idf))
+
+
+@dataclass(frozen=True)
+class LexicalPart:
+    """Logistic-regression logit over the IDF-weighted hashed n-gram vector."""
+
+    weights: np.ndarray  # (BUCKETS,) float32
+    intercept: float
+    idf: np.ndarray  # (BUCKETS,) float32
+
+    def logit(self, texts: list[str]) -> np.ndarray:
+        out = np.empty(len(texts))
+        for row, text in enumerate(texts):
+            index, tf = hashed(text)
+            values = tf * self.idf[index]
+            norm = float(np.linalg.norm(values))
+            dot = float(self.weights[index] @ values) / norm if norm else 0.0
+            out[row] = dot + self.intercept
+        return out
+
+    def to_arrays(self, prefix: str) -> dict[str, np.ndarray]:
+        return {f"{prefix}weights": self.weights.astype(np.float16),
+                f"{prefix}idf": self.idf.astype(np.float16),
+                f"{prefix}intercept": np.array([self.intercept])}
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, np.ndarray], prefix: str) -> LexicalPart:
+        weights = arrays[f"{prefix}weights"].astype(np.float32)
+        idf = arrays[f"{prefix}idf"].astype(np.float32)
+        if weights.shape != (BUCKETS,) or idf.shape != (BUCKETS,):
+            raise ValueError("lexical arrays have the wrong shape")
+        return cls(weights, float(arrays[f"{prefix}intercept"][0]), idf)
