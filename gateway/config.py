@@ -105,6 +105,8 @@ class Settings(BaseSettings):
         description="By public model name; frontier models default to litellm's price list, "
         "the small model to free.",
     )
+    decision_log: Path | None = Field(
+        default=None, description="JSON-lines file for sampled routing decisions (learning).")
     budget_window: int = Field(default=2048, ge=16, description="Samples per budget quantile.")
     log_level: str = "info"
 
@@ -165,7 +167,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         if not isinstance(file_values, dict):
             raise ConfigError(f"{config_file}: expected a mapping at the top level")
         base = Path(config_file).parent
-        for key in ("policies", "api_keys_file"):
+        for key in ("policies", "api_keys_file", "decision_log"):
             if isinstance(file_values.get(key), str):
                 file_values[key] = str((base / file_values[key]).resolve())
     try:

@@ -83,6 +83,10 @@ class Call:
     usage: Usage = field(default_factory=lambda: Usage())
     served_from_cache: dict[str, Any] | None = None  # a cache hit's original usage
     prompt: Prompt | None = None  # what the scorers see, built on first use
+    decision: Decision | None = None
+    small_answer: Assembly | None = None  # what the small model said, when it was asked
+    frontier_text: str | None = None  # what the frontier said, when it answered
+    frontier_model: str | None = None
 
     @property
     def completion_id(self) -> str:
@@ -225,6 +229,7 @@ class Assembly:
 
 
 STORABLE_FINISH = ("stop", "tool_calls")
+SHADOW_TIMEOUT_S = 60.0
 _PIECES = re.compile(r"\s*\S+|\s+")
 
 
@@ -281,6 +286,7 @@ class CascadeEngine:
         embed: Embed | None = None,
     ) -> None:
         self.small = small
+        self.learner: Any = None  # a TrafficLearner, when a decision log is configured
         self.bundles = bundles
         self.embed = embed
         self.cache = cache
@@ -297,13 +303,14 @@ class CascadeEngine:
     # ---- non-streamed -------------------------------------------------------------------
 
     async def complete(self, call: Call) -> tuple[dict[str, Any], Decision]:
-        decision = Decision(policy=call.policy.name)
+        decision = call.decision = Decision(policy=call.policy.name)
         hit = await self._lookup(call, decision)
         if hit is not None:
             return hit.answer.response(call.completion_id), decision
         response = await self._complete_uncached(call, decision)
         if decision.note is None:
             self._remember(call, cached_from_response(response))
+        self._learn(call)
         return response, decision
 
     async def _complete_uncached(self, call: Call, decision: Decision) -> dict[str, Any]:
@@ -352,6 +359,8 @@ class CascadeEngine:
             if call.policy.telemetry.record_content else None,
         )
         span.end()
+        call.frontier_model = response.get("model") or backend.name
+        call.frontier_text = (choice.get("message") or {}).get("content") or ""
         call.usage.add(response.get("usage"), backend.name)
         response.update(id=call.completion_id, usage=call.usage.as_dict())
         response["model"] = response.get("model") or backend.name
@@ -382,7 +391,7 @@ class CascadeEngine:
         caller can send headers; after that, failures surface from the iterator as
         GatewayError and must be reported in-band.
         """
-        decision = Decision(policy=call.policy.name)
+        decision = call.decision = Decision(policy=call.policy.name)
         hit = await self._lookup(call, decision)
         if hit is not None:
             return self._replay(call, hit), decision
@@ -448,6 +457,7 @@ class CascadeEngine:
             call.usage.add(small.usage, self.small.name)
         if store:
             self._remember(call, small.cached(self.small.name))
+        self._learn(call)
         if call.include_usage:
             yield self._usage_chunk(call, small.model or self.small.name, call.usage)
 
@@ -500,6 +510,8 @@ class CascadeEngine:
             answer.finish_span(call.policy.telemetry.record_content)
         call.usage.add(answer.usage, backend.name)
         self._remember(call, answer.cached(model))
+        call.frontier_model, call.frontier_text = model, "".join(answer.text)
+        self._learn(call)
         if call.include_usage:
             yield self._usage_chunk(call, model, call.usage)
 
@@ -537,6 +549,23 @@ class CascadeEngine:
             decision.route = Route.CACHE_EXACT if hit.kind == "exact" else Route.CACHE_SEMANTIC
             call.served_from_cache = hit.answer.usage
         return hit
+
+    def _learn(self, call: Call) -> None:
+        if self.learner is not None:
+            self.learner.observe(call)
+
+    async def ask_frontier(self, params: dict[str, Any]) -> tuple[str, str]:
+        """One answer from the first frontier that gives one (for shadow calls): model, text."""
+        last: Exception | None = None
+        for backend in self.frontiers:
+            try:
+                response = await backend.complete(params, timeout=SHADOW_TIMEOUT_S)
+            except BackendFailure as exc:
+                last = exc
+                continue
+            message = response["choices"][0].get("message") or {}
+            return response.get("model") or backend.name, message.get("content") or ""
+        raise last or UpstreamError("No frontier model is configured.")
 
     def _remember(self, call: Call, answer: CachedAnswer | None) -> None:
         """Write a complete answer to the cache after the response, off the request path."""
@@ -624,6 +653,7 @@ class CascadeEngine:
         may_escalate = self._escalation_enabled(call)
         chunks: AsyncIterator[dict[str, Any]] | None = None
         params = {**call.params, "logprobs": True}
+        call.small_answer = small
         small.started = time.monotonic()
         small.span = call.timings.start_span(
             f"chat {self.small.name}", self._request_attributes(call, self.small, params, 1)

@@ -137,6 +137,27 @@ class TelemetrySettings(_Strict):
     )
 
 
+class LearningSettings(_Strict):
+    """What this policy's traffic contributes to retraining the router (needs a decision log,
+    `decision_log` in the gateway config)."""
+
+    log_sample_rate: float = Field(default=0.0, ge=0, le=1,
+                                   description="Share of routed requests written to the log.")
+    log_escalations: bool = Field(
+        default=False, description="Log every escalation: each one carries a free label.")
+    log_text: bool = Field(
+        default=False,
+        description="Write prompt and answer text (needed to train on the rows; off by default).")
+    shadow_rate: float = Field(
+        default=0.0, ge=0, le=1,
+        description="Share of small-answered requests also sent to the frontier, in the "
+        "background, to label them.")
+    shadow_per_minute: float = Field(default=10, ge=0, description="Shadow call budget.")
+    judge: bool = Field(
+        default=False, description="Label shadow calls by asking the frontier to judge the "
+        "small answer (one more call) instead of comparing answers.")
+
+
 class Policy(_Strict):
     """One routing policy. Clients pass `name` (or an alias) as the request's `model`."""
 
@@ -154,6 +175,7 @@ class Policy(_Strict):
     latency_budget: LatencyBudget = Field(default_factory=LatencyBudget)
     cache: CacheSettings = Field(default_factory=CacheSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
+    learning: LearningSettings = Field(default_factory=LearningSettings)
     escalate_on_small_error: bool = True
 
     @model_validator(mode="after")

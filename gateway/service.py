@@ -17,6 +17,7 @@ from gateway.config import ConfigError, Settings
 from gateway.embedding import shared_embedding
 from gateway.engine import Call, CascadeEngine, Decision
 from gateway.errors import ModelNotFound, PermissionDenied, RateLimited
+from gateway.learning import TrafficLearner
 from gateway.policy import LatencyBudget, Policy
 from gateway.policy_store import PolicyStore
 from gateway.scoring import BundleRegistry
@@ -67,6 +68,9 @@ class Gateway:
             bundles=BundleRegistry(settings.policies),
             embed=shared_embedding(),
         )
+        if settings.decision_log is not None:
+            engine.learner = TrafficLearner(settings.decision_log,
+                                            engine.ask_frontier if engine.frontiers else None)
         observer = Observer(
             Metrics(budgets=lambda: _budgets(store)) if settings.metrics else None,
             BudgetTracker(settings.budget_window),
@@ -146,6 +150,8 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks.clear()
+        if self.engine.learner is not None:
+            await self.engine.learner.drain()
         if isinstance(self.engine.small, OpenAIWireBackend):
             await self.engine.small.aclose()
         if self.observer.metrics:

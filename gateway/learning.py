@@ -1,0 +1,160 @@
+"""Learning from traffic: a sampled decision log, labelled by escalations and shadow calls.
+
+A request the small model answered can be labelled when the frontier answers the same
+prompt: on every escalation (free), or by a shadow call made in the background for a
+budgeted sample of requests the small model kept. The label is agreement between the two
+answers (`router.agreement`), or, with `judge: true`, the frontier's own verdict. Rows go to
+a JSON-lines file; `smallfirst router train --from-log FILE` turns them into training rows.
+Prompt and answer text are written only where the policy's `learning.log_text` allows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import random
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+from gateway.engine import Call, Route
+
+log = logging.getLogger("smallfirst.learning")
+
+AskFrontier = Callable[[dict[str, Any]], Awaitable[tuple[str, str]]]  # -> (model, text)
+JUDGE_PROMPT = (
+    "You grade answers. Question:\n{question}\n\nReference answer:\n{reference}\n\n"
+    "Candidate answer:\n{candidate}\n\nIs the candidate answer correct and complete enough "
+    "to give to the user? Reply with one word: yes or no."
+)
+
+
+class TokenBucket:
+    """At most `per_minute` takes a minute, smoothly refilled."""
+
+    def __init__(self, per_minute: float) -> None:
+        self.per_minute = per_minute
+        self.tokens = per_minute
+        self.updated = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(self.per_minute,
+                          self.tokens + (now - self.updated) * self.per_minute / 60)
+        self.updated = now
+        if self.tokens < 1:
+            return False
+        self.tokens -= 1
+        return True
+
+
+class TrafficLearner:
+    def __init__(
+        self, path: Path, ask_frontier: AskFrontier | None,
+        rng: Callable[[], float] = random.random,
+    ) -> None:
+        self.path = path
+        self.ask_frontier = ask_frontier
+        self.rng = rng
+        self._buckets: dict[str, TokenBucket] = {}
+        self._tasks: set[asyncio.Task] = set()
+        self._lock = threading.Lock()
+
+    def observe(self, call: Call) -> None:
+        """Decide, without blocking, what (if anything) this finished request contributes."""
+        settings = call.policy.learning
+        decision, small = call.decision, call.small_answer
+        if decision is None or small is None or not small.text:
+            return
+        if call.frontier_text is not None:
+            if settings.log_escalations or self.rng() < settings.log_sample_rate:
+                self._spawn(self._write(call, call.frontier_text, "escalation"))
+        elif decision.route == Route.SMALL and self._shadow_allowed(call):
+            self._spawn(self._shadow(call))
+        elif self.rng() < settings.log_sample_rate:
+            self._spawn(self._write(call, None, None))
+
+    def _shadow_allowed(self, call: Call) -> bool:
+        settings = call.policy.learning
+        if self.ask_frontier is None or self.rng() >= settings.shadow_rate:
+            return False
+        bucket = self._buckets.get(call.policy.name)
+        if bucket is None or bucket.per_minute != settings.shadow_per_minute:
+            bucket = self._buckets[call.policy.name] = TokenBucket(settings.shadow_per_minute)
+        return bucket.take()
+
+    async def _shadow(self, call: Call) -> None:
+        assert self.ask_frontier is not None
+        try:
+            call.frontier_model, text = await self.ask_frontier(call.params)
+            verdict = await self._judge(call, text) if call.policy.learning.judge else None
+        except Exception as exc:  # a failed shadow call only loses one label
+            log.warning("shadow call failed: %s", exc)
+            return
+        await self._write(call, text, "judge" if verdict is not None else "shadow", verdict)
+
+    async def _judge(self, call: Call, reference: str) -> float | None:
+        assert self.ask_frontier is not None and call.prompt is not None
+        question = JUDGE_PROMPT.format(question=call.prompt.text, reference=reference,
+                                       candidate="".join(call.small_answer.text))
+        _, verdict = await self.ask_frontier(
+            {"messages": [{"role": "user", "content": question}], "temperature": 0,
+             "max_tokens": 3})
+        word = verdict.strip().lower()
+        return 1.0 if word.startswith("yes") else 0.0 if word.startswith("no") else None
+
+    async def _write(
+        self, call: Call, frontier_text: str | None, source: str | None,
+        verdict: float | None = None,
+    ) -> None:
+        try:
+            row = await asyncio.to_thread(_row, call, frontier_text, source, verdict)
+            await asyncio.to_thread(self._append, json.dumps(row, default=str))
+        except Exception as exc:
+            log.warning("decision log write failed: %s", exc)
+
+    def _append(self, line: str) -> None:
+        with self._lock, open(self.path, "a") as out:
+            out.write(line + "\n")
+
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def drain(self) -> None:
+        """Wait for pending writes and shadow calls (at shutdown, and in tests)."""
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+
+
+def _row(call: Call, frontier_text: str | None, source: str | None,
+         verdict: float | None) -> dict[str, Any]:
+    from router.agreement import agreement
+    from router.features import FEATURE_NAMES, feature_row
+
+    decision, small = call.decision, call.small_answer
+    prompt = call.prompt.text if call.prompt else ""
+    answer = small.answer()
+    small_text = answer.text
+    features = feature_row(prompt, small_text, answer.token_logprobs or None, answer.top_logprobs)
+    values = [v if math.isfinite(v) else None for v in features.tolist()]
+    label = verdict
+    if label is None and frontier_text is not None:
+        label = agreement(small_text, frontier_text)
+    row: dict[str, Any] = {
+        "ts": round(time.time(), 3), "request_id": call.request_id, "policy": call.policy.name,
+        "route": decision.route.value, "escalation": decision.escalation,
+        "difficulty": decision.difficulty, "confidence": decision.confidence,
+        "small_model": small.model, "large_model": call.frontier_model,
+        "label_source": source, "agreement": label,
+        "features": dict(zip(FEATURE_NAMES, values, strict=True)),
+    }
+    if call.policy.learning.log_text:
+        row.update(prompt=prompt, small_response=small_text, large_response=frontier_text)
+    return row
+
