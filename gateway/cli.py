@@ -12,6 +12,7 @@ from pathlib import Path
 
 from gateway.cache import admin as cache_admin
 from gateway.config import ConfigError, Settings, load_settings
+from router import cli as router_cli
 
 
 def _serve_settings(args: argparse.Namespace) -> Settings:
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--exit", action="store_true", help="stop after the demo requests")
     demo.set_defaults(func=cmd_demo)
     cache_admin.register(sub)
+    router_cli.register(sub)
     return parser
 
 
