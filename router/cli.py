@@ -154,9 +154,13 @@ def cmd_eval(args) -> int:
     report = {}
     for name in sorted(set(sources)):
         rows = sources == name
-        report[name] = evaluate.dataset_report(predictions, m, rows, args.tolerance,
-                                               args.price_ratio)
-        _usd(report[name], frame, rows)
+        usd = _usd_per_call(frame, rows)
+        ratio = usd[1] / usd[0] if usd and usd[0] > 0 else args.price_ratio
+        report[name] = evaluate.dataset_report(predictions, m, rows, args.tolerance, ratio)
+        if usd:
+            for values in report[name].values():
+                if "cost_at_95" in values:
+                    values["cost_at_95_usd_per_prompt"] = values["cost_at_95"] * usd[1]
         evaluate.plot_curves(predictions, m, rows, name, args.report / f"{name}.png")
     report["_setup"] = setup
     (args.report / "report.json").write_text(json.dumps(report, indent=2, default=_json) + "\n")
@@ -164,13 +168,13 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _usd(dataset_report: dict, frame, rows) -> None:
-    """Replace the price-ratio flag by USD when the rows carry costs."""
+def _usd_per_call(frame, rows) -> tuple[float, float] | None:
+    """Mean USD per call (small, large) when every row carries costs; else None."""
     costs = frame.loc[rows, ["small_cost", "large_cost"]]
-    if costs.notna().all().all():
-        small, large = costs["small_cost"].astype(float), costs["large_cost"].astype(float)
-        dataset_report["summary"]["usd_per_call_small"] = float(small.mean())
-        dataset_report["summary"]["usd_per_call_large"] = float(large.mean())
+    if not costs.notna().all().all():
+        return None
+    return float(costs["small_cost"].astype(float).mean()), float(
+        costs["large_cost"].astype(float).mean())
 
 
 def _json(value):

@@ -98,7 +98,7 @@ def crossfit(m: Matrices, config: TrainConfig, k: int, progress=None) -> Predict
 
 def _mode_metrics(
     probs: np.ndarray, ranking: np.ndarray, small: np.ndarray, large: np.ndarray,
-    y: np.ndarray, price_ratio: float, small_always_called: bool,
+    y: np.ndarray, price_ratio: float, skipped_share: float,
 ) -> dict[str, float]:
     curve = metrics.quality_curve(ranking, small, large)
     return {
@@ -108,7 +108,7 @@ def _mode_metrics(
         "cpt_50": metrics.cpt(curve, 0.5),
         "cpt_80": metrics.cpt(curve, 0.8),
         "small_share_at_95": metrics.small_share_at_quality(curve, 0.95),
-        "cost_at_95": metrics.cost_at_quality(curve, 0.95, price_ratio, small_always_called),
+        "cost_at_95": metrics.cost_at_quality(curve, 0.95, price_ratio, skipped_share),
         "price_ratio": price_ratio,
     }
 
@@ -133,8 +133,8 @@ def dataset_report(
     y = labels(small, large, tolerance)
     report = {}
     for mode, (probs, ranking) in _mode_scores(p, rows).items():
-        report[mode] = _mode_metrics(probs, ranking, small, large, y, price_ratio,
-                                     mode == "confidence")
+        skipped = {"confidence": 0.0, "combined": float((ranking < 0).mean())}.get(mode, 1.0)
+        report[mode] = _mode_metrics(probs, ranking, small, large, y, price_ratio, skipped)
         if mode == "combined":
             report[mode]["skip_rate"] = float((ranking < 0).mean())
             report[mode]["skip_threshold"] = float(np.mean(p.skip_at(rows)))

@@ -11,6 +11,7 @@ import re
 import zlib
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -20,8 +21,9 @@ BUCKETS = 1 << 18
 _TOKEN = re.compile(r"\b\w\w+\b")
 
 
+@lru_cache(maxsize=1024)  # difficulty and then confidence hash the same prompt
 def hashed(text: str) -> tuple[np.ndarray, np.ndarray]:
-    """(bucket indices, 1 + log count) of a text's word uni- and bigrams."""
+    """(bucket indices, 1 + log count) of a text's word uni- and bigrams (do not modify)."""
     words = _TOKEN.findall(text.lower())
     grams = words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]
     counts = Counter(zlib.crc32(g.encode()) & (BUCKETS - 1) for g in grams)

@@ -72,15 +72,16 @@ def cost_at_quality(
     curve: Curve,
     fraction: float = 0.95,
     price_ratio: float = 20.0,
-    small_always_called: bool = True,
+    skipped_share: float = 0.0,
 ) -> float:
     """Cost at that operating point relative to sending everything to the large model.
 
-    A small call costs 1/price_ratio of a large one. In a confidence cascade every prompt pays
-    for the small call; with difficulty routing the skipped prompts do not.
+    A small call costs 1/price_ratio of a large one. Escalated prompts are taken from the
+    skipped ones first (up to `skipped_share`): those never paid for a small call. Prompt-only
+    routing skips every escalated prompt (1.0); a confidence cascade skips none (0.0).
     """
     escalated = 1.0 - small_share_at_quality(curve, fraction)
-    small_calls = 1.0 if small_always_called else 1.0 - escalated
+    small_calls = 1.0 - min(escalated, skipped_share)
     return float(escalated + small_calls / price_ratio)
 
 

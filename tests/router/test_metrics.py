@@ -43,8 +43,9 @@ def test_cpt_never_reached_and_share():
 def test_cost_at_quality_relative_to_all_large():
     c = curve([0.1, 0.2, 0.9, 0.8], [0, 0, 1, 1], [1, 1, 1, 1])
     # half escalated: 0.5 large calls + every prompt's small call at 1/20
-    assert metrics.cost_at_quality(c, 0.95, 20.0, True) == pytest.approx(0.55)
-    assert metrics.cost_at_quality(c, 0.95, 20.0, False) == pytest.approx(0.525)
+    assert metrics.cost_at_quality(c, 0.95, 20.0, 0.0) == pytest.approx(0.55)
+    assert metrics.cost_at_quality(c, 0.95, 20.0, 1.0) == pytest.approx(0.525)
+    assert metrics.cost_at_quality(c, 0.95, 20.0, 0.25) == pytest.approx(0.5375)
 
 
 def test_roc_auc_and_ece():
