@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import time
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, unquote
 
 from gateway.cache.base import CachedAnswer
 
@@ -123,7 +123,8 @@ class RedisExactStore:
         counters = await self.client.hgetall(self.keys.stats)
         scopes: dict[str, int] = {}
         async for name in self.client.scan_iter(match=f"{self.keys.prefix}:n:*", count=500):
-            scopes[_text(name).split(":n:", 1)[1]] = await self.client.zcard(name)
+            tenant, policy = _text(name).split(":n:", 1)[1].split(":", 1)
+            scopes[f"{unquote(tenant)}/{unquote(policy)}"] = await self.client.zcard(name)
         info = await self.client.info("memory")
         return {"backend": "redis", "entries_by_scope": scopes,
                 "entries": sum(scopes.values()),

@@ -25,6 +25,7 @@ from gateway.cache.verifier import (
     FEATURES,
     MODEL_PATH,
     MONOTONE,
+    PairDiff,
     PairVerifier,
     content_hash,
     diff_cosines,
@@ -115,20 +116,30 @@ def pair_matrix(frame: Any, embed: Embed | None,
 
 
 def _embedding_inputs(
-    pairs: list[tuple[str, str]], embed: Embed, cache_dir: Path | None
+    pairs: list[tuple[str, str]], embed: Embed | None, cache_dir: Path | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    key = hashlib.sha256(json.dumps(pairs).encode()).hexdigest()[:16]
-    path = cache_dir / f"cache-pairs-{key}.npz" if cache_dir else None
+    """Pair cosines and changed-part cosines, each cached under a hash of what was embedded."""
+    cosine = _cached(cache_dir, "cache-pairs", pairs, lambda: _pair_cosines(embed, pairs))
+    diffs = [PairDiff.of(a, b).diff_texts() for a, b in pairs]
+    diff = _cached(cache_dir, "cache-diffs", diffs, lambda: diff_cosines(embed, pairs))
+    return cosine, diff
+
+
+def _pair_cosines(embed: Embed | None, pairs: list[tuple[str, str]]) -> np.ndarray:
+    vectors = cache_vectors(embed, [t for pair in pairs for t in pair])  # type: ignore[arg-type]
+    return np.einsum("ij,ij->i", vectors[0::2], vectors[1::2]).astype(np.float64)
+
+
+def _cached(cache_dir: Path | None, name: str, inputs: Any, compute: Any) -> np.ndarray:
+    key = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
+    path = cache_dir / f"{name}-{key}.npy" if cache_dir else None
     if path is not None and path.is_file():
-        stored = np.load(path)
-        return stored["cosine"], stored["diff"]
-    vectors = cache_vectors(embed, [t for pair in pairs for t in pair])
-    cosine = np.einsum("ij,ij->i", vectors[0::2], vectors[1::2]).astype(np.float64)
-    diff = diff_cosines(embed, pairs)
+        return np.load(path)
+    values = np.asarray(compute(), dtype=np.float64)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.savez(path, cosine=cosine, diff=diff)
-    return cosine, diff
+        np.save(path, values)
+    return values
 
 
 def fit(x: np.ndarray, y: np.ndarray, seed: int = 0) -> Any:

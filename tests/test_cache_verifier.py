@@ -1,0 +1,122 @@
+"""The pair verifier: vetoes, the shipped model's integrity, its figures on held-out pairs."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gateway.cache import training
+from gateway.cache.evaluate import evaluate
+from gateway.cache.verifier import (
+    FEATURES,
+    MODEL_PATH,
+    PairVerifier,
+    VerifierError,
+    diff_cosines,
+    features,
+    vetoed,
+)
+
+FIXTURE = Path(__file__).parent / "fixtures" / "cache_pairs.csv"
+PAIRS = training.DEFAULT_PAIRS
+
+
+@pytest.mark.parametrize("cached, new", [
+    ("Convert 5 km to miles.", "Convert 50 km to miles."),
+    ("Sort these in ascending order: 3, 1, 2", "Sort these in descending order: 3, 1, 2"),
+    ("Is it safe to give grapes to dogs?", "Is it unsafe to give grapes to dogs?"),
+    ("What is 32 feet in miles?", "What is 32 miles in feet?"),
+    ("How do I migrate from MySQL to Oracle?", "How do I migrate from Oracle to MySQL?"),
+    ("How do I read a file in Rust?", "How do I read a file in Go?"),
+    ("Which foods contain gluten?", "Which foods do not contain gluten?"),
+    ("Notes:\nAlice owns item 1.\nBob owns item 2.\nWho owns item 2?",
+     "Notes:\nAlice owns item 1.\nCarol owns item 2.\nWho owns item 2?"),
+])
+def test_hard_differences_are_vetoed(cached: str, new: str) -> None:
+    assert vetoed(features(cached, new, cosine=0.99, diff_cosine=0.99))
+    assert PairVerifier.load().probability(cached, new, 0.99, 0.99) == 0.0
+
+
+def test_a_case_change_is_not_vetoed() -> None:
+    verifier = PairVerifier.load()
+    x = features("How do I sort a list in Python?", "how do i sort a list in python", 0.99, 1.0)
+    assert not vetoed(x)
+    assert verifier.probability_of(x) >= verifier.threshold_for(0.01)
+
+
+def test_threshold_follows_the_target() -> None:
+    verifier = PairVerifier.load()
+    assert verifier.threshold_for(0.001) >= verifier.threshold_for(0.01) \
+        >= verifier.threshold_for(0.1)
+
+
+def test_edited_model_file_is_refused(tmp_path: Path) -> None:
+    copy = tmp_path / "verifier.json"
+    shutil.copy(MODEL_PATH, copy)
+    data = json.loads(copy.read_text())
+    data["init"] += 1.0
+    copy.write_text(json.dumps(data))
+    with pytest.raises(VerifierError, match="hash"):
+        PairVerifier.load(copy)
+
+
+def test_exported_trees_match_scikit_learn() -> None:
+    frame = training.read_pairs(FIXTURE)
+    x = training.pair_matrix(frame, None)
+    y = frame.same_answer.to_numpy().astype(int)
+    model = training.fit(x, y)
+    body = {**training.export(model), "calibration": [[0.5, 0.0, 0.0, 1.0]]}
+    ours = np.array([PairVerifier(body).probability_of(row) for row in x])
+    assert np.allclose(ours, training.predict(model, x), atol=1e-6)
+
+
+def test_fixture_columns_match_the_embedding_path() -> None:
+    """The fixture's precomputed cosines come from the same code path as serving."""
+    from gateway.cache.vectors import cache_vectors, default_embed
+
+    frame = training.read_pairs(FIXTURE).head(8)
+    embed = default_embed()
+    pairs = list(zip(frame.q1, frame.q2, strict=True))
+    vectors = cache_vectors(embed, [t for pair in pairs for t in pair])
+    cosine = np.einsum("ij,ij->i", vectors[0::2], vectors[1::2])
+    assert np.allclose(cosine, frame.cosine, atol=2e-3)
+    diff = diff_cosines(embed, pairs)
+    assert np.allclose(diff, frame.diff_cosine, atol=2e-3)
+
+
+def test_held_out_fixture_meets_the_safety_target(tmp_path: Path) -> None:
+    report = evaluate(FIXTURE, embed=None, verifier=PairVerifier.load(),
+                      plot=tmp_path / "tradeoff.png")
+    assert report["rows_left_out_as_trained"] == 0  # the fixture is held-out rows only
+    assert report["false_hit_rate"] <= 0.01
+    assert report["worst_negative_kind"]["rate"] <= 0.07  # at most 1 of ~15 per kind
+    assert report["hit_rate"] >= 0.2
+    assert set(report["by_kind"]) >= {"negation", "direction", "paraphrase_case"}
+    assert (tmp_path / "tradeoff.png").stat().st_size > 10_000
+
+
+def test_cli_eval_writes_the_report(tmp_path: Path) -> None:
+    from gateway.cli import main
+
+    report = tmp_path / "eval.json"
+    assert main(["cache", "eval", "--pairs", str(FIXTURE), "--report", str(report)]) == 0
+    data = json.loads(report.read_text())
+    assert {"hit_rate", "false_hit_rate", "by_kind"} <= set(data)
+    assert report.with_suffix(".png").is_file()
+
+
+@pytest.mark.skipif(not PAIRS.is_file(), reason="labelled pairs (shared data) not present")
+def test_split_is_by_family_and_model_matches_it() -> None:
+    frame = training.read_pairs(PAIRS)
+    test = training.held_out(frame)
+    names = np.array(training.groups(frame))
+    assert not set(names[test]) & set(names[~test])  # no group on both sides
+    assert set(frame.kind[test]) == set(frame.kind)
+    trained = set(PairVerifier.load().data["trained_rows"])
+    ids = [training.row_id(a, b) for a, b in zip(frame.q1, frame.q2, strict=True)]
+    assert trained == {i for i, held in zip(ids, test, strict=True) if not held}
+    assert len(FEATURES) == len(PairVerifier.load().data["features"])
