@@ -27,7 +27,7 @@ from gateway.cache.memory import MemoryExactStore
 from gateway.cache.redis_exact import RedisExactStore
 from gateway.cache.semantic import Candidate, SemanticIndex
 from gateway.cache.vectors import Embed, cache_vector, windows
-from gateway.cache.verifier import PairVerifier, diff_cosines
+from gateway.cache.verifier import PairVerifier, diff_cosines, features, vetoed
 from gateway.policy import CacheSettings
 
 log = logging.getLogger("smallfirst.cache")
@@ -120,10 +120,9 @@ class LayeredCache:
             return None
         key = exact_key(request)
         semantic = self._semantic_inputs(request, settings)
-        vector = self._vector_future(key, request, semantic.text) if semantic else None
         # A task, not asyncio.timeout: redis-py shields its commands from cancellation, so
         # only waiting on a separate task holds the deadline whatever Redis does.
-        work = asyncio.ensure_future(self._lookup(request, settings, key, semantic, vector))
+        work = asyncio.ensure_future(self._lookup(request, settings, key, semantic))
         done, _ = await asyncio.wait({work}, timeout=settings.lookup_deadline_ms / 1000)
         if not done:
             work.cancel()
@@ -139,14 +138,16 @@ class LayeredCache:
         return hit
 
     async def _lookup(self, request: CacheRequest, settings: CacheSettings, key: str,
-                      semantic: _Semantic | None, vector: asyncio.Future | None
-                      ) -> CacheHit | None:
+                      semantic: _Semantic | None) -> CacheHit | None:
+        # Exact first, then embed: an exact hit (a Redis GET) must not pay for, or compete
+        # with, an embedding it does not need.
         if settings.exact:
             answer = await self.exact.get(request.tenant, request.policy, key)
             if answer is not None:
                 return CacheHit("exact", answer)
-        if semantic is None or vector is None:
+        if semantic is None:
             return None
+        vector = self._vector_future(key, request, semantic.text)
         if not self._index_ready:
             self._spawn(self._ensure_index())
             return None
@@ -168,10 +169,16 @@ class LayeredCache:
 
     def _verify(self, text: str, candidates: list[Candidate], threshold: float
                 ) -> tuple[Candidate, float] | None:
-        """The candidate the verifier trusts most, if it reaches the threshold."""
-        diffs = diff_cosines(self._embedder(), [(c.text, text) for c in candidates])
+        """The candidate the verifier trusts most, if it reaches the threshold.
+
+        Vetoes are checked first, so a vetoed candidate costs no embedding of its changes.
+        """
+        open_ = [c for c in candidates if not vetoed(features(c.text, text, c.cosine, 1.0))]
+        if not open_:
+            return None
+        diffs = diff_cosines(self._embedder(), [(c.text, text) for c in open_])
         scored = [(c, self.verifier.probability(c.text, text, c.cosine, d))  # type: ignore
-                  for c, d in zip(candidates, diffs, strict=True)]
+                  for c, d in zip(open_, diffs, strict=True)]
         best = max(scored, key=lambda item: item[1])
         return best if best[1] >= threshold else None
 
