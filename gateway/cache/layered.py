@@ -27,7 +27,7 @@ from gateway.cache.memory import MemoryExactStore
 from gateway.cache.redis_exact import RedisExactStore
 from gateway.cache.semantic import Candidate, SemanticIndex
 from gateway.cache.vectors import Embed, cache_vector, windows
-from gateway.cache.verifier import PairVerifier, diff_cosines, features, vetoed
+from gateway.cache.verifier import FEATURES, PairVerifier, diff_cosines, features, vetoed
 from gateway.policy import CacheSettings
 
 log = logging.getLogger("smallfirst.cache")
@@ -169,18 +169,22 @@ class LayeredCache:
 
     def _verify(self, text: str, candidates: list[Candidate], threshold: float
                 ) -> tuple[Candidate, float] | None:
-        """The candidate the verifier trusts most, if it reaches the threshold.
+        """The first candidate (nearest first) the verifier accepts, if any.
 
-        Vetoes are checked first, so a vetoed candidate costs no embedding of its changes.
+        Vetoes are checked before anything else, so a vetoed candidate costs no embedding.
         """
-        open_ = [c for c in candidates if not vetoed(features(c.text, text, c.cosine, 1.0))]
-        if not open_:
-            return None
-        diffs = diff_cosines(self._embedder(), [(c.text, text) for c in open_])
-        scored = [(c, self.verifier.probability(c.text, text, c.cosine, d))  # type: ignore
-                  for c, d in zip(open_, diffs, strict=True)]
-        best = max(scored, key=lambda item: item[1])
-        return best if best[1] >= threshold else None
+        verifier = self.verifier
+        assert verifier is not None
+        slot = FEATURES.index("diff_cosine")
+        for candidate in candidates:
+            x = features(candidate.text, text, candidate.cosine, 1.0)
+            if vetoed(x):
+                continue
+            x[slot] = diff_cosines(self._embedder(), [(candidate.text, text)])[0]
+            probability = verifier.probability_of(x)
+            if probability >= threshold:
+                return candidate, probability
+        return None
 
     # ---- store -----------------------------------------------------------------------------
 
