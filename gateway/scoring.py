@@ -56,12 +56,13 @@ class ConfidenceScorer(Protocol):
 
 
 def final_user_text(messages: list[dict[str, Any]]) -> str:
+    """The last user message's text (the same string the semantic cache embeds, so the
+    shared embedding is computed once)."""
+    from gateway.cache.fingerprint import text_of
+
     for message in reversed(messages):
         if message.get("role") == "user":
-            content = message.get("content")
-            if isinstance(content, list):
-                return " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-            return content or ""
+            return text_of(message.get("content")) or ""
     return ""
 
 
