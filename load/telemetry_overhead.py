@@ -24,39 +24,14 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import httpx
 import yaml
 
-from load.overhead import BODY, percentiles, poster, timed
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start(args: list[str], ready_url: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    clean = {k: v for k, v in os.environ.items()
-             if not k.startswith(("OTEL_", "SMALLFIRST_"))}
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**clean, "LITELLM_LOCAL_MODEL_COST_MAP": "True", **(env or {})})
-    for _ in range(600):
-        try:
-            if httpx.get(ready_url, timeout=1).status_code == 200:
-                return proc
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise SystemExit(f"{args} did not start")
+from load.harness import ROOT, free_port, percentiles, poster, start, timed
+from load.overhead import BODY
 
 
 def serve_dummy_receiver(port: int) -> None:
@@ -166,12 +141,12 @@ def main() -> None:
     if args.receiver:
         serve_dummy_receiver(args.receiver)
         return
-    up_port, otlp_port = _free_port(), _free_port()
+    up_port, otlp_port = free_port(), free_port()
     upstream, receiver = f"http://127.0.0.1:{up_port}", f"http://127.0.0.1:{otlp_port}"
     procs = [
-        _start([sys.executable, "-m", "load.upstream", "--port", str(up_port)],
+        start([sys.executable, "-m", "load.upstream", "--port", str(up_port)],
                f"{upstream}/health"),
-        _start([sys.executable, "-m", "load.telemetry_overhead", "--receiver", str(otlp_port)],
+        start([sys.executable, "-m", "load.telemetry_overhead", "--receiver", str(otlp_port)],
                f"{receiver}/"),
     ]
     envs = {
@@ -183,7 +158,7 @@ def main() -> None:
     try:
         with tempfile.TemporaryDirectory() as tmp:
             for name, env in envs.items():
-                port = _free_port()
+                port = free_port()
                 config = Path(tmp) / f"{name}.yaml"
                 config.write_text(yaml.safe_dump({
                     "small_model": "hosted_vllm/small-stand-in",
@@ -191,7 +166,7 @@ def main() -> None:
                     "auth": "off", "port": port, "watch_policies": False,
                 }))
                 gateways[name] = f"http://127.0.0.1:{port}"
-                procs.append(_start([sys.executable, "-m", "gateway.cli", "serve", "--config",
+                procs.append(start([sys.executable, "-m", "gateway.cli", "serve", "--config",
                                      str(config)], f"{gateways[name]}/healthz", env))
                 pids[name] = procs[-1].pid
             if httpx.get(f"{gateways['off']}/metrics").status_code != 404:
