@@ -2,9 +2,9 @@
 
 The combined cascade skips the small model when the difficulty score is below
 `difficulty.skip_threshold`, and otherwise escalates a small answer whose confidence score is
-below `confidence.threshold`. The skip threshold is set where the small model is rarely good
-enough (skipping then costs almost no quality and saves the small call); the confidence
-threshold then meets a quality target or an escalation budget on the data given.
+below `confidence.threshold`. The skip threshold is set where the confidence rule would have
+escalated nearly every answer anyway (skipping then changes few decisions and saves the small
+calls); the confidence threshold meets a quality target or an escalation budget on the data.
 """
 
 from __future__ import annotations
@@ -32,14 +32,16 @@ class Thresholds:
 
 
 def _skip_threshold(
-    difficulty: np.ndarray, good: np.ndarray, max_good_rate: float, max_skip: float
+    difficulty: np.ndarray, accepted: np.ndarray, max_accept_rate: float, max_skip: float
 ) -> float:
-    """Largest threshold whose skipped prompts were good enough at most `max_good_rate`."""
+    """Largest difficulty threshold below which the confidence rule would have accepted at
+    most `max_accept_rate` of the answers anyway: skipping those prompts changes few
+    decisions and saves their small-model calls."""
     best = 0.0
-    for q in np.linspace(0.01, max_skip, 50):
+    for q in np.linspace(0.01, max_skip, 30):
         t = float(np.quantile(difficulty, q))
         below = difficulty < t
-        if below.any() and good[below].mean() <= max_good_rate:
+        if below.any() and accepted[below].mean() <= max_accept_rate:
             best = t
     return best
 
@@ -53,32 +55,12 @@ def _cut(sorted_scores: np.ndarray, k: int) -> float:
     return float((sorted_scores[k - 1] + sorted_scores[k]) / 2.0)
 
 
-def choose_thresholds(
-    difficulty: np.ndarray,
-    confidence: np.ndarray | None,
-    small: np.ndarray,
-    large: np.ndarray,
-    target_quality: float | None = None,
-    max_escalation_rate: float | None = None,
-    tolerance: float = 0.05,
-    skip_max_good_rate: float = 0.2,
-    max_skip_rate: float = 0.3,
-) -> Thresholds:
-    """Thresholds meeting `target_quality` (of the large model's) or `max_escalation_rate`.
-
-    Without confidence scores (no answers in the data) the difficulty score does the routing
-    alone and the confidence threshold is 0 (accept every small answer).
-    """
-    if (target_quality is None) == (max_escalation_rate is None):
-        raise ValueError("give exactly one of target_quality and max_escalation_rate")
-    small, large = np.asarray(small, float), np.asarray(large, float)
-    good = small >= large - tolerance
-    if confidence is None:
-        skip, rest_scores = np.zeros(len(small), bool), difficulty
-    else:
-        t_skip = _skip_threshold(difficulty, good, skip_max_good_rate, max_skip_rate)
-        skip, rest_scores = difficulty < t_skip, confidence
-    order = np.nonzero(~skip)[0][np.argsort(rest_scores[~skip], kind="stable")]
+def _operating_point(
+    skip: np.ndarray, scores: np.ndarray, small: np.ndarray, large: np.ndarray,
+    target_quality: float | None, max_escalation_rate: float | None,
+) -> tuple[float, float, float]:
+    """(score cut, quality relative to large, escalation rate) for the prompts not skipped."""
+    order = np.nonzero(~skip)[0][np.argsort(scores[~skip], kind="stable")]
     base = large[skip].sum() + small[order].sum()
     quality = (base + np.concatenate([[0.0], np.cumsum((large - small)[order])])) / len(small)
     escalated = (skip.sum() + np.arange(len(order) + 1)) / len(small)
@@ -88,15 +70,40 @@ def choose_thresholds(
     else:
         ok = np.nonzero(escalated <= max_escalation_rate + 1e-12)[0]
         k = int(ok[np.argmax(quality[ok])]) if ok.size else 0
-    cut = _cut(rest_scores[order], k)
-    skip_t = float(difficulty[skip].max() + 1e-6) if confidence is not None and skip.any() else 0.0
+    relative = float(quality[k] / large.mean()) if large.mean() else 1.0
+    return _cut(scores[order], k), relative, float(escalated[k])
+
+
+def choose_thresholds(
+    difficulty: np.ndarray,
+    confidence: np.ndarray | None,
+    small: np.ndarray,
+    large: np.ndarray,
+    target_quality: float | None = None,
+    max_escalation_rate: float | None = None,
+    skip_max_accept_rate: float = 0.1,
+    max_skip_rate: float = 0.3,
+) -> Thresholds:
+    """Thresholds meeting `target_quality` (of the large model's) or `max_escalation_rate`.
+
+    First the confidence threshold alone; then the skip threshold where that rule would
+    have escalated nearly everything anyway; then the confidence threshold again with the
+    skip in place. Without confidence scores (no answers in the data) the difficulty score
+    routes alone and the confidence threshold is 0 (accept every small answer).
+    """
+    if (target_quality is None) == (max_escalation_rate is None):
+        raise ValueError("give exactly one of target_quality and max_escalation_rate")
+    small, large = np.asarray(small, float), np.asarray(large, float)
+    none = np.zeros(len(small), bool)
+    goal = (target_quality, max_escalation_rate)
     if confidence is None:
-        skip_t, cut = cut, 0.0
-    return Thresholds(
-        skip_threshold=min(skip_t, 1.0), confidence_threshold=cut,
-        quality=float(quality[k] / large.mean()) if large.mean() else 1.0,
-        escalation_rate=float(escalated[k]), skip_rate=float(skip.mean()),
-    )
+        cut, quality, escalated = _operating_point(none, difficulty, small, large, *goal)
+        return Thresholds(cut, 0.0, quality, escalated, escalated)
+    cut, _, _ = _operating_point(none, confidence, small, large, *goal)
+    t_skip = _skip_threshold(difficulty, confidence >= cut, skip_max_accept_rate, max_skip_rate)
+    skip = difficulty < t_skip
+    cut, quality, escalated = _operating_point(skip, confidence, small, large, *goal)
+    return Thresholds(t_skip, cut, quality, escalated, float(skip.mean()))
 
 
 def write_policy(policy: Path, thresholds: Thresholds, bundle: str) -> None:

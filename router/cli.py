@@ -202,9 +202,7 @@ def cmd_calibrate(args) -> int:
     bundle, loaded = _load_models(args)
     p = predict(loaded, m)
     rows = m.has_answer if bundle.confidence_model is not None and m.has_answer.any() else None
-    tolerance = float(bundle.metadata.get("training", {}).get("config", {}).get("tolerance", 0.05))
-    pick = {"target_quality": args.target_quality, "max_escalation_rate": args.max_escalation_rate,
-            "tolerance": tolerance}
+    pick = {"target_quality": args.target_quality, "max_escalation_rate": args.max_escalation_rate}
     if rows is None:
         thresholds = choose_thresholds(p.difficulty, None, m.small, m.large, **pick)
     else:

@@ -58,6 +58,8 @@ class TrainConfig:
     inner_folds: int = 4
     seed: int = 0
     use_logprobs: bool = True  # use logprob features when the rows carry them
+    balance_power: float = 0.5  # tree row weight ~ source size ** -power (1: sources equal)
+    difficulty_hand: bool = True  # prompt hand features in the difficulty model
 
 
 @dataclass
@@ -168,7 +170,16 @@ def _fit_linear(x: np.ndarray, y: np.ndarray, config: TrainConfig) -> LinearPart
     return LinearPart(model.coef_[0].astype(np.float64), float(model.intercept_[0]))
 
 
-def _fit_trees(x: np.ndarray, y: np.ndarray, config: TrainConfig) -> TreeEnsemble:
+def source_weights(sources: list[str], power: float) -> np.ndarray:
+    """Row weights ~ (rows of its source) ** -power, averaging 1: small sources count more."""
+    _, index, counts = np.unique(np.array(sources), return_inverse=True, return_counts=True)
+    weights = counts.astype(np.float64)[index] ** -power
+    return weights / weights.mean()
+
+
+def _fit_trees(
+    x: np.ndarray, y: np.ndarray, config: TrainConfig, weights: np.ndarray | None = None
+) -> TreeEnsemble:
     from sklearn.ensemble import HistGradientBoostingClassifier
 
     model = HistGradientBoostingClassifier(
@@ -177,7 +188,7 @@ def _fit_trees(x: np.ndarray, y: np.ndarray, config: TrainConfig) -> TreeEnsembl
         min_samples_leaf=config.min_samples_leaf,
         l2_regularization=config.l2_regularization, early_stopping=False,
         categorical_features=None, random_state=config.seed,
-    ).fit(x, y)
+    ).fit(x, y, sample_weight=weights)
     return TreeEnsemble.from_sklearn(model)
 
 
@@ -212,7 +223,7 @@ def _oof_logits(
 def _fit_stacked(
     hand: np.ndarray, logits: np.ndarray, y: np.ndarray, folds: np.ndarray,
     columns: np.ndarray, parts: tuple[LinearPart, LexicalPart | None], config: TrainConfig,
-    name: str,
+    name: str, weights: np.ndarray | None = None,
 ) -> tuple[StackedModel, np.ndarray]:
     """Fit trees on hand features + the stacked logits; also return out-of-fold probabilities."""
     columns = _informative(hand, columns)
@@ -222,9 +233,11 @@ def _fit_stacked(
         held = folds == k
         if held.all() or not held.any() or len(np.unique(y[~held])) < 2:
             continue
-        oof[held] = _fit_trees(x[~held], y[~held], config).raw(x[held])
-    calibrator = PlattCalibrator.fit(oof, y)
-    model = StackedModel(columns, parts[0], _fit_trees(x, y, config), calibrator, parts[1])
+        w = weights[~held] if weights is not None else None
+        oof[held] = _fit_trees(x[~held], y[~held], config, w).raw(x[held])
+    calibrator = PlattCalibrator.fit(oof, y)  # on the natural mix, unweighted
+    trees = _fit_trees(x, y, config, weights)
+    model = StackedModel(columns, parts[0], trees, calibrator, parts[1])
     return model, calibrator(oof)
 
 
@@ -237,7 +250,7 @@ def _groups_used(m: Matrices, config: TrainConfig) -> dict[str, list[str]]:
         confidence += list(LOGPROB_FEATURES)
     stacked = ["prompt_embedding", "prompt_ngrams"] if config.lexical_c > 0 else [
         "prompt_embedding"]
-    return {"difficulty": [*stacked, *PROMPT_FEATURES],
+    return {"difficulty": [*stacked, *(PROMPT_FEATURES if config.difficulty_hand else ())],
             "confidence": [*stacked, *confidence] if m.has_answer.any() else []}
 
 
@@ -251,18 +264,20 @@ def fit(m: Matrices, config: TrainConfig | None = None) -> TrainedModels:
     logits, linear, lexical_part = _oof_logits(m, y, folds, config)
     parts = (linear, lexical_part)
     groups = _groups_used(m, config)
-    difficulty, oof_d = _fit_stacked(m.hand, logits, y, folds, _columns(PROMPT_FEATURES), parts,
-                                     config, "difficulty")
+    weights = source_weights(m.datasets, config.balance_power) if m.datasets else None
+    hand_columns = _columns(PROMPT_FEATURES if config.difficulty_hand else ())
+    difficulty, oof_d = _fit_stacked(m.hand, logits, y, folds, hand_columns, parts, config,
+                                     "difficulty", weights)
     confidence, oof_c = None, None
     rows = m.has_answer
     if groups["confidence"]:
         columns = _columns(tuple(n for n in groups["confidence"] if n in FEATURE_NAMES))
         confidence, oof_c = _fit_stacked(m.hand[rows], logits[rows], y[rows], folds[rows],
-                                         columns, parts, config, "confidence")
+                                         columns, parts, config, "confidence",
+                                         weights[rows] if weights is not None else None)
     if oof_c is None:
-        thresholds = choose_thresholds(oof_d, None, m.small, m.large, target_quality=0.95,
-                                       tolerance=config.tolerance)
+        thresholds = choose_thresholds(oof_d, None, m.small, m.large, target_quality=0.95)
     else:
         thresholds = choose_thresholds(oof_d[rows], oof_c, m.small[rows], m.large[rows],
-                                       target_quality=0.95, tolerance=config.tolerance)
+                                       target_quality=0.95)
     return TrainedModels(difficulty, confidence, config, groups, thresholds)

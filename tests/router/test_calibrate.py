@@ -44,3 +44,16 @@ def test_thresholds_meet_target_quality():
 def test_needs_exactly_one_goal():
     with pytest.raises(ValueError):
         choose_thresholds(np.zeros(3), None, np.zeros(3), np.ones(3))
+
+
+def test_skip_threshold_where_answers_would_be_escalated_anyway():
+    rng = np.random.default_rng(1)
+    n = 2000
+    hopeless = np.arange(n) < 400  # the small model fails these, and both scores know it
+    small = np.where(hopeless, 0.0, rng.integers(0, 2, n)).astype(float)
+    large = np.ones(n)
+    difficulty = np.where(hopeless, 0.05, 0.6) + rng.random(n) * 0.01
+    confidence = np.where(hopeless, 0.05, 0.3 + 0.6 * small) + rng.random(n) * 0.01
+    t = choose_thresholds(difficulty, confidence, small, large, target_quality=0.9)
+    assert (difficulty[hopeless] < t.skip_threshold).all()
+    assert 0.2 <= t.skip_rate <= 0.3 and t.quality >= 0.9

@@ -40,3 +40,12 @@ def test_lexical_serving_path_matches_training_path():
                                atol=1e-5)
     restored = LexicalPart.from_arrays(part.to_arrays("l/"), "l/")
     np.testing.assert_allclose(restored.logit(texts), part.logit(texts), atol=1e-2)
+
+
+def test_source_weights_balance_sources():
+    from router.train import source_weights
+
+    w = source_weights(["a"] * 90 + ["b"] * 10, power=1.0)
+    assert w.mean() == 1.0 or abs(w.mean() - 1.0) < 1e-12
+    assert abs(w[:90].sum() - w[90:].sum()) < 1e-9
+    assert (source_weights(["a", "b"], power=0.5) == 1.0).all()
