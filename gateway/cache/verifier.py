@@ -239,6 +239,37 @@ def _jaccard(a: set[str], b: set[str]) -> float:
     return len(a & b) / len(a | b) if a | b else 1.0
 
 
+INFLECTIONS = frozenset("s es ed d ing able ly er ers al".split())
+
+
+def _spelling_variant(a: str, b: str) -> bool:
+    """A typo of the same word: one letter added, dropped, changed or two swapped ("recioe"/
+    "recipe", "mteers"/"meters"; two edits in long words), not another form of it ("mean"/
+    "means"), another common word ("where"/"there") or another name ("Austria"/"Australia")."""
+    short, long_ = sorted((a, b), key=len)
+    if long_.startswith(short) and long_[len(short):] in INFLECTIONS:
+        return False
+    if a in STOPWORDS and b in STOPWORDS:
+        return False
+    return _edits(a, b) <= (2 if len(short) >= 8 else 1)
+
+
+def _edits(a: str, b: str) -> int:
+    """Optimal string alignment distance (Levenshtein with adjacent swaps)."""
+    if abs(len(a) - len(b)) > 2:
+        return 3
+    prev2: list[int] = []
+    prev = list(range(len(b) + 1))
+    for i in range(1, len(a) + 1):
+        row = [i] + [0] * len(b)
+        for j in range(1, len(b) + 1):
+            row[j] = min(prev[j] + 1, row[j - 1] + 1, prev[j - 1] + (a[i - 1] != b[j - 1]))
+            if i > 1 and j > 1 and a[i - 1] == b[j - 2] and a[i - 2] == b[j - 1]:
+                row[j] = min(row[j], prev2[j - 2] + 1)
+        prev2, prev = prev, row
+    return prev[-1]
+
+
 def _typo_pairs(only_a: list[str], only_b: list[str]) -> tuple[int, set[str], set[str]]:
     """Pair up changed words that are spelling variants of each other (typos, case)."""
     rest_a, rest_b = set(only_a), set(only_b)
@@ -250,7 +281,7 @@ def _typo_pairs(only_a: list[str], only_b: list[str]) -> tuple[int, set[str], se
             (w for w in rest_b if not _is_number(w)),
             key=lambda w: difflib.SequenceMatcher(None, word, w).ratio(), default=None,
         )
-        if match and difflib.SequenceMatcher(None, word, match).ratio() >= 0.8:
+        if match and _spelling_variant(word, match):
             pairs += 1
             rest_a.discard(word)
             rest_b.discard(match)
@@ -258,7 +289,8 @@ def _typo_pairs(only_a: list[str], only_b: list[str]) -> tuple[int, set[str], se
 
 
 def _roles(words: list[str]) -> dict[str, str]:
-    """Content word -> the preposition in front of it ("from X to Y")."""
+    """Content word -> the preposition right in front of it ("from X to Y"; "to convert
+    X to Y" gives X none)."""
     roles: dict[str, str] = {}
     current = ""
     for word in words:
@@ -266,6 +298,7 @@ def _roles(words: list[str]) -> dict[str, str]:
             current = word
         elif word not in STOPWORDS:
             roles.setdefault(word, current)
+            current = ""
     return roles
 
 
@@ -278,11 +311,14 @@ def _role_changes(ta: list[str], tb: list[str], named: set[str]) -> tuple[int, i
     roles_a, roles_b = _roles(ta), _roles(tb)
     changed = [(w, roles_a[w], roles_b[w]) for w in roles_a.keys() & roles_b.keys()
                if roles_a[w] != roles_b[w]]
-    direction = sum(
-        1 for w, ra, rb in changed
-        if ({ra, rb} <= DIRECTION_ROLES | {""} and {ra, rb} & DIRECTION_ROLES)
-        or ({ra, rb} <= DIRECTION_ROLES | {"", "in"} and w in named)
-    )
+    moves = {w: (ra, rb) for w, ra, rb in changed
+             if ({ra, rb} <= DIRECTION_ROLES | {""} and {ra, rb} & DIRECTION_ROLES)
+             or ({ra, rb} <= DIRECTION_ROLES | {"", "in"} and w in named)}
+    # Words trading places ("a string to base32" / "base32 to a string"), or one moving from
+    # "from" to "to": a plain word gaining a "to" ("how to make X" / "recipe for X") is not.
+    reversed_moves = {(rb, ra) for ra, rb in moves.values()}
+    direction = sum(1 for ra, rb in moves.values()
+                    if (ra, rb) in reversed_moves or {ra, rb} <= DIRECTION_ROLES)
     return len(changed), direction
 
 
