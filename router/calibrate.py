@@ -81,8 +81,8 @@ def choose_thresholds(
     large: np.ndarray,
     target_quality: float | None = None,
     max_escalation_rate: float | None = None,
-    skip_max_accept_rate: float = 0.1,
-    max_skip_rate: float = 0.3,
+    skip_max_accept_rate: float = 0.05,
+    max_skip_rate: float = 0.2,
 ) -> Thresholds:
     """Thresholds meeting `target_quality` (of the large model's) or `max_escalation_rate`.
 

@@ -53,10 +53,9 @@ _NAN = float("nan")
 _WORD = re.compile(r"[A-Za-z][A-Za-z']+")
 _NUMBER = re.compile(r"(?<![\w.])-?\$?\d[\d,]*(?:\.\d+)?%?")
 _OPTION = re.compile(r"^\s*\(?([A-J])[.)]\s+(.+)$", re.M)
-_CODE = re.compile(
-    r"```|\bdef |\bclass |\breturn\b|;\s*$|\{\s*$|#include|\bimport |=>|\)\s*\{", re.M
-)
-_MATH = re.compile(r"[=+*/^<>]|\bsqrt\b|\bsum\b|\bintegral\b|\bderivative\b|\bequation\b")
+_CODE_MARKERS = ("```", "def ", "class ", "return ", "#include", "import ", "=>", "){", ") {")
+_MATH_MARKERS = ("=", "+", "*", "/", "^", "<", ">", "sqrt", "sum", "integral", "derivative",
+                 "equation")
 _LATEX = re.compile(r"\\[a-z]+|\$[^$]+\$")
 _UNITS = re.compile(r"\b(?:km|kg|cm|mm|m/s|mph|hours?|minutes?|seconds?|miles?|meters?|"
                     r"grams?|liters?|pounds?|feet|inches|mol|J|K|N|Pa|V|W|Hz)\b")
@@ -75,6 +74,8 @@ _ARITH = re.compile(r"((?:[-(]?\$?\d[\d,]*(?:\.\d+)?%?\)?\s*[-+*/x×÷]\s*)+"
                     r"[(]?\$?\d[\d,]*(?:\.\d+)?%?\)*)\s*=\s*\$?(-?\d[\d,]*(?:\.\d+)?)")
 _CALC = re.compile(r"<<([^<>=]{1,80})=([^<>]{1,40})>>")
 _LETTER_REF = re.compile(r"\(([A-J])\)")
+_DIGITS = str.maketrans("", "", "0123456789")
+_UPPER = str.maketrans("", "", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
 _STOP = frozenset("the a an of to in and or is are be for on with as by that this it at from "
                   "which what how many much".split())
 
@@ -109,6 +110,12 @@ def _question_text(prompt: str) -> str:
     return prompt[: first_option.start()] if first_option else prompt
 
 
+def _code_markers(text: str) -> int:
+    """Code-looking substrings plus lines that end in `;` or `{` (cheap on long prompts)."""
+    ends = sum(1 for line in text.splitlines() if line.rstrip().endswith((";", "{")))
+    return ends + sum(text.count(m) for m in _CODE_MARKERS)
+
+
 def prompt_features(prompt: str) -> list[float]:
     """Length, structure, code and maths markers and question type of a prompt."""
     text = prompt or ""
@@ -116,17 +123,18 @@ def prompt_features(prompt: str) -> list[float]:
     numbers = _numbers(text)
     options = _options(text)
     question = _question_text(text).lower()
+    lower = text.lower()
     return [
         _log1p(len(text)),
         _log1p(len(text.split())),
         float(text.count("\n") + 1),
         float(len(re.findall(r"[.!?](?:\s|$)", text))),
-        sum(c.isdigit() for c in text) / chars,
-        sum(c.isupper() for c in text) / chars,
+        (len(text) - len(text.translate(_DIGITS))) / chars,
+        (len(text) - len(text.translate(_UPPER))) / chars,
         _log1p(len(numbers)),
         _log1p(max((abs(v) for v in numbers), default=0.0)),
-        float(len(_CODE.findall(text))),
-        float(len(_MATH.findall(text))),
+        float(_code_markers(text)),
+        float(sum(lower.count(m) for m in _MATH_MARKERS)),
         float(len(_LATEX.findall(text))),
         float(len(options)),
         _log1p(float(np.mean([len(o) for o in options.values()])) if options else 0.0),
@@ -136,7 +144,7 @@ def prompt_features(prompt: str) -> list[float]:
                              question))),
         float(bool(re.search(r"\b(?:write|compose|draft|describe|create|generate)\b", question))),
         float(bool(re.search(r"\b(?:why|explain|discuss|compare)\b", question))),
-        float(bool(re.search(r"\b(?:statement 1|true or false|true, false)\b", text.lower()))),
+        float(bool(re.search(r"\b(?:statement 1|true or false|true, false)\b", lower))),
         float(bool(re.search(r"\b(?:not|except|least|false|incorrect)\b", question))),
         float(bool(re.search(r"[$%€£]", text))),
         float(len(_UNITS.findall(text))),
@@ -213,6 +221,7 @@ def answer_features(prompt: str, answer: str | None) -> list[float]:
     final_value = _to_float(final) if final and not final.isalpha() else None
     checked, wrong, last = _arithmetic(text)
     prompt_numbers = set(_numbers(prompt))
+    answer_numbers = _numbers(text)
     answer_words, prompt_words = _words(text), _words(prompt)
     body = text[: matches[-1].start()] if matches else text
     option_text = options.get(final.upper(), "") if final and final.isalpha() else ""
@@ -240,14 +249,14 @@ def answer_features(prompt: str, answer: str | None) -> list[float]:
         float(checked),
         float(wrong),
         wrong / checked if checked else _NAN,
-        len(prompt_numbers & set(_numbers(text))) / len(prompt_numbers) if prompt_numbers
+        len(prompt_numbers & set(answer_numbers)) / len(prompt_numbers) if prompt_numbers
         else _NAN,
         len(answer_words & prompt_words) / max(len(answer_words | prompt_words), 1),
         len(answer_words - prompt_words) / max(len(answer_words), 1),
         _repetition([w.lower() for w in words]),
         float(bool(text) and text[-1] not in ".!?)]}*\"'`$%" and not text[-1].isdigit()),
         float(text.count("?")),
-        _log1p(len(_numbers(text))),
+        _log1p(len(answer_numbers)),
         checked / max(len(prompt_numbers), 1),
         _scale(final_value, prompt_numbers),
         _eq_body_last(final_value, body),

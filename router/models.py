@@ -83,6 +83,8 @@ class TreeEnsemble:
     def raw(self, x: np.ndarray) -> np.ndarray:
         """Raw log-odds for rows x (n, d); NaN follows each split's learned missing side."""
         x = np.atleast_2d(x)
+        if x.shape[0] == 1:
+            return np.array([self._raw_one(x[0])])
         rows = np.arange(x.shape[0])[:, None]
         node = np.broadcast_to(self.roots, (x.shape[0], len(self.roots)))
         for _ in range(self.depth):
@@ -93,6 +95,18 @@ class TreeEnsemble:
                 go_left = np.where(nan, self.missing_left[node], go_left)
             node = np.where(go_left, self.left[node], self.right[node])
         return self.value[node].sum(axis=1) + self.baseline
+
+    def _raw_one(self, x: np.ndarray) -> float:
+        """One row (the serving case): the same walk on 1-d arrays."""
+        node = self.roots
+        nan = np.isnan(x)
+        for _ in range(self.depth):
+            feature = self.feature[node]
+            go_left = x[feature] <= self.threshold[node]
+            if nan.any():
+                go_left = np.where(nan[feature], self.missing_left[node], go_left)
+            node = np.where(go_left, self.left[node], self.right[node])
+        return float(self.value[node].sum() + self.baseline)
 
     _FIELDS = ("feature", "threshold", "left", "right", "missing_left", "value", "roots")
 

@@ -49,8 +49,8 @@ class TrainConfig:
     label: str = "good_enough"  # or "small_correct": small_score >= 0.5
     linear_c: float = 0.5
     lexical_c: float = 1.0  # 0 turns the hashed n-gram model off
-    max_iter: int = 300
-    learning_rate: float = 0.05
+    max_iter: int = 200
+    learning_rate: float = 0.075
     max_leaf_nodes: int = 15
     max_depth: int = 6  # bounds the serving cost: one vectorised step per level
     min_samples_leaf: int = 40

@@ -49,3 +49,13 @@ def test_source_weights_balance_sources():
     assert w.mean() == 1.0 or abs(w.mean() - 1.0) < 1e-12
     assert abs(w[:90].sum() - w[90:].sum()) < 1e-9
     assert (source_weights(["a", "b"], power=0.5) == 1.0).all()
+
+
+def test_single_row_walk_matches_batch_walk():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(300, 4))
+    x[rng.random(x.shape) < 0.3] = np.nan
+    y = np.nan_to_num(x[:, 0]) > 0
+    trees = TreeEnsemble.from_sklearn(HistGradientBoostingClassifier(max_iter=20).fit(x, y))
+    batch = trees.raw(x[:20])
+    np.testing.assert_allclose([trees.raw(row[None, :])[0] for row in x[:20]], batch)
