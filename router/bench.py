@@ -96,11 +96,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def _prompt_only_cache_clear() -> None:
     """Time the cold path: every request brings a new prompt."""
+    from router.features import _prompt_parts
     from router.lexical import hashed
     from router.serving import _prompt_part
 
-    _prompt_part.cache_clear()
-    hashed.cache_clear()
+    for cached in (_prompt_part, _prompt_parts, hashed):
+        cached.cache_clear()
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import ast
 import math
 import re
 from collections.abc import Sequence
+from functools import lru_cache
 
 import numpy as np
 
@@ -98,7 +99,13 @@ def _numbers(text: str) -> list[float]:
 
 
 def _words(text: str) -> set[str]:
-    return {w.lower() for w in _WORD.findall(text)} - _STOP
+    return set(_WORD.findall(text.lower())) - _STOP
+
+
+@lru_cache(maxsize=1024)  # a prompt is read by both scorers: parse it once
+def _prompt_parts(prompt: str) -> tuple[tuple[float, ...], frozenset[str], dict[str, str]]:
+    """(numbers, content words, lettered options) of a prompt; treat as read-only."""
+    return tuple(_numbers(prompt)), frozenset(_words(prompt)), _options(prompt)
 
 
 def _options(prompt: str) -> dict[str, str]:
@@ -120,8 +127,7 @@ def prompt_features(prompt: str) -> list[float]:
     """Length, structure, code and maths markers and question type of a prompt."""
     text = prompt or ""
     chars = max(len(text), 1)
-    numbers = _numbers(text)
-    options = _options(text)
+    numbers, _, options = _prompt_parts(text)
     question = _question_text(text).lower()
     lower = text.lower()
     return [
@@ -217,12 +223,12 @@ def answer_features(prompt: str, answer: str | None) -> list[float]:
     text, prompt = answer.strip(), prompt or ""
     words = text.split()
     matches, final = _final_answer(text)
-    options = _options(prompt)
+    prompt_number_list, prompt_words, options = _prompt_parts(prompt)
     final_value = _to_float(final) if final and not final.isalpha() else None
     checked, wrong, last = _arithmetic(text)
-    prompt_numbers = set(_numbers(prompt))
+    prompt_numbers = set(prompt_number_list)
     answer_numbers = _numbers(text)
-    answer_words, prompt_words = _words(text), _words(prompt)
+    answer_words = _words(text)
     body = text[: matches[-1].start()] if matches else text
     option_text = options.get(final.upper(), "") if final and final.isalpha() else ""
     finals = [m.group(1).upper() for m in matches]

@@ -8,10 +8,9 @@ that vector becomes one more stacked input, next to the embedding's.
 from __future__ import annotations
 
 import re
-import zlib
-from collections import Counter
 from dataclasses import dataclass
 from functools import lru_cache
+from zlib import crc32
 
 import numpy as np
 
@@ -26,11 +25,11 @@ def hashed(text: str) -> tuple[np.ndarray, np.ndarray]:
     """(bucket indices, 1 + log count) of a text's word uni- and bigrams (do not modify)."""
     words = _TOKEN.findall(text.lower())
     grams = words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]
-    counts = Counter(zlib.crc32(g.encode()) & (BUCKETS - 1) for g in grams)
-    if not counts:
+    if not grams:
         return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.float32)
-    index = np.fromiter(counts.keys(), dtype=np.int32, count=len(counts))
-    return index, 1.0 + np.log(np.fromiter(counts.values(), dtype=np.float32, count=len(counts)))
+    buckets = np.array([crc32(g.encode()) for g in grams], dtype=np.uint32) & (BUCKETS - 1)
+    index, counts = np.unique(buckets.astype(np.int32), return_counts=True)
+    return index, 1.0 + np.log(counts.astype(np.float32))
 
 
 def matrix(texts: list[str]):

@@ -100,13 +100,25 @@ class TreeEnsemble:
         """One row (the serving case): the same walk on 1-d arrays."""
         node = self.roots
         nan = np.isnan(x)
+        has_nan = bool(nan.any())
+        children = self._children
         for _ in range(self.depth):
             feature = self.feature[node]
             go_left = x[feature] <= self.threshold[node]
-            if nan.any():
-                go_left = np.where(nan[feature], self.missing_left[node], go_left)
-            node = np.where(go_left, self.left[node], self.right[node])
+            if has_nan:
+                missing = nan[feature]
+                go_left = (go_left & ~missing) | (missing & self.missing_left[node])
+            node = children[node, go_left.view(np.uint8)]
         return float(self.value[node].sum() + self.baseline)
+
+    @property
+    def _children(self) -> np.ndarray:
+        """(n_nodes, 2): [right, left] child of every node, built once."""
+        cached = self.__dict__.get("_children_cache")
+        if cached is None:
+            cached = np.stack([self.right, self.left], axis=1)
+            object.__setattr__(self, "_children_cache", cached)
+        return cached
 
     _FIELDS = ("feature", "threshold", "left", "right", "missing_left", "value", "roots")
 
