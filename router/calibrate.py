@@ -106,23 +106,49 @@ def choose_thresholds(
     return Thresholds(t_skip, cut, quality, escalated, float(skip.mean()))
 
 
-def write_policy(policy: Path, thresholds: Thresholds, bundle: str) -> None:
-    """Set the learned scorers, bundle and thresholds in a policy YAML, keeping its comments."""
+def write_policy(policy: Path, thresholds: Thresholds, bundle: str, note: str = "") -> None:
+    """Set the learned scorers, bundle and thresholds in a policy YAML, keeping its comments.
+
+    Comments on other keys are kept as they are; an end-of-line comment on a key this
+    rewrites would describe the old value, so it is replaced by one saying where the new
+    value came from.
+    """
     from ruamel.yaml import YAML
     from ruamel.yaml.comments import CommentedMap
 
     yaml = YAML()
     yaml.preserve_quotes = True
+    yaml.width = 4096  # never re-wrap the operator's long lines
     path = Path(policy)
     data = yaml.load(path.read_text()) if path.exists() else CommentedMap()
+    comment = "set by `router calibrate`" + (f" ({note})" if note else "")
     for section, key, value in (
         ("difficulty", "skip_threshold", thresholds.skip_threshold),
         ("confidence", "threshold", thresholds.confidence_threshold),
     ):
         if data.get(section) is None:
             data[section] = CommentedMap()
-        data[section]["scorer"] = "learned"
-        data[section]["bundle"] = bundle
-        data[section][key] = round(float(value), 4)
+        part = data[section]
+        part["scorer"] = "learned"
+        part["bundle"] = bundle
+        part[key] = round(float(value), 4)
+        _replace_comment(part, "scorer", None)
+        _replace_comment(part, key, comment)
     with path.open("w") as handle:
         yaml.dump(data, handle)
+
+
+def _replace_comment(mapping, key: str, text: str | None) -> None:
+    """Drop a key's end-of-line comment, then add `text` as its new one."""
+    items = getattr(mapping, "ca", None)
+    if items is not None and key in items.items:
+        old = items.items[key][2]
+        # keep the line break (and any full-line comments) the old token carried
+        tail = old.value[old.value.index("\n"):] if old is not None and "\n" in old.value else ""
+        items.items.pop(key)
+        if tail.strip() or (tail and text is None):
+            from ruamel.yaml.tokens import CommentToken
+
+            mapping.ca.items[key] = [None, None, CommentToken(tail, old.start_mark, None), None]
+    if text:
+        mapping.yaml_add_eol_comment(text, key)

@@ -209,7 +209,10 @@ def cmd_calibrate(args) -> int:
         thresholds = choose_thresholds(p.difficulty[rows], p.confidence[rows], m.small[rows],
                                        m.large[rows], **pick)
     reference = args.bundle_ref or str(args.model or "default")
-    write_policy(args.policy, thresholds, reference)
+    goal = (f"target quality {args.target_quality}" if args.target_quality is not None
+            else f"max escalation rate {args.max_escalation_rate}")
+    write_policy(args.policy, thresholds, reference,
+                 f"{goal} on {', '.join(p.name for p in args.data)}")
     print(json.dumps({"policy": str(args.policy), "bundle": reference, **thresholds.as_dict()}))
     return 0
 

@@ -11,20 +11,25 @@ difficulty:
 confidence:
   scorer: logprob
   threshold: 0.5             # accept when sure
-  min_token_logprob: -9.0
+  min_token_logprob: -9.0    # untouched key keeps its comment
+streaming:
+  mode: buffer  # and so does every other section
 """
 
 
 def test_write_policy_preserves_comments(tmp_path):
     path = tmp_path / "auto.yaml"
     path.write_text(POLICY)
-    write_policy(path, Thresholds(0.12, 0.61, 0.95, 0.3, 0.05), "router/bundles/default")
+    write_policy(path, Thresholds(0.12, 0.61, 0.95, 0.3, 0.05), "router/bundles/default", "t")
     text = path.read_text()
     assert "# The default policy: a comment that must survive." in text
-    assert "# accept when sure" in text and "# never skip" in text
+    assert "# untouched key keeps its comment" in text and "# and so does every other" in text
+    # comments that described the replaced values say where the new ones came from
+    assert "# accept when sure" not in text and "# never skip" not in text
+    assert text.count("# set by `router calibrate` (t)") == 2
     assert "scorer: learned" in text and "bundle: router/bundles/default" in text
     assert "threshold: 0.61" in text and "skip_threshold: 0.12" in text
-    assert "min_token_logprob: -9.0" in text
+    assert "min_token_logprob: -9.0" in text and "mode: buffer" in text
 
 
 def test_thresholds_meet_target_quality():

@@ -46,12 +46,14 @@ def test_eval_cross_fit_has_the_baseline(fake_embedder, tmp_path):
 
 def test_calibrate_writes_policy(trained_bundle, fake_embedder, tmp_path):
     policy = tmp_path / "p.yaml"
-    policy.write_text("# keep me\nname: auto\nconfidence:\n  threshold: 0.5  # and me\n")
+    policy.write_text("# keep me\nname: auto\nconfidence:\n  threshold: 0.5  # old\n"
+                      "  min_token_logprob: -9.0  # and me\n")
     args = ["calibrate", "--model", str(trained_bundle), "--data", *map(str, FIXTURE_FILES),
             "--target-quality", "0.9", "--policy", str(policy), "--bundle-ref", "b"]
     assert main(args) == 0
     text = policy.read_text()
     assert "# keep me" in text and "# and me" in text and "bundle: b" in text
+    assert "# old" not in text and "target quality 0.9" in text
 
 
 def test_bad_input_is_a_clean_error(tmp_path, capsys):
