@@ -18,8 +18,8 @@ __all__ = ["add_commands", "main", "register"]
 DEFAULT_PRICE_RATIO = 20.0
 
 
-def _data_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", nargs="+", required=True, type=Path,
+def _data_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument("--data", nargs="+", required=required, type=Path,
                         help="outcome parquet files (the labelled outcomes schema)")
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="embedding cache (default $SMALLFIRST_CACHE_DIR or .cache-embeddings)")
@@ -34,7 +34,10 @@ def _model_arg(parser: argparse.ArgumentParser) -> None:
 def add_commands(sub) -> None:
     """Add train, eval and calibrate to an argparse subparsers object."""
     train = sub.add_parser("train", help="train a bundle from outcome rows")
-    _data_args(train)
+    _data_args(train, required=False)
+    train.add_argument("--from-log", nargs="+", type=Path, default=[], metavar="LOG",
+                       help="the gateway's decision log (JSON lines): its labelled rows with "
+                       "text become training rows, alone or added to --data")
     train.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     train.add_argument("--version", default=None, help="bundle version (default: today's date)")
     train.add_argument("--tolerance", type=float, default=0.05,
@@ -84,6 +87,24 @@ def _matrices(args, paths: list[Path]):
 
 
 def cmd_train(args) -> int:
+    import tempfile
+
+    from router.traffic import outcome_rows, read_log, write_parquet
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if args.from_log:
+            rows = outcome_rows(read_log(args.from_log))
+            print(f"{len(rows)} labelled rows with text in the decision log")
+            if rows:
+                args.data = [*(args.data or []), write_parquet(rows, Path(tmp) / "traffic.parquet")]
+        if not args.data:
+            print("router train: no training rows (give --data, or a --from-log with labelled "
+                  "rows that carry text)", file=sys.stderr)
+            return 2
+        return _train(args)
+
+
+def _train(args) -> int:
     from router.bundle import write_bundle
     from router.data import fingerprint
     from router.embedding import DIM, MAX_TOKENS, MODEL_ID

@@ -59,3 +59,30 @@ def test_calibrate_writes_policy(trained_bundle, fake_embedder, tmp_path):
 def test_bad_input_is_a_clean_error(tmp_path, capsys):
     assert main(["train", "--data", str(tmp_path / "none.parquet"), "--out", str(tmp_path)]) == 2
     assert "router: error" in capsys.readouterr().err
+
+
+def test_train_from_the_gateway_decision_log(fake_embedder, tmp_path):
+    import pandas as pd
+
+    gsm = next(p for p in FIXTURE_FILES if "gsm8k" in p.name)
+    frame = pd.read_parquet(gsm).head(60)
+    log = tmp_path / "decisions.jsonl"
+    records = [{"request_id": f"r{i}", "policy": "auto", "prompt": row.prompt,
+                "small_response": row.small_response, "large_response": "The answer is 42.",
+                "agreement": float(row.small_score >= row.large_score),
+                "small_model": "small", "large_model": "large"}
+               for i, row in enumerate(frame.itertuples())]
+    log.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    out = tmp_path / "bundle"
+    assert main(["train", "--data", str(gsm), "--from-log", str(log), "--out", str(out),
+                 "--version", "traffic", "--cache-dir", str(tmp_path / "cache")]) == 0
+    meta = json.loads((out / "bundle.json").read_text())
+    assert set(meta["training"]["data"]) == {gsm.name, "traffic.parquet"}
+    assert meta["training"]["rows"] == len(pd.read_parquet(gsm)) + len(records)
+
+
+def test_train_refuses_a_log_without_usable_rows(tmp_path, capsys):
+    log = tmp_path / "decisions.jsonl"
+    log.write_text(json.dumps({"request_id": "a", "agreement": 1.0}) + "\n")  # no text
+    assert main(["train", "--from-log", str(log), "--out", str(tmp_path / "b")]) == 2
+    assert "no training rows" in capsys.readouterr().err
