@@ -25,6 +25,7 @@ from gateway import sse
 from gateway.auth import Tenant
 from gateway.engine import Call, Decision
 from gateway.errors import (
+    ClientDisconnected,
     GatewayError,
     InvalidRequest,
     NotFound,
@@ -127,13 +128,6 @@ async def read_json(request: Request) -> Any:
         return json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise InvalidRequest("We could not parse the JSON body of your request.") from None
-
-
-class ClientDisconnected(GatewayError):
-    """The client went away before the answer was ready; nobody is left to read a reply."""
-
-    status_code = 499  # "client closed request", as nginx logs it
-    error_type = "client_disconnected"
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:

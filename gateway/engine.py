@@ -54,6 +54,32 @@ class Route(StrEnum):
     CACHE_SEMANTIC = "cache_semantic"
 
 
+class Usage:
+    """Token usage summed over every model attempt of one request, and per model."""
+
+    def __init__(self) -> None:
+        self.prompt = self.completion = 0
+        self.by_model: dict[str, dict[str, int]] = {}
+
+    def add(self, usage: dict[str, Any] | None, model: str) -> None:
+        if not usage:
+            return
+        prompt = usage.get("prompt_tokens") or 0
+        completion = usage.get("completion_tokens") or 0
+        self.prompt += prompt
+        self.completion += completion
+        spent = self.by_model.setdefault(model, {"prompt_tokens": 0, "completion_tokens": 0})
+        spent["prompt_tokens"] += prompt
+        spent["completion_tokens"] += completion
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt,
+            "completion_tokens": self.completion,
+            "total_tokens": self.prompt + self.completion,
+        }
+
+
 @dataclass
 class Decision:
     """How a request was routed, and why; reported in response headers."""
@@ -80,7 +106,7 @@ class Call:
     read_cache: bool = True  # Cache-Control: no-cache turns reads off
     write_cache: bool = True  # Cache-Control: no-store turns writes off
     timings: Timings = field(default_factory=Timings)
-    usage: Usage = field(default_factory=lambda: Usage())
+    usage: Usage = field(default_factory=Usage)
     served_from_cache: dict[str, Any] | None = None  # a cache hit's original usage
     prompt: Prompt | None = None  # what the scorers see, built on first use
     decision: Decision | None = None
@@ -108,32 +134,6 @@ class Call:
     def cache_request(self) -> CacheRequest:
         return CacheRequest(self.tenant, self.policy.name, self.direct or self.policy.name,
                             self.params)
-
-
-class Usage:
-    """Token usage summed over every model attempt of one request, and per model."""
-
-    def __init__(self) -> None:
-        self.prompt = self.completion = 0
-        self.by_model: dict[str, dict[str, int]] = {}
-
-    def add(self, usage: dict[str, Any] | None, model: str) -> None:
-        if not usage:
-            return
-        prompt = usage.get("prompt_tokens") or 0
-        completion = usage.get("completion_tokens") or 0
-        self.prompt += prompt
-        self.completion += completion
-        spent = self.by_model.setdefault(model, {"prompt_tokens": 0, "completion_tokens": 0})
-        spent["prompt_tokens"] += prompt
-        spent["completion_tokens"] += completion
-
-    def as_dict(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt,
-            "completion_tokens": self.completion,
-            "total_tokens": self.prompt + self.completion,
-        }
 
 
 class Assembly:

@@ -8,7 +8,8 @@
     ├── PayloadTooLarge       413     body over the configured limit
     ├── RateLimited           429     gateway saturated or upstream rate limit (with Retry-After)
     ├── UpstreamError         502     every backend failed
-    └── UpstreamTimeout       504     every backend ran past its deadline
+    ├── UpstreamTimeout       504     every backend ran past its deadline
+    └── ClientDisconnected    499     the client left first (only ever logged)
 
 Third-party errors (litellm, httpx) are translated at the backend boundary and chained.
 """
@@ -102,3 +103,10 @@ class UpstreamTimeout(GatewayError):
     status_code = 504
     error_type = "upstream_error"
     code = "upstream_timeout"
+
+
+class ClientDisconnected(GatewayError):
+    """The client went away before the answer was ready; nobody is left to read a reply."""
+
+    status_code = 499  # "client closed request", as nginx logs it
+    error_type = "client_disconnected"
