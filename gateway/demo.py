@@ -81,6 +81,8 @@ async def _serve_and_show(settings: Settings, keep_running: bool) -> None:
     async with httpx.AsyncClient(base_url=base, timeout=120) as client:
         for policy, question in QUESTIONS:
             await _ask(client, policy, question)
+        print("The first question again (an exact repeat: served from the in-process cache):")
+        await _ask(client, *QUESTIONS[0])
         await _ask_streamed(client, "chat", "Name three colours.")
         await _ask_streamed(client, "fast", "Complete: The sea is")
     if keep_running:
