@@ -303,7 +303,6 @@ async def _serve(
         timings=timings,
     )
     gateway.begin()
-    decision: Decision | None = None
     try:
         if not body.stream:
             response, decision = await until_disconnect(request, gateway.engine.complete(call))
@@ -315,12 +314,14 @@ async def _serve(
             return JSONResponse(response, headers=headers)
         chunks, decision = await until_disconnect(request, gateway.engine.stream(call))
     except GatewayError as exc:
-        gateway.finish(call, decision, exc.status_code, stream=body.stream, tenant=tenant,
+        # The engine's decision so far (call.decision) labels the failure with its route.
+        gateway.finish(call, call.decision, exc.status_code, stream=body.stream, tenant=tenant,
                        error=exc.code or exc.error_type)
         timings.root_span = None
         raise
     except BaseException:
-        gateway.finish(call, decision, 500, stream=body.stream, tenant=tenant, error="internal")
+        gateway.finish(call, call.decision, 500, stream=body.stream, tenant=tenant,
+                       error="internal")
         timings.root_span = None
         raise
     return StreamingResponse(

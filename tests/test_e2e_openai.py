@@ -576,6 +576,10 @@ def test_small_and_frontier_both_failing_is_a_502(gw: str, upstream: str) -> Non
         )
     assert_openai_error(caught.value, 502)
     assert attempts(upstream, key) == 1 + 3  # the small model, then the frontier's retries
+    # The failure is counted under the route it failed on, not an anonymous one.
+    failed = re.findall(r'^smallfirst_requests_total\{([^}]*status="502"[^}]*)\}',
+                        httpx.get(f"{gw}/metrics").text, re.M)
+    assert any('route="escalated"' in labels and 'policy="auto"' in labels for labels in failed)
 
 
 def test_frontier_deadline_is_a_504(gw: str, upstream: str) -> None:
