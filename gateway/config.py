@@ -105,6 +105,8 @@ class Settings(BaseSettings):
         description="By public model name; frontier models default to litellm's price list, "
         "the small model to free.",
     )
+    embedding_threads: int = Field(
+        default=1, ge=1, le=64, description="Intra-op threads of the prompt embedder.")
     decision_log: Path | None = Field(
         default=None, description="JSON-lines file for sampled routing decisions (learning).")
     budget_window: int = Field(default=2048, ge=16, description="Samples per budget quantile.")

@@ -53,14 +53,24 @@ class SharedEmbedding:
         self._model()
 
 
+_threads = 1
+
+
 def _default_factory() -> Embed:
     from router.embedding import Embedder
 
-    return Embedder().embed
+    return Embedder(intra_op_threads=_threads).embed
 
 
 _shared: SharedEmbedding | None = None
 _shared_lock = threading.Lock()
+
+
+def configure(threads: int) -> None:
+    """Intra-op threads for the process-wide embedder (before its first use): 2 halves a
+    query's time on an idle machine but competes with the event loop on a busy 2-core one."""
+    global _threads
+    _threads = threads
 
 
 def shared_embedding() -> SharedEmbedding:

@@ -14,6 +14,7 @@ from gateway.auth import KeyStore, OpenAccess
 from gateway.backends import Backend, LiteLLMBackend, OpenAIWireBackend
 from gateway.cache.layered import LayeredCache, build_cache
 from gateway.config import ConfigError, Settings
+from gateway.embedding import configure as configure_embedding
 from gateway.embedding import shared_embedding
 from gateway.engine import Call, CascadeEngine, Decision
 from gateway.errors import ModelNotFound, PermissionDenied, RateLimited
@@ -53,6 +54,7 @@ class Gateway:
         else:
             access = KeyStore.from_file(settings.api_keys_file)
         store = PolicyStore(settings.policies, settings.default_policy)
+        configure_embedding(settings.embedding_threads)
         cache = build_cache(
             settings.redis_url,
             lambda name: policy.cache if (policy := store.get(name)) else None,
