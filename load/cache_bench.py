@@ -159,6 +159,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=1200)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--questions", type=int, default=200)
+    parser.add_argument("--embedding-threads", type=int, default=1)
     parser.add_argument("--deadline-ms", type=float, default=None,
                         help="override the policy's cache lookup_deadline_ms (default: keep)")
     args = parser.parse_args()
@@ -179,6 +180,7 @@ def main() -> None:
             "small_model": "hosted_vllm/small-stand-in", "small_api_base": f"{upstream}/v1",
             "policies": str(policies), "auth": "off", "port": gw_port,
             "watch_policies": False, "redis_url": redis_url, "cache_prefix": "bench",
+            "embedding_threads": args.embedding_threads,
         }))
         gateway = f"http://127.0.0.1:{gw_port}"
         try:
