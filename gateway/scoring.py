@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from gateway.cache.fingerprint import text_of
+
 log = logging.getLogger("smallfirst.scoring")
 
 
@@ -58,8 +60,6 @@ class ConfidenceScorer(Protocol):
 def final_user_text(messages: list[dict[str, Any]]) -> str:
     """The last user message's text (the same string the semantic cache embeds, so the
     shared embedding is computed once)."""
-    from gateway.cache.fingerprint import text_of
-
     for message in reversed(messages):
         if message.get("role") == "user":
             return text_of(message.get("content")) or ""
