@@ -58,25 +58,38 @@ _CODE_MARKERS = ("```", "def ", "class ", "return ", "#include", "import ", "=>"
 _MATH_MARKERS = ("=", "+", "*", "/", "^", "<", ">", "sqrt", "sum", "integral", "derivative",
                  "equation")
 _LATEX = re.compile(r"\\[a-z]+|\$[^$]+\$")
-_UNITS = re.compile(r"\b(?:km|kg|cm|mm|m/s|mph|hours?|minutes?|seconds?|miles?|meters?|"
-                    r"grams?|liters?|pounds?|feet|inches|mol|J|K|N|Pa|V|W|Hz)\b")
-_HEDGES = re.compile(r"\b(?:i think|i believe|maybe|perhaps|possibly|probably|not sure|"
-                     r"might|it seems|likely|unclear|assume|approximately|roughly|guess)\b", re.I)
-_REFUSAL = re.compile(r"\b(?:i can(?:no|')t|i am unable|i'm unable|as an ai|i'm sorry|"
-                      r"i apologi[sz]e|cannot (?:be determined|answer)|not enough information|"
-                      r"none of the (?:above|options))", re.I)
-_SELF_CORRECT = re.compile(r"\b(?:wait|actually|let me re|mistake|correction|re-?evaluate|"
-                           r"re-?calculate|on second thought|however)\b", re.I)
+# Each pattern starts with a lookahead on its possible first characters: the same matches, but
+# the scanner skips most positions cheaply.
+_UNITS = re.compile(r"(?=[kcmhsglpfiJKNPVWH])\b(?:km|kg|cm|mm|m/s|mph|hours?|minutes?|seconds?|"
+                    r"miles?|meters?|grams?|liters?|pounds?|feet|inches|mol|J|K|N|Pa|V|W|Hz)\b")
+_HEDGES = re.compile(r"(?=[agilmnpru])\b(?:i think|i believe|maybe|perhaps|possibly|probably|"
+                     r"not sure|might|it seems|likely|unclear|assume|approximately|roughly|"
+                     r"guess)\b", re.I)
+_REFUSAL = re.compile(r"(?=[acin])\b(?:i can(?:no|')t|i am unable|i'm unable|as an ai|"
+                      r"i'm sorry|i apologi[sz]e|cannot (?:be determined|answer)|"
+                      r"not enough information|none of the (?:above|options))", re.I)
+_SELF_CORRECT = re.compile(r"(?=[achlmorw])\b(?:wait|actually|let me re|mistake|correction|"
+                           r"re-?evaluate|re-?calculate|on second thought|however)\b", re.I)
 _FINAL = re.compile(
-    r"(?:####\s*|\\boxed\{|(?:final )?answer(?: is)?\s*[:=]?\s*(?:is\s*)?|"
+    r"(?=[#\\fa])(?:####\s*|\\boxed\{|(?:final )?answer(?: is)?\s*[:=]?\s*(?:is\s*)?|"
     r"answer is\s*)\(?\$?(-?[\d,]*\.?\d+|[A-J])\b", re.I,
 )
-_ARITH = re.compile(r"((?:[-(]?\$?\d[\d,]*(?:\.\d+)?%?\)?\s*[-+*/x×÷]\s*)+"
+_ARITH = re.compile(r"(?=[-($\d])((?:[-(]?\$?\d[\d,]*(?:\.\d+)?%?\)?\s*[-+*/x×÷]\s*)+"
                     r"[(]?\$?\d[\d,]*(?:\.\d+)?%?\)*)\s*=\s*\$?(-?\d[\d,]*(?:\.\d+)?)")
 _CALC = re.compile(r"<<([^<>=]{1,80})=([^<>]{1,40})>>")
 _LETTER_REF = re.compile(r"\(([A-J])\)")
-_DIGITS = str.maketrans("", "", "0123456789")
-_UPPER = str.maketrans("", "", "ABCDEFGHIJKLMNOPQRSTUVWXYZ")
+_SENTENCE_END = re.compile(r"[.!?](?:\s|$)")
+_HOW_MANY = re.compile(r"(?=h)\bhow (?:many|much|long|far|old)\b")
+_CALCULATE = re.compile(r"(?=[cfsde])\b(?:calculate|compute|find|solve|determine|evaluate)\b")
+_WRITE = re.compile(r"(?=[wcdg])\b(?:write|compose|draft|describe|create|generate)\b")
+_EXPLAIN = re.compile(r"(?=[wedc])\b(?:why|explain|discuss|compare)\b")
+_TRUE_FALSE = re.compile(r"(?=[st])\b(?:statement 1|true or false|true, false)\b")
+_NEGATED = re.compile(r"(?=[nelfi])\b(?:not|except|least|false|incorrect)\b")
+_MONEY = re.compile(r"[$%€£]")
+_TIMES_X = re.compile(r"(?<=[\d)\s])x(?=[\s\d(])")
+_PERCENT = re.compile(r"(\d+(?:\.\d+)?)%")
+_DIGITS = b"0123456789"
+_UPPER = b"ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _STOP = frozenset("the a an of to in and or is are be for on with as by that this it at from "
                   "which what how many much".split())
 
@@ -86,6 +99,10 @@ def _log1p(value: float) -> float:
 
 
 def _to_float(token: str) -> float | None:
+    try:  # most tokens are plain numbers
+        return float(token)
+    except ValueError:
+        pass
     token = token.replace(",", "").replace("$", "").rstrip("%")
     try:
         return float(token)
@@ -130,13 +147,15 @@ def prompt_features(prompt: str) -> list[float]:
     numbers, _, options = _prompt_parts(text)
     question = _question_text(text).lower()
     lower = text.lower()
+    # ASCII bytes never occur inside a multi-byte UTF-8 sequence: count them on the bytes
+    raw = text.encode("utf-8", "surrogatepass")
     return [
         _log1p(len(text)),
         _log1p(len(text.split())),
         float(text.count("\n") + 1),
-        float(len(re.findall(r"[.!?](?:\s|$)", text))),
-        (len(text) - len(text.translate(_DIGITS))) / chars,
-        (len(text) - len(text.translate(_UPPER))) / chars,
+        float(len(_SENTENCE_END.findall(text))),
+        (len(raw) - len(raw.translate(None, _DIGITS))) / chars,
+        (len(raw) - len(raw.translate(None, _UPPER))) / chars,
         _log1p(len(numbers)),
         _log1p(max((abs(v) for v in numbers), default=0.0)),
         float(_code_markers(text)),
@@ -145,14 +164,13 @@ def prompt_features(prompt: str) -> list[float]:
         float(len(options)),
         _log1p(float(np.mean([len(o) for o in options.values()])) if options else 0.0),
         float(question.count("?")),
-        float(bool(re.search(r"\bhow (?:many|much|long|far|old)\b", question))),
-        float(bool(re.search(r"\b(?:calculate|compute|find|solve|determine|evaluate)\b",
-                             question))),
-        float(bool(re.search(r"\b(?:write|compose|draft|describe|create|generate)\b", question))),
-        float(bool(re.search(r"\b(?:why|explain|discuss|compare)\b", question))),
-        float(bool(re.search(r"\b(?:statement 1|true or false|true, false)\b", lower))),
-        float(bool(re.search(r"\b(?:not|except|least|false|incorrect)\b", question))),
-        float(bool(re.search(r"[$%€£]", text))),
+        float(bool(_HOW_MANY.search(question))),
+        float(bool(_CALCULATE.search(question))),
+        float(bool(_WRITE.search(question))),
+        float(bool(_EXPLAIN.search(question))),
+        float(bool(_TRUE_FALSE.search(lower))),
+        float(bool(_NEGATED.search(question))),
+        float(bool(_MONEY.search(text))),
         float(len(_UNITS.findall(text))),
     ]
 
@@ -160,8 +178,8 @@ def prompt_features(prompt: str) -> list[float]:
 def _safe_eval(expression: str) -> float | None:
     """Evaluate + - * / arithmetic on numbers only; None for anything else."""
     expression = expression.replace(",", "").replace("$", "").replace("×", "*")
-    expression = re.sub(r"(?<=[\d)\s])x(?=[\s\d(])", "*", expression).replace("÷", "/")
-    expression = re.sub(r"(\d+(?:\.\d+)?)%", r"(\1/100)", expression)
+    expression = _TIMES_X.sub("*", expression).replace("÷", "/")
+    expression = _PERCENT.sub(r"(\1/100)", expression)
     if len(expression) > 120 or "**" in expression:
         return None
     try:

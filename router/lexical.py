@@ -17,17 +17,18 @@ import numpy as np
 __all__ = ["BUCKETS", "LexicalPart", "fit_idf", "hashed", "matrix", "weigh"]
 
 BUCKETS = 1 << 18
-_TOKEN = re.compile(r"\b\w\w+\b")
+_TOKEN = re.compile(r"\w\w+")  # maximal runs: the same words as \b\w\w+\b
 
 
 @lru_cache(maxsize=1024)  # difficulty and then confidence hash the same prompt
 def hashed(text: str) -> tuple[np.ndarray, np.ndarray]:
     """(bucket indices, 1 + log count) of a text's word uni- and bigrams (do not modify)."""
     words = _TOKEN.findall(text.lower())
-    grams = words + [f"{a} {b}" for a, b in zip(words, words[1:], strict=False)]
-    if not grams:
+    if not words:
         return np.zeros(0, dtype=np.int32), np.zeros(0, dtype=np.float32)
-    buckets = np.array([crc32(g.encode()) for g in grams], dtype=np.uint32) & (BUCKETS - 1)
+    grams = words + list(map(" ".join, zip(words, words[1:], strict=False)))
+    crcs = np.fromiter(map(crc32, map(str.encode, grams)), dtype=np.uint32, count=len(grams))
+    buckets = crcs & (BUCKETS - 1)
     index, counts = np.unique(buckets.astype(np.int32), return_counts=True)
     return index, 1.0 + np.log(counts.astype(np.float32))
 

@@ -97,26 +97,27 @@ class TreeEnsemble:
         return self.value[node].sum(axis=1) + self.baseline
 
     def _raw_one(self, x: np.ndarray) -> float:
-        """One row (the serving case): the same walk on 1-d arrays."""
+        """One row (the serving case): decide every split at once, then follow the decisions
+        down each tree (two 1-d gathers per level)."""
+        children, twice = self._flat_children
+        values = x.take(self.feature)
+        go_left = values <= self.threshold  # NaN compares False
+        nan = np.isnan(values)
+        if nan.any():
+            go_left |= nan & self.missing_left
+        step = twice + go_left  # index of each node's chosen child in `children`
         node = self.roots
-        nan = np.isnan(x)
-        has_nan = bool(nan.any())
-        children = self._children
         for _ in range(self.depth):
-            feature = self.feature[node]
-            go_left = x[feature] <= self.threshold[node]
-            if has_nan:
-                missing = nan[feature]
-                go_left = (go_left & ~missing) | (missing & self.missing_left[node])
-            node = children[node, go_left.view(np.uint8)]
-        return float(self.value[node].sum() + self.baseline)
+            node = children.take(step.take(node))
+        return float(self.value.take(node).sum() + self.baseline)
 
     @property
-    def _children(self) -> np.ndarray:
-        """(n_nodes, 2): [right, left] child of every node, built once."""
+    def _flat_children(self) -> tuple[np.ndarray, np.ndarray]:
+        """[right, left] child of every node, flattened, and 2 * node index; built once."""
         cached = self.__dict__.get("_children_cache")
         if cached is None:
-            cached = np.stack([self.right, self.left], axis=1)
+            children = np.stack([self.right, self.left], axis=1).ravel().astype(np.intp)
+            cached = (children, 2 * np.arange(len(self.feature), dtype=np.intp))
             object.__setattr__(self, "_children_cache", cached)
         return cached
 

@@ -66,3 +66,20 @@ def test_no_code_execution_in_arithmetic_check():
     answer = "__import__('os').system('x') = 3 and 9**9**9 = 1 and 2 * 3 = 6"
     assert answer_features("p", answer)[ANSWER_FEATURES.index("a_arith_checked")] == 1.0
     assert len(prompt_features("")) == len(PROMPT_FEATURES)
+
+
+def test_marker_counts_ignore_case():
+    answer = "MAYBE. Perhaps, I Think so. However, WAIT. As an AI, I can't say. Unlikely."
+    row = feature_row("q", answer)
+    assert value(row, "a_hedges") == 3.0  # MAYBE, Perhaps, I Think (not Unlikely)
+    assert value(row, "a_self_correct") == 2.0  # However, WAIT
+    assert value(row, "a_refusal") == 2.0  # As an AI, I can't
+    units = feature_row("Run 5 km in 30 minutes at 2 m/s, not 5 KM.")
+    assert value(units, "p_units") == 3.0
+
+
+def test_digit_and_capital_shares_count_ascii_only():
+    text = "Ünïcode ÄB 12 ½ ٣"  # one ASCII capital, two ASCII digits
+    row = feature_row(text)
+    assert value(row, "p_digit_frac") == 2 / len(text)
+    assert value(row, "p_upper_frac") == 1 / len(text)
