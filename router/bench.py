@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.n + 50):
         prompt, answer = samples[i % len(samples)]
         emb = embeddings[i % len(samples)]
-        _prompt_only_cache_clear()
+        _prompt_only_cache_clear(bundle)
         c0, t0 = time.thread_time(), time.perf_counter()
         bundle.difficulty(prompt, emb)
         t1 = time.perf_counter()
@@ -94,13 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def _prompt_only_cache_clear() -> None:
-    """Time the cold path: every request brings a new prompt."""
+def _prompt_only_cache_clear(bundle: RouterBundle) -> None:
+    """Time the cold path: every request brings a new prompt (read once, by difficulty)."""
     from router.features import _prompt_parts
     from router.lexical import hashed
-    from router.serving import _prompt_part
 
-    for cached in (_prompt_part, _prompt_parts, hashed):
+    bundle.clear_cache()
+    for cached in (_prompt_parts, hashed):
         cached.cache_clear()
 
 

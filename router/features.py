@@ -111,8 +111,7 @@ def _to_float(token: str) -> float | None:
 
 
 def _numbers(text: str) -> list[float]:
-    values = (_to_float(m.group()) for m in _NUMBER.finditer(text))
-    return [v for v in values if v is not None]
+    return [v for v in map(_to_float, _NUMBER.findall(text)) if v is not None]
 
 
 def _words(text: str) -> set[str]:
@@ -209,6 +208,8 @@ def _arithmetic(answer: str) -> tuple[int, int, float | None]:
     """(checked, wrong, last computed value) over `a op b = c` steps and <<a*b=c>> notes."""
     checked = wrong = 0
     last: tuple[int, float] | None = None
+    if "=" not in answer:  # both forms need one
+        return checked, wrong, None
     for pattern in (_ARITH, _CALC):
         for match in pattern.finditer(answer):
             value, stated = _safe_eval(match.group(1)), _to_float(match.group(2).strip())
@@ -230,8 +231,10 @@ def _final_answer(answer: str) -> tuple[list[re.Match[str]], str | None]:
 
 
 def _repetition(words: list[str]) -> float:
-    grams = [tuple(words[i : i + 3]) for i in range(len(words) - 2)]
-    return 1.0 - len(set(grams)) / len(grams) if grams else 0.0
+    grams = len(words) - 2
+    if grams <= 0:
+        return 0.0
+    return 1.0 - len(set(zip(words, words[1:], words[2:], strict=False))) / grams
 
 
 def answer_features(prompt: str, answer: str | None) -> list[float]:
@@ -277,7 +280,7 @@ def answer_features(prompt: str, answer: str | None) -> list[float]:
         else _NAN,
         len(answer_words & prompt_words) / max(len(answer_words | prompt_words), 1),
         len(answer_words - prompt_words) / max(len(answer_words), 1),
-        _repetition([w.lower() for w in words]),
+        _repetition(text.lower().split()),
         float(bool(text) and text[-1] not in ".!?)]}*\"'`$%" and not text[-1].isdigit()),
         float(text.count("?")),
         _log1p(len(answer_numbers)),

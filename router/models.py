@@ -176,16 +176,32 @@ class StackedModel:
     def tree_input(
         self, hand: np.ndarray, embedding: np.ndarray | None, prompts: list[str] | None = None
     ) -> np.ndarray:
-        parts = [np.atleast_2d(hand)[:, self.columns]]
+        hand = np.atleast_2d(hand)
+        logits = self.stacked_logits(embedding, prompts, len(hand))
+        return np.hstack([hand[:, self.columns], logits])
+
+    def stacked_logits(
+        self, embedding: np.ndarray | None, prompts: list[str] | None, n: int = 1
+    ) -> np.ndarray:
+        """(n, k): the embedding and then the lexical logit of each prompt, as the trees see them
+        after the hand features. They depend on the prompt alone, so a request can compute them
+        once for both scorers when the two models share these parts."""
+        parts = []
         if self.linear is not None:
             if embedding is None:
                 raise ValueError("this model needs the prompt embedding")
-            parts.append(self.linear.logit(np.atleast_2d(embedding))[:, None])
+            parts.append(self.linear.logit(np.atleast_2d(embedding)))
         if self.lexical is not None:
             if prompts is None:
                 raise ValueError("this model needs the prompt text")
-            parts.append(self.lexical.logit(prompts)[:, None])
-        return np.hstack(parts)
+            parts.append(self.lexical.logit(prompts))
+        return np.stack(parts, axis=1) if parts else np.zeros((n, 0))
+
+    def predict_one(self, hand: np.ndarray, logits: np.ndarray) -> float:
+        """`predict` for one hand-feature row (1-d) given its prompt's `stacked_logits` row."""
+        x = np.concatenate((hand[self.columns], logits))
+        raw = self.trees._raw_one(x) if self.trees is not None else x[-1]
+        return float(self.calibrator(np.array([raw]))[0])
 
     def raw(self, hand: np.ndarray, embedding: np.ndarray | None, prompts=None) -> np.ndarray:
         x = self.tree_input(hand, embedding, prompts)

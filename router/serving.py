@@ -9,7 +9,7 @@ are CPU-bound and thread-safe: call them from a worker thread, not the event loo
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -34,10 +34,14 @@ _N_PROMPT = len(FEATURE_NAMES) - len(ANSWER_FEATURES) - len(LOGPROB_FEATURES)
 _FINAL_POS = ANSWER_FEATURES.index("a_final_pos")
 
 
-@lru_cache(maxsize=2048)
-def _prompt_part(prompt: str) -> tuple[float, ...]:
-    # difficulty and then confidence score the same prompt: extract its features once
-    return tuple(prompt_features(prompt))
+@dataclass(frozen=True)
+class _PromptInputs:
+    """What both scorers need from one prompt (read-only: shared between threads)."""
+
+    embedding: np.ndarray  # (1, DIM)
+    row: np.ndarray  # hand-feature row: the prompt part, NaN elsewhere
+    logits: np.ndarray  # the difficulty model's stacked logits
+    difficulty: float
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,12 @@ class RouterBundle:
     metadata: dict
     difficulty_model: StackedModel
     confidence_model: StackedModel | None
+
+    def __post_init__(self) -> None:
+        # difficulty and then confidence score the same prompt: read it once per request
+        object.__setattr__(self, "_inputs", lru_cache(maxsize=1024)(self._prompt_inputs))
+        object.__setattr__(self, "_shared_logits", _same_prompt_parts(
+            self.difficulty_model, self.confidence_model))
 
     @classmethod
     def load(cls, path: str | Path = DEFAULT_BUNDLE, expected_digest: str | None = None):
@@ -64,6 +74,9 @@ class RouterBundle:
         names = spec.get("feature_names", list(FEATURE_NAMES))
         difficulty = _remap(bundle.difficulty, names, path)
         confidence = _remap(bundle.confidence, names, path) if bundle.confidence else None
+        if confidence is not None and _same_prompt_parts(difficulty, confidence):
+            # trained together on the same logits: keep one copy of the prompt parts
+            confidence = replace(confidence, linear=difficulty.linear, lexical=difficulty.lexical)
         return cls(Path(path), bundle.digest, bundle.metadata, difficulty, confidence)
 
     @property
@@ -77,9 +90,7 @@ class RouterBundle:
 
     def difficulty(self, prompt: str, embedding: np.ndarray | None = None) -> float:
         """P(the small model's answer will be good enough), from the prompt alone."""
-        row = self._row(prompt)
-        embedding = self._embedding(prompt, embedding)
-        return float(self.difficulty_model.predict(row, embedding, [prompt])[0])
+        return self._inputs(prompt, _embedding_key(embedding)).difficulty
 
     def confidence(
         self,
@@ -92,24 +103,52 @@ class RouterBundle:
         """P(this small answer is good enough); logprobs are used if the bundle learned them."""
         if self.confidence_model is None:
             return self.difficulty(prompt, prompt_embedding)
+        inputs = self._inputs(prompt, _embedding_key(prompt_embedding))
         answer_part = answer_features(prompt, answer)
         lp = logprob_features(token_logprobs, answer_part[_FINAL_POS], top_logprobs)
-        row = np.array([*_prompt_part(prompt), *answer_part, *lp], dtype=np.float64)
-        embedding = self._embedding(prompt, prompt_embedding)
-        return float(self.confidence_model.predict(row[None, :], embedding, [prompt])[0])
+        row = np.concatenate((inputs.row[:_N_PROMPT], answer_part, lp))
+        logits = inputs.logits if self._shared_logits else (
+            self.confidence_model.stacked_logits(inputs.embedding, [prompt])[0])
+        return self.confidence_model.predict_one(row, logits)
 
-    def _row(self, prompt: str) -> np.ndarray:
-        row = np.full((1, len(FEATURE_NAMES)), np.nan)
-        row[0, :_N_PROMPT] = _prompt_part(prompt)
-        return row
+    def clear_cache(self) -> None:
+        """Forget the prompts read so far (benchmarks time a new prompt on every request)."""
+        self._inputs.cache_clear()
 
-    def _embedding(self, prompt: str, embedding: np.ndarray | None) -> np.ndarray:
-        if embedding is None:
-            return _shared_embedder().embed([prompt])
-        embedding = np.asarray(embedding, dtype=np.float32).reshape(1, -1)
-        if embedding.shape[1] != DIM:
-            raise ValueError(f"embedding must have {DIM} dimensions, got {embedding.shape[1]}")
-        return embedding
+    def _prompt_inputs(self, prompt: str, embedding_key: bytes | None) -> _PromptInputs:
+        if embedding_key is None:
+            embedding = _shared_embedder().embed([prompt])
+        else:
+            embedding = np.frombuffer(embedding_key, dtype=np.float32).reshape(1, DIM)
+        row = np.full(len(FEATURE_NAMES), np.nan)
+        row[:_N_PROMPT] = prompt_features(prompt)
+        row.flags.writeable = False
+        logits = self.difficulty_model.stacked_logits(embedding, [prompt])[0]
+        difficulty = self.difficulty_model.predict_one(row, logits)
+        return _PromptInputs(embedding, row, logits, difficulty)
+
+
+def _embedding_key(embedding: np.ndarray | None) -> bytes | None:
+    """The request's prompt embedding as float32 bytes (hashable), checked for size."""
+    if embedding is None:
+        return None
+    embedding = np.asarray(embedding, dtype=np.float32).reshape(1, -1)
+    if embedding.shape[1] != DIM:
+        raise ValueError(f"embedding must have {DIM} dimensions, got {embedding.shape[1]}")
+    return embedding.tobytes()
+
+
+def _same_prompt_parts(a: StackedModel, b: StackedModel | None) -> bool:
+    """Whether two models stack the same embedding and lexical logits."""
+    if b is None:
+        return False
+
+    def same(x, y) -> bool:
+        if x is None or y is None or x is y:
+            return x is y
+        return all(np.array_equal(getattr(x, f.name), getattr(y, f.name)) for f in fields(x))
+
+    return same(a.linear, b.linear) and same(a.lexical, b.lexical)
 
 
 def _remap(model: StackedModel, names: list[str], path) -> StackedModel:

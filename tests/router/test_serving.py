@@ -55,3 +55,38 @@ def test_default_bundle_loads_and_scores():
     assert 0.0 < bundle.difficulty(PROMPT, emb) < 1.0
     assert 0.0 < bundle.confidence(PROMPT, "#### 7", None, emb) < 1.0
     assert bundle.version and bundle.metadata["training"]["data"]
+
+
+def test_serving_scores_match_the_batch_path(trained_bundle):
+    from router.features import feature_row
+
+    bundle = RouterBundle.load(trained_bundle)
+    emb = HashEmbedder().embed([PROMPT])
+    answer = "3 + 4 = 7 apples.\n#### 7"
+    d = bundle.difficulty_model.predict(feature_row(PROMPT)[None, :], emb, [PROMPT])[0]
+    c = bundle.confidence_model.predict(feature_row(PROMPT, answer)[None, :], emb, [PROMPT])[0]
+    assert bundle.difficulty(PROMPT, emb[0]) == pytest.approx(d, abs=1e-12)
+    assert bundle.confidence(PROMPT, answer, None, emb[0]) == pytest.approx(c, abs=1e-12)
+
+
+def test_one_request_reads_its_prompt_once(trained_bundle, monkeypatch):
+    import router.serving
+
+    bundle = RouterBundle.load(trained_bundle)
+    # trained together: the confidence model reuses the difficulty model's prompt parts
+    assert bundle.confidence_model.lexical is bundle.difficulty_model.lexical
+    assert bundle.confidence_model.linear is bundle.difficulty_model.linear
+    calls = []
+    real = router.serving.prompt_features
+    monkeypatch.setattr(router.serving, "prompt_features", lambda p: calls.append(p) or real(p))
+    emb = HashEmbedder().embed([PROMPT])[0]
+    bundle.difficulty(PROMPT, emb)
+    bundle.confidence(PROMPT, "#### 7", None, emb)
+    bundle.confidence(PROMPT, "#### 8", None, emb)
+    assert calls == [PROMPT]
+    other = HashEmbedder().embed(["another prompt"])[0]  # another embedding: scored anew
+    bundle.difficulty(PROMPT, other)
+    assert calls == [PROMPT, PROMPT]
+    bundle.clear_cache()
+    bundle.difficulty(PROMPT, emb)
+    assert len(calls) == 3
