@@ -24,6 +24,10 @@ def _data_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument("--cache-dir", type=Path, default=None,
                         help="embedding cache (default $SMALLFIRST_CACHE_DIR or .cache-embeddings)")
     parser.add_argument("--threads", type=int, default=1, help="embedding intra-op threads")
+    parser.add_argument("--peer-samples", action="store_true",
+                        help="where files share prompts (same dataset and id) answered by "
+                        "different small models, use the other models' answers as stand-ins for "
+                        "extra samples (self-consistency features)")
 
 
 def _model_arg(parser: argparse.ArgumentParser) -> None:
@@ -83,6 +87,10 @@ def _matrices(args, paths: list[Path]):
     from router.train import build_matrices
 
     frame = load_outcomes(paths)
+    if getattr(args, "peer_samples", False):
+        from router.data import add_peer_samples
+
+        frame = add_peer_samples(frame)
     return frame, build_matrices(frame, args.cache_dir, args.threads)
 
 
@@ -125,7 +133,8 @@ def _train(args) -> int:
             "data": fingerprint(args.data), "rows": len(frame),
             "rows_with_answers": int(m.has_answer.sum()), "config": asdict(models.config),
             "command": "router train " + " ".join(f"--{k} {v}" for k, v in (
-                ("data", " ".join(p.name for p in args.data)), ("tolerance", args.tolerance))),
+                ("data", " ".join(p.name for p in args.data)), ("tolerance", args.tolerance)))
+            + (" --peer-samples" if args.peer_samples else ""),
         },
         "thresholds": models.thresholds.as_dict(),
         "metrics": json.loads(args.metrics.read_text()) if args.metrics else {},

@@ -2,7 +2,8 @@
 
 Rows follow the outcomes schema (one row per prompt: `prompt`, `small_response`,
 `small_score`, `large_score`, ...). Logged gateway traffic turned into rows in the same schema
-(plus optional `small_logprobs`, a list of token logprobs) trains through the same code.
+(plus optional `small_logprobs`, a list of token logprobs, and `small_samples`, more answers of
+the small model to the same prompt) trains through the same code.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 __all__ = [
     "REQUIRED_COLUMNS",
     "EmbeddingCache",
+    "add_peer_samples",
     "default_cache_dir",
     "fingerprint",
     "load_outcomes",
@@ -25,7 +27,7 @@ __all__ = [
 REQUIRED_COLUMNS = ("prompt", "small_score", "large_score")
 OPTIONAL_COLUMNS = (
     "id", "dataset", "task", "small_model", "large_model", "small_response", "large_response",
-    "small_cost", "large_cost", "small_logprobs",
+    "small_cost", "large_cost", "small_logprobs", "small_samples",
 )
 
 
@@ -52,6 +54,29 @@ def load_outcomes(paths: Sequence[str | Path]):
         data["small_response"].notna(), None
     )
     return data
+
+
+def add_peer_samples(frame):
+    """Stand-ins for extra small-model samples: where several files hold the same prompt (same
+    dataset, id and prompt) answered by different small models, each row's `small_samples`
+    become the other small models' answers. Rows that already carry samples are kept."""
+    has_id = frame["id"].notna()
+    key = frame["dataset"].astype(str) + "\0" + frame["id"].astype(str).where(has_id, "") + (
+        "\0" + frame["prompt"])
+    answered = frame["small_response"].map(lambda a: isinstance(a, str))
+    by_key: dict[str, list[tuple[str, str]]] = {}
+    for k, model, answer in zip(key[answered], frame["small_model"][answered].astype(str),
+                                frame["small_response"][answered], strict=True):
+        by_key.setdefault(k, []).append((model, answer))
+    samples = [
+        [a for m, a in by_key.get(k, ()) if m != str(model)] or None
+        for k, model in zip(key, frame["small_model"], strict=True)
+    ]
+    out = frame.copy()
+    keep = out["small_samples"].map(lambda s: s is not None and len(s) > 0)
+    out["small_samples"] = [old if kept else new for old, kept, new in zip(
+        out["small_samples"], keep, samples, strict=True)]
+    return out
 
 
 def fingerprint(paths: Iterable[str | Path]) -> dict[str, str]:

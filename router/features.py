@@ -1,9 +1,10 @@
-"""Hand-made features of a prompt, the small model's answer and its token logprobs.
+"""Hand-made features of a prompt, the small model's answer, its token logprobs and its
+agreement with more samples of the small model for the same prompt.
 
 This is the one feature code path: training calls `feature_row` on logged or public rows,
 serving calls it on the live request. Every feature has a fixed name and position
-(`FEATURE_NAMES`); a value that cannot be computed (no answer, no logprobs) is NaN, and the
-bundle records which groups its models were trained on.
+(`FEATURE_NAMES`); a value that cannot be computed (no answer, no logprobs, no samples) is
+NaN, and the bundle records which groups its models were trained on.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import ast
 import math
 import re
+from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -18,11 +20,13 @@ import numpy as np
 
 __all__ = [
     "ANSWER_FEATURES",
+    "CONSISTENCY_FEATURES",
     "FEATURE_NAMES",
     "GROUPS",
     "LOGPROB_FEATURES",
     "PROMPT_FEATURES",
     "answer_features",
+    "consistency_features",
     "feature_row",
     "logprob_features",
     "prompt_features",
@@ -47,8 +51,10 @@ LOGPROB_FEATURES = (
     "lp_count", "lp_mean", "lp_min", "lp_q05", "lp_q10", "lp_q25", "lp_std", "lp_low_frac",
     "lp_final_span_mean", "lp_top_entropy",
 )
-GROUPS = {"prompt": PROMPT_FEATURES, "answer": ANSWER_FEATURES, "logprobs": LOGPROB_FEATURES}
-FEATURE_NAMES = PROMPT_FEATURES + ANSWER_FEATURES + LOGPROB_FEATURES
+CONSISTENCY_FEATURES = ("sc_samples", "sc_agree", "sc_distinct", "sc_mode_share", "sc_stated")
+GROUPS = {"prompt": PROMPT_FEATURES, "answer": ANSWER_FEATURES, "logprobs": LOGPROB_FEATURES,
+          "consistency": CONSISTENCY_FEATURES}
+FEATURE_NAMES = PROMPT_FEATURES + ANSWER_FEATURES + LOGPROB_FEATURES + CONSISTENCY_FEATURES
 
 _NAN = float("nan")
 _WORD = re.compile(r"[A-Za-z][A-Za-z']+")
@@ -338,16 +344,54 @@ def _top_entropy(top_logprobs: Sequence[Sequence[float]] | None) -> float:
     return float(np.mean(entropies)) if entropies else _NAN
 
 
+def _answer_key(text: str) -> str | float | None:
+    """A text's final answer in a comparable form: a letter, a number, or None if none."""
+    _, final = _final_answer(text.strip())
+    if final is None or final.isalpha():
+        return final.upper() if final else None
+    value = _to_float(final)
+    return value if value is not None else final
+
+
+def consistency_features(answer: str | None, samples: Sequence[str] | None) -> list[float]:
+    """Self-consistency: how the answer's final answer agrees with those of k more samples of
+    the same prompt; all NaN without samples.
+
+    All but the count are shares, so a model trained with one extra sample reads k of them:
+    `sc_agree` samples stating the answer's final answer (0 if the answer states none),
+    `sc_distinct` (distinct final answers among answer and samples - 1) / k (0: all agree),
+    `sc_mode_share` answer and samples holding the most common final answer, `sc_stated`
+    samples that state a final answer at all.
+    """
+    if answer is None or not samples:
+        return [_NAN] * len(CONSISTENCY_FEATURES)
+    main = _answer_key(answer)
+    keys = [_answer_key(s) for s in samples]
+    counts = Counter(key for key in (main, *keys) if key is not None)
+    k = len(keys)
+    return [
+        float(k),
+        sum(key == main for key in keys) / k if main is not None else 0.0,
+        max(len(counts) - 1, 0) / k,
+        max(counts.values(), default=0) / (k + 1),
+        sum(key is not None for key in keys) / k,
+    ]
+
+
 def feature_row(
     prompt: str,
     answer: str | None = None,
     logprobs: Sequence[float] | None = None,
     top_logprobs: Sequence[Sequence[float]] | None = None,
+    samples: Sequence[str] | None = None,
 ) -> np.ndarray:
-    """All hand features in `FEATURE_NAMES` order, as float64 (NaN where not computable)."""
+    """All hand features in `FEATURE_NAMES` order, as float64 (NaN where not computable).
+
+    `samples` are more answers of the small model to the same prompt (self-consistency)."""
     answer_part = answer_features(prompt, answer)
     final_pos = answer_part[ANSWER_FEATURES.index("a_final_pos")]
     return np.array(
-        prompt_features(prompt) + answer_part + logprob_features(logprobs, final_pos, top_logprobs),
+        prompt_features(prompt) + answer_part + logprob_features(logprobs, final_pos, top_logprobs)
+        + consistency_features(answer, samples),
         dtype=np.float64,
     )

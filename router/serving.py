@@ -20,8 +20,9 @@ from router.embedding import DIM, MODEL_ID, Embedder
 from router.features import (
     ANSWER_FEATURES,
     FEATURE_NAMES,
-    LOGPROB_FEATURES,
+    PROMPT_FEATURES,
     answer_features,
+    consistency_features,
     logprob_features,
     prompt_features,
 )
@@ -30,7 +31,7 @@ from router.models import StackedModel
 __all__ = ["DEFAULT_BUNDLE", "RouterBundle"]
 
 DEFAULT_BUNDLE = Path(__file__).parent / "bundles" / "default"
-_N_PROMPT = len(FEATURE_NAMES) - len(ANSWER_FEATURES) - len(LOGPROB_FEATURES)
+_N_PROMPT = len(PROMPT_FEATURES)
 _FINAL_POS = ANSWER_FEATURES.index("a_final_pos")
 
 
@@ -99,14 +100,17 @@ class RouterBundle:
         token_logprobs: list[float] | None = None,
         prompt_embedding: np.ndarray | None = None,
         top_logprobs: list[list[float]] | None = None,
+        samples: list[str] | None = None,
     ) -> float:
-        """P(this small answer is good enough); logprobs are used if the bundle learned them."""
+        """P(this small answer is good enough); logprobs and `samples` (more answers of the small
+        model to the same prompt, for self-consistency) are used if the bundle learned them."""
         if self.confidence_model is None:
             return self.difficulty(prompt, prompt_embedding)
         inputs = self._inputs(prompt, _embedding_key(prompt_embedding))
         answer_part = answer_features(prompt, answer)
         lp = logprob_features(token_logprobs, answer_part[_FINAL_POS], top_logprobs)
-        row = np.concatenate((inputs.row[:_N_PROMPT], answer_part, lp))
+        sc = consistency_features(answer, samples)
+        row = np.concatenate((inputs.row[:_N_PROMPT], answer_part, lp, sc))
         logits = inputs.logits if self._shared_logits else (
             self.confidence_model.stacked_logits(inputs.embedding, [prompt])[0])
         return self.confidence_model.predict_one(row, logits)

@@ -21,6 +21,7 @@ from router.data import EmbeddingCache, default_cache_dir
 from router.embedding import MODEL_ID, Embedder
 from router.features import (
     ANSWER_FEATURES,
+    CONSISTENCY_FEATURES,
     FEATURE_NAMES,
     LOGPROB_FEATURES,
     PROMPT_FEATURES,
@@ -58,6 +59,7 @@ class TrainConfig:
     inner_folds: int = 4
     seed: int = 0
     use_logprobs: bool = True  # use logprob features when the rows carry them
+    use_samples: bool = True  # use self-consistency features when the rows carry samples
     balance_power: float = 0.5  # tree row weight ~ source size ** -power (1: sources equal)
     difficulty_hand: bool = True  # prompt hand features in the difficulty model
 
@@ -131,10 +133,11 @@ def build_matrices(frame, cache_dir: Path | None = None, threads: int = 1) -> Ma
     prompts = frame["prompt"].tolist()
     embedding = cache.get_many(prompts, compute, progress=lambda b: progress(b, "embedding"))
     logprobs = frame["small_logprobs"].tolist()
-    rows = zip(prompts, frame["small_response"].tolist(), logprobs, strict=True)
+    samples = frame["small_samples"].tolist() if "small_samples" in frame else [None] * len(prompts)
+    rows = zip(prompts, frame["small_response"].tolist(), logprobs, samples, strict=True)
     hand = np.stack([
-        feature_row(p, a if isinstance(a, str) else None, _as_list(lp))
-        for p, a, lp in progress(rows, "features", total=len(prompts))
+        feature_row(p, a if isinstance(a, str) else None, _as_list(lp), None, _texts(s))
+        for p, a, lp, s in progress(rows, "features", total=len(prompts))
     ]) if prompts else np.zeros((0, len(FEATURE_NAMES)))
     return Matrices(
         hand=hand,
@@ -151,6 +154,12 @@ def _as_list(value) -> list[float] | None:
     if value is None or (isinstance(value, float) and np.isnan(value)):
         return None
     return [float(v) for v in value] or None
+
+
+def _texts(value) -> list[str] | None:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return None
+    return [v for v in value if isinstance(v, str)] or None
 
 
 def _columns(names: tuple[str, ...]) -> np.ndarray:
@@ -243,11 +252,16 @@ def _fit_stacked(
 
 def _groups_used(m: Matrices, config: TrainConfig) -> dict[str, list[str]]:
     answer_rows = m.hand[m.has_answer]
-    lp_index = FEATURE_NAMES.index("lp_mean")
-    with_logprobs = answer_rows.size and np.isfinite(answer_rows[:, lp_index]).mean() > 0.5
+
+    def carried(name: str) -> bool:  # by more than half the rows with an answer
+        return bool(answer_rows.size) and np.isfinite(
+            answer_rows[:, FEATURE_NAMES.index(name)]).mean() > 0.5
+
     confidence = list(PROMPT_FEATURES + ANSWER_FEATURES)
-    if config.use_logprobs and with_logprobs:
+    if config.use_logprobs and carried("lp_mean"):
         confidence += list(LOGPROB_FEATURES)
+    if config.use_samples and carried("sc_agree"):
+        confidence += list(CONSISTENCY_FEATURES)
     stacked = ["prompt_embedding", "prompt_ngrams"] if config.lexical_c > 0 else [
         "prompt_embedding"]
     return {"difficulty": [*stacked, *(PROMPT_FEATURES if config.difficulty_hand else ())],

@@ -33,3 +33,19 @@ def test_real_outcomes_files_load():
     frame = load_outcomes(files[:1])
     assert len(frame) > 1000
     assert frame["small_score"].between(0, 1).all() and frame["large_score"].between(0, 1).all()
+
+
+def test_peer_samples_are_other_small_models_answers_to_the_same_prompt():
+    import pandas as pd
+
+    from router.data import add_peer_samples
+
+    frame = pd.DataFrame({
+        "dataset": ["d", "d", "d", "e"], "id": ["1", "1", "2", "1"],
+        "prompt": ["p1", "p1", "p2", "p1"], "small_model": ["a", "b", "a", "b"],
+        "small_response": ["A says", "B says", "A alone", "other dataset"],
+        "small_samples": [None, None, None, ["kept"]],
+    })
+    out = add_peer_samples(frame)
+    assert out["small_samples"].tolist() == [["B says"], ["A says"], None, ["kept"]]
+    assert frame["small_samples"].tolist()[0] is None  # the input is not modified

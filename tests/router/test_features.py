@@ -83,3 +83,23 @@ def test_digit_and_capital_shares_count_ascii_only():
     row = feature_row(text)
     assert value(row, "p_digit_frac") == 2 / len(text)
     assert value(row, "p_upper_frac") == 1 / len(text)
+
+
+def test_consistency_features_compare_final_answers():
+    from router.features import CONSISTENCY_FEATURES, consistency_features
+
+    assert all(math.isnan(v) for v in consistency_features("The answer is (B).", None))
+    assert all(math.isnan(v) for v in consistency_features(None, ["The answer is (B)."]))
+    samples = ["so the answer is (b).", "Answer: C", "I do not know."]
+    sc = dict(zip(CONSISTENCY_FEATURES, consistency_features("The answer is (B).", samples),
+                  strict=True))
+    assert sc["sc_samples"] == 3.0
+    assert sc["sc_agree"] == 1 / 3  # (b) agrees, C does not, the last states nothing
+    assert sc["sc_distinct"] == 1 / 3  # B and C: one more than full agreement
+    assert sc["sc_mode_share"] == 2 / 4
+    assert sc["sc_stated"] == 2 / 3
+    same_number = consistency_features("so 2 * 500 = 1000\n#### 1,000", ["The answer is 1000.0"])
+    assert same_number[1:] == [1.0, 0.0, 1.0, 1.0]
+    row = feature_row(GSM, "#### 100", samples=["#### 90"])
+    assert value(row, "sc_agree") == 0.0 and value(row, "sc_distinct") == 1.0
+    assert np.isnan(value(feature_row(GSM, "#### 100"), "sc_agree"))

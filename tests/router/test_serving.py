@@ -18,6 +18,7 @@ def test_scores_are_probabilities(trained_bundle):
     assert all(0.0 < s < 1.0 for s in (d, good, bad))
     assert bundle.feature_set["confidence"][0] == "prompt_embedding"
     assert "lp_mean" not in bundle.feature_set["confidence"]  # fixtures carry no logprobs
+    assert "sc_agree" not in bundle.feature_set["confidence"]  # nor more samples
     # logprobs are accepted (and ignored by a bundle trained without them)
     assert bundle.confidence(PROMPT, "#### 7", [-0.1, -0.2], emb) == pytest.approx(
         bundle.confidence(PROMPT, "#### 7", None, emb))
@@ -90,3 +91,34 @@ def test_one_request_reads_its_prompt_once(trained_bundle, monkeypatch):
     bundle.clear_cache()
     bundle.difficulty(PROMPT, emb)
     assert len(calls) == 3
+
+
+def test_bundle_trained_with_peer_samples_uses_them(fake_embedder, tmp_path):
+    import pandas as pd
+
+    from router.cli import main
+    from tests.router.conftest import FIXTURE_FILES
+
+    frame = pd.read_parquet(FIXTURE_FILES[0])  # multiple choice, one small model
+    peer = frame.copy()
+    peer["small_model"] = "peer"
+    # the peer agrees exactly where the small answer was right
+    right = frame["small_score"] >= 0.5
+    peer["small_response"] = frame["small_response"].where(right, "The answer is (J).")
+    peer.to_parquet(tmp_path / "peer.parquet")
+    out = tmp_path / "bundle"
+    args = ["train", "--data", str(FIXTURE_FILES[0]), str(tmp_path / "peer.parquet"),
+            "--peer-samples", "--out", str(out), "--version", "t",
+            "--cache-dir", str(tmp_path / "cache")]
+    assert main(args) == 0
+    bundle = RouterBundle.load(out)
+    assert "sc_agree" in bundle.feature_set["confidence"]
+    assert bundle.metadata["training"]["command"].endswith("--peer-samples")
+    embs = HashEmbedder().embed(frame["prompt"].tolist())
+    rows = list(zip(frame["prompt"], frame["small_response"], embs, strict=True))
+    agree = np.array([bundle.confidence(p, a, None, e, samples=[a]) for p, a, e in rows])
+    disagree = np.array([bundle.confidence(p, a, None, e, samples=["The answer is (J)."])
+                         for p, a, e in rows])
+    assert (agree >= disagree).all() and agree.mean() > disagree.mean() + 0.1
+    alone = bundle.confidence(*rows[0][:2], None, rows[0][2])  # no samples: NaN features
+    assert 0.0 < alone < 1.0
