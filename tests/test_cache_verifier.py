@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 
 from gateway.cache import training
+from gateway.cache.canonical import align_typos, canonical
 from gateway.cache.evaluate import evaluate
 from gateway.cache.verifier import (
     FEATURES,
     MODEL_PATH,
     PairVerifier,
     VerifierError,
+    _spelling_variant,
     diff_cosines,
     features,
     vetoed,
@@ -39,6 +41,40 @@ PAIRS = training.DEFAULT_PAIRS
 def test_hard_differences_are_vetoed(cached: str, new: str) -> None:
     assert vetoed(features(cached, new, cosine=0.99, diff_cosine=0.99))
     assert PairVerifier.load().probability(cached, new, 0.99, 0.99) == 0.0
+
+
+@pytest.mark.parametrize("cached, new", [
+    ("If today is the 5th of October 2025, what date is it in 340 days?",
+     "If today is 2025-10-05, what date is it in 340 days?"),
+    ("What date is 338 days after November 25, 2021?", "What date is 338 days after 2021-11-25?"),
+    ("Convert 163 kilometers to yards.", "Convert 163 km to yards."),
+    ("What's 18250 KRW worth in Swiss francs?", "What's 18250 South Korean won worth in CHF?"),
+    ("How fast is 48 meters per second in knots?", "How fast is 48 m/s in knots?"),
+    ("Find 27 percent of 1,876.", "Find 27% of 1876."),
+    ("Compare Perl and C sharp.", "Compare Perl and C#."),
+    ("How much is 9420 Korean won in Swiss francs?",
+     "How much is 9420 Korean won in Siwss feancs?"),
+])
+def test_other_spellings_of_the_same_thing_are_not_vetoed(cached: str, new: str) -> None:
+    assert not vetoed(features(cached, new, cosine=0.95, diff_cosine=0.9))
+
+
+def test_canonical_names_keep_real_differences() -> None:
+    assert canonical("25°C and 5 g") == "25 celsius and 5 gram"
+    assert canonical("the 5th of October 2025") == canonical("October 5, 2025") == "2025 10 5"
+    # "in" is a unit only right after a number
+    assert canonical("What's in the box?") == "What's in the box?"
+    assert vetoed(features("Convert 5 km to yards.", "Convert 5 miles to yards.", 0.95, 0.9))
+    assert vetoed(features("What is 5 US dollars in yen?", "What is 5 Canadian dollars in yen?",
+                           0.95, 0.9))
+
+
+def test_typo_alignment_never_turns_a_word_into_its_opposite() -> None:
+    fixed, count = align_typos("Sort in ascending order", "Sort in descending order",
+                               _spelling_variant)
+    assert (fixed, count) == ("Sort in descending order", 0)
+    fixed, count = align_typos("How do I make money?", "How do I make moeny?", _spelling_variant)
+    assert (fixed, count) == ("How do I make money?", 1)
 
 
 def test_a_case_change_is_not_vetoed() -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 import numpy as np
 
+from gateway.cache.canonical import UNIT_ALIASES, align_typos, canonical
 from gateway.cache.vectors import Embed, cache_vectors
 
 MODEL_PATH = Path(__file__).parent / "verifier_model" / "verifier.json"
@@ -80,15 +81,6 @@ POLARITY = NEGATIONS | frozenset(
     "avoid against oppose opposes opposing opposed unsafe dangerous harmful toxic "
     "risky bad worst worse disadvantages cons drawbacks".split()
 )
-PHRASES = (
-    ("stay away from", "avoid"), ("steer clear of", "avoid"), ("keep away from", "avoid"),
-    ("in favor of", "for"), ("in favour of", "for"), ("fluid ounces", "floz"),
-    ("fluid ounce", "floz"), ("fl oz", "floz"), ("nautical miles", "nmi"),
-    ("nautical mile", "nmi"), ("miles per hour", "mph"), ("kilometers per hour", "kmh"),
-    ("kilometres per hour", "kmh"), ("km/h", "kmh"), ("meters per second", "mps"),
-    ("metres per second", "mps"),
-)
-
 OPPOSITES: tuple[tuple[str, str], ...] = tuple(
     tuple(pair.split("/")) for pair in """
 ascending/descending increasing/decreasing increase/decrease increases/decreases raise/lower
@@ -106,6 +98,9 @@ hot/cold warm/cold long/short fast/slow heavy/light cheap/expensive cheapest/pri
 north/south east/west left/right above/below over/under inside/outside internal/external
 eat/avoid recommended/avoid legal/illegal possible/impossible valid/invalid
 multiply/divide even/odd prime/composite lowercase/uppercase encode/encoding
+raise/reduce raise/decrease increase/reduce increase/lower boost/reduce boost/lower
+improve/worsen strengthen/weaken expand/shrink grow/shrink lengthen/shorten widen/narrow
+gain/loss gaining/losing earn/spend lend/borrow borrow/repay
 """.split()
 )
 _OPPOSITE_OF: dict[str, set[str]] = {}
@@ -115,28 +110,10 @@ for _a, _b in OPPOSITES:
 
 ROLE_WORDS = frozenset("from to into in than per vs versus by onto until till".split())
 DIRECTION_ROLES = frozenset({"from", "to", "into"})
+# Canonical unit and currency names (see `canonical`), plus a few with no other spelling.
+UNITS = frozenset(UNIT_ALIASES) | frozenset("stone degrees real won au".split())
 _AMBIGUOUS_UNITS = frozenset("""
-in m c f k g l min mins day days year years month months week weeks hour hours minute minutes
-second seconds sec secs degrees stone real won ton tons fluid
-""".split())
-
-UNITS = frozenset("""
-km kms kilometer kilometers kilometre kilometres mile miles mi mph kmh km/h knot knots foot feet
-ft inch inches in cm centimeter centimeters centimetre centimetres mm millimeter millimeters m
-meter meters metre metres yard yards nautical lightyear lightyears au
-kg kilogram kilograms kilo kilos g gram grams mg milligram milligrams lb lbs pound pounds oz
-ounce ounces ton tons tonne tonnes stone
-l liter liters litre litres ml milliliter milliliters gallon gallons pint pints quart quarts cup
-cups tablespoon tablespoons tbsp teaspoon teaspoons tsp fluid
-celsius fahrenheit kelvin c f k degrees
-second seconds sec secs minute minutes min mins hour hours hr hrs day days week weeks month
-months year years decade decades
-usd eur gbp jpy inr cny cad aud chf mxn brl krw sek nok dkk zar sgd hkd nzd rub try
-dollar dollars euro euros pound yen rupee rupees yuan franc francs peso pesos won krona kronor
-real reais rand ruble rubles lira floz nmi kmh mps
-byte bytes kb mb gb tb kib mib gib bit bits
-watt watts kw kwh joule joules calorie calories kcal
-acre acres hectare hectares sqft
+second minute hour day week month year decade stone degrees real won ton
 """.split())
 
 MONTHS = frozenset("""
@@ -148,7 +125,7 @@ saturday sunday
 LANGUAGES = frozenset("""
 python java javascript js typescript ts go golang rust c c++ cpp c# csharp f# fsharp ruby php
 swift kotlin scala haskell julia r perl erlang elixir lua dart bash shell powershell sql
-matlab ocaml clojure groovy fortran cobol zig nim crystal lisp scheme racket prolog
+objc matlab ocaml clojure groovy fortran cobol zig nim crystal lisp scheme racket prolog
 objective-c vb vba delphi pascal assembly solidity
 """.split())
 
@@ -163,21 +140,12 @@ NUMBER_WORDS = {
      "eighty": "80", "ninety": "90", "hundred": "100", "thousand": "1000"}
 
 
-_SPELLING = {w: w[:-2] + "er" for w in
-             "litre litres metre metres kilometre kilometres centimetre centimetres".split()}
-_SPELLING |= {"litres": "liters", "metres": "meters", "kilometres": "kilometers",
-              "centimetres": "centimeters"}
-
-
 def tokens(text: str) -> list[str]:
     """Lower-cased word tokens; number words become digits, `1,743` becomes `1743`."""
     text = unicodedata.normalize("NFKC", text).lower()
-    for phrase, word in PHRASES:
-        if phrase in text:
-            text = text.replace(phrase, word)
     out = []
     for token in _TOKEN.findall(text):
-        token = _SPELLING.get(token.replace("’", "'"), token.replace("’", "'"))
+        token = token.replace("’", "'")
         if re.fullmatch(r"\d+(?:,\d{3})+(?:\.\d+)?", token):
             token = token.replace(",", "")
         out.append(NUMBER_WORDS.get(token, token))
@@ -245,11 +213,12 @@ INFLECTIONS = frozenset("s es ed d ing able ly er ers al".split())
 def _spelling_variant(a: str, b: str) -> bool:
     """A typo of the same word: one letter added, dropped, changed or two swapped ("recioe"/
     "recipe", "mteers"/"meters"; two edits in long words), not another form of it ("mean"/
-    "means"), another common word ("where"/"there") or another name ("Austria"/"Australia")."""
+    "means"), another common word ("where"/"there"), another name ("Austria"/"Australia") or
+    its opposite ("ascending"/"descending")."""
     short, long_ = sorted((a, b), key=len)
     if long_.startswith(short) and long_[len(short):] in INFLECTIONS:
         return False
-    if a in STOPWORDS and b in STOPWORDS:
+    if (a in STOPWORDS and b in STOPWORDS) or _opposites({a}, {b}, set()):
         return False
     return _edits(a, b) <= (2 if len(short) >= 8 else 1)
 
@@ -268,24 +237,6 @@ def _edits(a: str, b: str) -> int:
                 row[j] = min(row[j], prev2[j - 2] + 1)
         prev2, prev = prev, row
     return prev[-1]
-
-
-def _typo_pairs(only_a: list[str], only_b: list[str]) -> tuple[int, set[str], set[str]]:
-    """Pair up changed words that are spelling variants of each other (typos, case)."""
-    rest_a, rest_b = set(only_a), set(only_b)
-    pairs = 0
-    for word in sorted(only_a):
-        if len(word) < 4 or _is_number(word):
-            continue
-        match = max(
-            (w for w in rest_b if not _is_number(w)),
-            key=lambda w: difflib.SequenceMatcher(None, word, w).ratio(), default=None,
-        )
-        if match and _spelling_variant(word, match):
-            pairs += 1
-            rest_a.discard(word)
-            rest_b.discard(match)
-    return pairs, rest_a, rest_b
 
 
 def _roles(words: list[str]) -> dict[str, str]:
@@ -337,15 +288,20 @@ def _context(text: str) -> list[str] | None:
 class PairDiff:
     """What differs between the cached question `a` and the new one `b`."""
 
+    text_a: str  # canonical texts (typos in the new one aligned with the cached one)
+    text_b: str
+    typos: int
     a: list[str]
     b: list[str]
     opcodes: list[tuple[str, int, int, int, int]]
 
     @classmethod
     def of(cls, a: str, b: str) -> PairDiff:
+        b, typos = align_typos(a, b, _spelling_variant)
+        a, b = canonical(a), canonical(b)
         ta, tb = tokens(a), tokens(b)
         matcher = difflib.SequenceMatcher(None, ta, tb, autojunk=False)
-        return cls(ta, tb, matcher.get_opcodes())
+        return cls(a, b, typos, ta, tb, matcher.get_opcodes())
 
     def changed(self) -> tuple[list[str], list[str]]:
         """The tokens of each side inside the non-equal stretches."""
@@ -373,12 +329,12 @@ class PairDiff:
 def features(a: str, b: str, cosine: float, diff_cosine: float) -> np.ndarray:
     """The verifier's input for cached question `a` and new question `b`."""
     diff = PairDiff.of(a, b)
+    a, b = diff.text_a, diff.text_b
     ta, tb = diff.a, diff.b
     sa, sb = set(ta), set(tb)
     ca, cb = set(_content(ta)), set(_content(tb))
     only_a, only_b = diff.changed()
-    typos, rest_a, rest_b = _typo_pairs(sorted(set(only_a) - sb), sorted(set(only_b) - sa))
-    rest_a, rest_b = set(_content(sorted(rest_a))), set(_content(sorted(rest_b)))
+    rest_a, rest_b = set(_content(list(set(only_a) - sb))), set(_content(list(set(only_b) - sa)))
     nums_a = [t for t in ta if _is_number(t)]
     nums_b = [t for t in tb if _is_number(t)]
     entities = (_entities(a) - sb) | (_entities(b) - sa)
@@ -399,7 +355,7 @@ def features(a: str, b: str, cosine: float, diff_cosine: float) -> np.ndarray:
         "content_jaccard": _jaccard(ca, cb),
         "content_only_min": min(len(rest_a), len(rest_b)),
         "content_only_max": max(len(rest_a), len(rest_b)),
-        "typo_pairs": typos,
+        "typo_pairs": diff.typos,
         "numbers_changed": float(sorted(nums_a) != sorted(nums_b)),
         "numbers_reordered": float(sorted(nums_a) == sorted(nums_b) and nums_a != nums_b),
         "negation_flip": float(_negations(ta) % 2 != _negations(tb) % 2),

@@ -1,0 +1,182 @@
+"""One spelling for things people write many ways, before two questions are compared.
+
+"163 km" and "163 kilometers", "CHF" and "Swiss francs", "2025-10-05" and "the 5th of
+October 2025", "C sharp" and "C#" ask the same thing; the verifier should see the same tokens
+and keep its vetoes for real differences (another unit, another date). Canonical names are
+lower case, so they never look like a named entity. Typos in the new question are aligned
+with the cached one's words first, so "Siwss feancs" still reads as "Swiss francs".
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+
+# canonical token: its other spellings (multi-word ones included; matched case-insensitively,
+# on word boundaries, longest first).
+UNIT_ALIASES: dict[str, tuple[str, ...]] = {
+    # length and speed
+    "km": ("kilometer", "kilometers", "kilometre", "kilometres", "kms"),
+    "mile": ("miles", "mi"),
+    "nmi": ("nautical mile", "nautical miles"),
+    "ft": ("foot", "feet"),
+    "inch": ("inches",),
+    "cm": ("centimeter", "centimeters", "centimetre", "centimetres"),
+    "mm": ("millimeter", "millimeters", "millimetre", "millimetres"),
+    "meter": ("meters", "metre", "metres"),
+    "yard": ("yards", "yd", "yds"),
+    "lightyear": ("light year", "light years", "light-year", "light-years", "lightyears"),
+    "mph": ("miles per hour", "mile per hour"),
+    "kmh": ("kilometers per hour", "kilometres per hour", "km/h", "kph", "km per hour"),
+    "mps": ("meters per second", "metres per second", "m/s", "meter per second"),
+    "knot": ("knots",),
+    # mass
+    "kg": ("kilogram", "kilograms", "kilo", "kilos", "kgs"),
+    "gram": ("grams",),
+    "mg": ("milligram", "milligrams"),
+    "lb": ("lbs",),
+    "pound": ("pounds",),  # weight or money: kept apart from both lb and gbp
+    "oz": ("ounce", "ounces"),
+    "ton": ("tons",),
+    "tonne": ("tonnes", "metric ton", "metric tons"),
+    # volume
+    "liter": ("liters", "litre", "litres"),
+    "ml": ("milliliter", "milliliters", "millilitre", "millilitres"),
+    "gallon": ("gallons",),
+    "pint": ("pints",),
+    "quart": ("quarts",),
+    "cup": ("cups",),
+    "tbsp": ("tablespoon", "tablespoons", "tbs"),
+    "tsp": ("teaspoon", "teaspoons"),
+    "floz": ("fluid ounce", "fluid ounces", "fl oz", "fl. oz"),
+    # temperature, energy, data, area
+    "celsius": ("degrees celsius", "degree celsius", "centigrade"),
+    "fahrenheit": ("degrees fahrenheit", "degree fahrenheit"),
+    "calorie": ("calories",),
+    "kcal": ("kilocalorie", "kilocalories"),
+    "kwh": ("kilowatt hour", "kilowatt hours", "kilowatt-hour", "kilowatt-hours"),
+    "kw": ("kilowatt", "kilowatts"),
+    "watt": ("watts",),
+    "joule": ("joules",),
+    "byte": ("bytes",),
+    "kb": ("kilobyte", "kilobytes"),
+    "mb": ("megabyte", "megabytes"),
+    "gb": ("gigabyte", "gigabytes"),
+    "tb": ("terabyte", "terabytes"),
+    "bit": ("bits",),
+    "acre": ("acres",),
+    "hectare": ("hectares",),
+    "sqft": ("square foot", "square feet", "sq ft"),
+    "%": ("percent", "per cent"),
+    "second": ("seconds", "sec", "secs"),
+    "minute": ("minutes", "mins"),
+    "hour": ("hours", "hrs"),
+    "day": ("days",),
+    "week": ("weeks",),
+    "month": ("months",),
+    "year": ("years",),
+    "decade": ("decades",),
+    # money: ISO codes for named currencies; a bare "dollar" or "franc" stays ambiguous
+    "usd": ("us dollar", "us dollars", "u.s. dollars", "american dollar", "american dollars"),
+    "eur": ("euro", "euros"),
+    "gbp": ("british pound", "british pounds", "pound sterling", "pounds sterling",
+            "sterling"),
+    "jpy": ("japanese yen", "yen"),
+    "inr": ("indian rupee", "indian rupees"),
+    "cny": ("chinese yuan", "yuan", "renminbi", "rmb"),
+    "cad": ("canadian dollar", "canadian dollars"),
+    "aud": ("australian dollar", "australian dollars"),
+    "nzd": ("new zealand dollar", "new zealand dollars"),
+    "sgd": ("singapore dollar", "singapore dollars"),
+    "hkd": ("hong kong dollar", "hong kong dollars"),
+    "chf": ("swiss franc", "swiss francs"),
+    "mxn": ("mexican peso", "mexican pesos"),
+    "brl": ("brazilian real", "brazilian reais", "reais"),
+    "krw": ("south korean won", "korean won"),
+    "sek": ("swedish krona", "swedish kronor"),
+    "nok": ("norwegian krone", "norwegian kroner"),
+    "dkk": ("danish krone", "danish kroner"),
+    "zar": ("south african rand", "south african rands"),
+    "rub": ("russian ruble", "russian rubles", "russian rouble", "russian roubles", "rubles",
+            "roubles", "ruble", "rouble"),
+    "rupee": ("rupees",),
+    "dollar": ("dollars",),
+    "franc": ("francs",),
+    "peso": ("pesos",),
+}
+LANGUAGE_ALIASES: dict[str, tuple[str, ...]] = {
+    "c#": ("c sharp", "csharp"),
+    "f#": ("f sharp", "fsharp"),
+    "c++": ("cpp",),
+    "go": ("golang",),
+    "javascript": ("js",),
+    "objc": ("objective-c", "objective c"),
+}
+# Short unit symbols mean a unit only right after a number ("5 g", "3 l", "20 m").
+AFTER_NUMBER = {"g": "gram", "l": "liter", "m": "meter", "in": "inch", "c": "celsius",
+                "f": "fahrenheit", "min": "minute", "h": "hour", "hr": "hour"}
+
+_ALIAS_OF = {alias: canonical for table in (UNIT_ALIASES, LANGUAGE_ALIASES)
+             for canonical, aliases in table.items() for alias in aliases}
+_ALIAS = re.compile(
+    r"(?<![\w#+])(" + "|".join(re.escape(a) for a in sorted(_ALIAS_OF, key=len, reverse=True))
+    + r")(?![\w#+])", re.IGNORECASE)
+_SHORT_UNIT = re.compile(r"(?<=\d)(\s?)(" + "|".join(AFTER_NUMBER) + r")\b(?!['’]|\s*\d)",
+                         re.IGNORECASE)
+
+_MONTH = (r"(jan(?:uary)?|feb(?:ruary)?|mar(?:ch)?|apr(?:il)?|may|june?|july?|aug(?:ust)?"
+          r"|sep(?:t(?:ember)?)?|oct(?:ober)?|nov(?:ember)?|dec(?:ember)?)\.?")
+_DAY = r"(\d{1,2})(?:st|nd|rd|th)?"
+_YEAR = r"(\d{4})"
+_DATES = (  # (pattern, order of year, month, day among its groups)
+    (re.compile(rf"\b{_MONTH}\s+{_DAY},?\s+{_YEAR}\b", re.IGNORECASE), (2, 0, 1)),
+    (re.compile(rf"\b(?:the\s+)?{_DAY}\s+(?:of\s+)?{_MONTH},?\s+{_YEAR}\b", re.IGNORECASE),
+     (2, 1, 0)),
+    (re.compile(r"\b(\d{4})-(\d{1,2})-(\d{1,2})\b"), (0, 1, 2)),
+)
+
+
+def canonical(text: str) -> str:
+    """The text with dates as `year month day`, and units, currencies and languages under one
+    name each; everything else (case included) is left as it was."""
+    text = text.replace("°", " ")  # 25°C: the symbol after a number, as "25 c"
+    for pattern, order in _DATES:
+        text = pattern.sub(lambda m, order=order: _date(m, order), text)
+    text = _ALIAS.sub(lambda m: _ALIAS_OF[m.group(1).lower()], text)
+    return _SHORT_UNIT.sub(lambda m: m.group(1) + AFTER_NUMBER[m.group(2).lower()], text)
+
+
+def _date(match: re.Match[str], order: tuple[int, int, int]) -> str:
+    year, month, day = (match.group(i + 1) for i in order)
+    if not month.isdigit():
+        month = str(_month_number(month))
+    if not (1 <= int(month) <= 12 and 1 <= int(day) <= 31):
+        return match.group(0)
+    return f"{int(year)} {int(month)} {int(day)}"
+
+
+def _month_number(name: str) -> int:
+    return ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov",
+            "dec"].index(name.lower()[:3]) + 1
+
+
+_WORD = re.compile(r"[A-Za-z]{4,}")
+
+
+def align_typos(cached: str, new: str, is_variant) -> tuple[str, int]:
+    """`new` with each word that is a spelling variant of a word of `cached` (and not a word
+    `cached` has) replaced by that word, and how many were replaced."""
+    words = {w.lower() for w in _WORD.findall(cached)}
+    new_words = {w.lower() for w in _WORD.findall(new)}
+    candidates = sorted(words - new_words)
+    fixes: dict[str, str] = {}
+    for word in sorted(new_words - words):
+        best = max(candidates, key=lambda w: difflib.SequenceMatcher(None, word, w).ratio(),
+                   default=None)
+        if best is not None and is_variant(word, best):
+            fixes[word] = best
+            candidates.remove(best)
+    if not fixes:
+        return new, 0
+    fixed = _WORD.sub(lambda m: fixes.get(m.group(0).lower(), m.group(0)), new)
+    return fixed, len(fixes)
