@@ -60,7 +60,9 @@ _TOKEN = re.compile(
     r"|[a-z][a-z0-9]*(?:['’][a-z]+)*[+#]*"  # words, c++, c#, don't
     r"|[$%€£¥#+]"
 )
-_CAPITAL = re.compile(r"(?<![.!?]\s)(?<!^)\b[A-Z][a-zA-Z0-9]+")
+_NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
+_SENTENCE_END = re.compile(r"(?:[.!?:]\s+|\n)")
+_NAME = re.compile(r"[A-Za-z][A-Za-z0-9+#]*")
 
 STOPWORDS = frozenset("""
 a an the is are was were be been being am do does did doing have has had having i me my we our
@@ -146,25 +148,25 @@ def tokens(text: str) -> list[str]:
     out = []
     for token in _TOKEN.findall(text):
         token = token.replace("’", "'")
-        if re.fullmatch(r"\d+(?:,\d{3})+(?:\.\d+)?", token):
+        if "," in token:
             token = token.replace(",", "")
         out.append(NUMBER_WORDS.get(token, token))
     return out
 
 
 def _is_number(token: str) -> bool:
-    return bool(re.fullmatch(r"\d+(?:[.,]\d+)*", token))
+    return token[:1].isdigit() and bool(_NUMBER.fullmatch(token))
 
 
 def _content(words: list[str]) -> list[str]:
-    return [w for w in words if w not in STOPWORDS and not re.fullmatch(r"\W", w)]
+    return [w for w in words if w not in STOPWORDS and not (len(w) == 1 and not w.isalnum())]
 
 
 def _entities(text: str) -> set[str]:
     """Capitalised words that do not open a sentence or a line (names, places, products)."""
     found = set()
-    for sentence in re.split(r"(?:[.!?:]\s+|\n)", text):
-        words = re.findall(r"[A-Za-z][A-Za-z0-9+#]*", sentence)
+    for sentence in _SENTENCE_END.split(text):
+        words = _NAME.findall(sentence)
         found |= {w.lower() for w in words[1:] if w[0].isupper()}
     return found - STOPWORDS
 
