@@ -29,6 +29,7 @@ FORWARDED_PARAMS = (
     "messages", "temperature", "top_p", "max_tokens", "stop", "seed", "user", "tools",
     "tool_choice", "response_format", "logprobs", "top_logprobs", "frequency_penalty",
     "presence_penalty", "logit_bias", "parallel_tool_calls",
+    "n",  # set only by the gateway itself (self-consistency samples); clients may ask for 1
 )
 
 

@@ -518,6 +518,7 @@ class CascadeEngine:
         params = {**call.params, "logprobs": True}
         call.small_answer = small
         small.started = time.monotonic()
+        samples = self._start_samples(call, holdback)
         small.span = call.timings.start_span(
             f"chat {self.small.name}", self._request_attributes(call, self.small, params, 1)
         )
@@ -536,6 +537,7 @@ class CascadeEngine:
                 )
         except (BackendFailure, TimeoutError) as exc:
             await _aclose(chunks)
+            _cancel(samples)
             failure = exc if isinstance(exc, BackendFailure) else BackendFailure(
                 self.small.name, "deadline passed", timeout=True)
             genai.record_error(small.span, failure)
@@ -547,6 +549,7 @@ class CascadeEngine:
             raise Escalate(reason, failure) from exc
         except BaseException:
             await _aclose(chunks)
+            _cancel(samples)
             self._small_done(call, small)
             raise
         if not prefix_done:
@@ -554,7 +557,8 @@ class CascadeEngine:
             self._small_done(call, small)
         if streaming.mode == StreamMode.DIRECT and holdback:
             return chunks if prefix_done else None
-        accepted = await self._judge(call, decision, small, may_escalate)
+        accepted = await self._judge(call, decision, small, may_escalate,
+                                     await self._samples(call, samples))
         if not accepted:
             await _aclose(chunks)
             if prefix_done:
@@ -563,6 +567,36 @@ class CascadeEngine:
                 self._small_done(call, small)
             raise Escalate("low_confidence")
         return chunks if prefix_done else None
+
+    def _start_samples(self, call: Call, holdback: bool) -> asyncio.Task | None:
+        """Draw the policy's extra small-model answers alongside the main stream (vLLM shares
+        the prompt's prefill between them). Not for holdback, which judges a prefix."""
+        k = call.policy.confidence.samples
+        if not k or holdback or call.params.get("tools"):
+            return None
+        params = {key: value for key, value in call.params.items()
+                  if key not in ("logprobs", "top_logprobs", "stream", "stream_options")}
+        params.update(n=k, temperature=call.policy.confidence.samples_temperature)
+        return asyncio.create_task(self.small.complete(
+            params, timeout=call.policy.latency_budget.small_total_ms / 1000,
+            headers=outgoing_headers()))
+
+    async def _samples(self, call: Call, task: asyncio.Task | None) -> list[str] | None:
+        """The extra answers once the main one is done, if they come within the small model's
+        time budget; None (the scorer does without) when they fail or are late."""
+        if task is None:
+            return None
+        started = call.small_answer.started if call.small_answer else time.monotonic()
+        left = call.policy.latency_budget.small_total_ms / 1000 - (time.monotonic() - started)
+        try:
+            async with asyncio.timeout(max(left, 0.0)):
+                response = await asyncio.shield(task)
+        except (BackendFailure, TimeoutError):
+            _cancel(task)
+            return None
+        call.usage.add(response.get("usage"), self.small.name)
+        return [(choice.get("message") or {}).get("content") or ""
+                for choice in response.get("choices") or []]
 
     def _small_done(self, call: Call, small: Assembly) -> None:
         """The small stream is over: record its time to first token and generation time."""
@@ -582,10 +616,11 @@ class CascadeEngine:
         )
 
     async def _judge(
-        self, call: Call, decision: Decision, small: Assembly, may_escalate: bool
+        self, call: Call, decision: Decision, small: Assembly, may_escalate: bool,
+        samples: list[str] | None = None,
     ) -> bool:
         policy = call.policy
-        answer = small.answer()
+        answer = replace(small.answer(), samples=samples)
         with call.timings.measure("confidence"):
             scorer = await self._confidence_scorer(policy)
             decision.confidence = await scorer.score(self._prompt(call), answer)
@@ -701,6 +736,12 @@ def _midstream_error(backend: str, exc: BaseException) -> GatewayError:
     if isinstance(exc, TimeoutError) or getattr(exc, "timeout", False):
         return UpstreamTimeout(f"The model stream stalled ({backend}); the answer is incomplete.")
     return UpstreamError(f"The model stream broke ({backend}); the answer is incomplete.")
+
+
+def _cancel(task: asyncio.Task | None) -> None:
+    if task is not None and not task.done():
+        task.cancel()
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 async def _aclose(chunks: Any) -> None:

@@ -73,6 +73,14 @@ class Confidence(_Strict):
     bundle: str = Field(default="default", description="Router bundle for `learned`.")
     threshold: float = Field(default=0.5, ge=0, le=1)
     min_token_logprob: float | None = Field(default=None, le=0)
+    samples: int = Field(
+        default=0, ge=0, le=8,
+        description="Extra small-model answers drawn alongside the main one (one request with "
+        "n = samples) for self-consistency: a `learned` bundle trained with samples compares "
+        "their final answers with the main one. Only where the whole answer is judged "
+        "(buffer and non-streamed, no tools); late or failed samples are skipped.",
+    )
+    samples_temperature: float = Field(default=0.7, ge=0, le=2)
 
 
 class Streaming(_Strict):

@@ -45,6 +45,7 @@ class Answer:
     token_logprobs: list[float] = field(default_factory=list)
     complete: bool = True
     top_logprobs: list[list[float]] | None = None
+    samples: list[str] | None = None  # more answers to the same prompt (self-consistency)
 
 
 class DifficultyScorer(Protocol):
@@ -129,7 +130,7 @@ class LearnedConfidence:
         embedding = await _embedding(prompt, None)
         return await asyncio.to_thread(
             self.bundle.confidence, prompt.text, answer.text,
-            answer.token_logprobs or None, embedding, answer.top_logprobs,
+            answer.token_logprobs or None, embedding, answer.top_logprobs, answer.samples,
         )
 
 

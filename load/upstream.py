@@ -208,6 +208,7 @@ class Call:
     logprobs: bool = False
     top_logprobs: int = 0
     tool_names: tuple[str, ...] = ()
+    n: int = 1  # choices in a non-streamed answer (all alike: the answer is scripted)
 
 
 @dataclass(frozen=True)
@@ -464,6 +465,7 @@ def parse_chat(body: JSON, default_model: str) -> Call:
         logprobs=bool(body.get("logprobs")),
         top_logprobs=_int_or_none(body.get("top_logprobs"), "top_logprobs") or 0,
         tool_names=names,
+        n=max(1, _int_or_none(body.get("n"), "n") or 1),
     )
 
 
@@ -497,8 +499,9 @@ def chat_body(call: Call, reply: Reply) -> JSON:
         "object": "chat.completion",
         "created": reply.created,
         "model": reply.model,
-        "choices": [choice],
-        "usage": reply.usage(),
+        "choices": [{**choice, "index": i} for i in range(call.n)],
+        "usage": {**reply.usage(), "completion_tokens": call.n * len(reply.pieces),
+                  "total_tokens": reply.prompt_tokens + call.n * len(reply.pieces)},
     }
 
 

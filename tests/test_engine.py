@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import httpx
 import pytest
 
-from gateway.backends import LiteLLMBackend, OpenAIWireBackend
+from gateway.backends import BackendFailure, LiteLLMBackend, OpenAIWireBackend
 from gateway.config import BackendConfig, RetryConfig
 from gateway.engine import Call, CascadeEngine, Route
 from gateway.errors import GatewayError, RateLimited, UpstreamError, UpstreamTimeout
@@ -193,6 +195,51 @@ async def test_difficulty_below_skip_threshold_goes_to_frontier(upstream: str) -
     response, decision = await engine.complete(call("hi" + script(key="skip"), pol))
     assert (decision.route, decision.escalation) == (Route.FRONTIER, "difficulty")
     assert attempts(upstream, "skip") == 1  # the small model was never called
+
+
+class RecordingConfidence:
+    def __init__(self) -> None:
+        self.answers: list[Any] = []
+
+    async def score(self, prompt, answer) -> float:
+        self.answers.append(answer)
+        return 0.9
+
+
+async def test_samples_reach_the_confidence_scorer_and_are_billed(upstream: str) -> None:
+    engine = engine_for(upstream)
+    engine.confidence["logprob"] = recorder = RecordingConfidence()
+    pol = policy(confidence={"samples": 3})
+    text = "hi" + script(text="The answer is 4.")
+    response, decision = await engine.complete(call(text, pol))
+    assert decision.route == Route.SMALL
+    assert recorder.answers[-1].samples == ["The answer is 4."] * 3
+    # the main answer (4 pieces) and three samples of it are all billed
+    assert response["usage"]["completion_tokens"] == 4 * 4
+
+    await engine.complete(call(text, policy()))
+    assert recorder.answers[-1].samples is None
+
+
+async def test_late_or_failing_samples_are_skipped_not_fatal(upstream: str) -> None:
+    engine = engine_for(upstream)
+    the_call = call("hi", policy(confidence={"samples": 2},
+                                 latency_budget={"small_ttft": 100, "small_generation": 100}))
+
+    async def never() -> dict:
+        await asyncio.sleep(3600)
+        return {}
+
+    async def failing() -> dict:
+        raise BackendFailure("small", "boom")
+
+    late = asyncio.create_task(never())
+    started = time.monotonic()
+    assert await engine._samples(the_call, late) is None
+    assert time.monotonic() - started < 1.0
+    await asyncio.sleep(0)
+    assert late.cancelled()
+    assert await engine._samples(the_call, asyncio.create_task(failing())) is None
 
 
 # ---- streaming modes ---------------------------------------------------------------------

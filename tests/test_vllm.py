@@ -8,9 +8,12 @@ from pathlib import Path
 import openai
 import pytest
 
-from gateway.backends import LiteLLMBackend
-from gateway.config import BackendConfig
+from gateway.backends import LiteLLMBackend, OpenAIWireBackend
+from gateway.config import BackendConfig, RetryConfig
+from gateway.engine import CascadeEngine, Route
+from gateway.policy import Policy
 from tests.conftest import GatewayRunner
+from tests.test_engine import RecordingConfidence, call
 
 pytestmark = pytest.mark.vllm
 
@@ -121,3 +124,19 @@ def test_legacy_completion_through_vllm(vllm_gateway: openai.OpenAI) -> None:
     assert completion.model == SMALL
     assert completion.choices[0].text.strip()
     assert completion.usage.completion_tokens > 0
+
+
+async def test_vllm_draws_self_consistency_samples(vllm_api_base: str) -> None:
+    """The engine's extra samples (one request with n) come back from the real server."""
+    engine = CascadeEngine(
+        OpenAIWireBackend(BackendConfig(model=f"hosted_vllm/{SMALL}", api_base=vllm_api_base)),
+        [], RetryConfig())
+    engine.confidence["logprob"] = recorder = RecordingConfidence()
+    policy = Policy.model_validate({
+        "name": "sc", "confidence": {"samples": 3},
+        "latency_budget": {"small_ttft": 20000, "small_generation": 60000}})
+    response, decision = await engine.complete(call("Name a colour.", policy, max_tokens=6))
+    assert decision.route == Route.SMALL
+    samples = recorder.answers[-1].samples
+    assert samples is not None and len(samples) == 3 and all(samples)
+    assert response["usage"]["completion_tokens"] > len(recorder.answers[-1].token_logprobs)
