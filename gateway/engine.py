@@ -739,7 +739,9 @@ def _midstream_error(backend: str, exc: BaseException) -> GatewayError:
 
 
 def _cancel(task: asyncio.Task | None) -> None:
-    if task is not None and not task.done():
+    """Stop a background task (if still running) and retrieve its outcome, so that a failure
+    nobody waits for is not logged as an unhandled error."""
+    if task is not None:
         task.cancel()
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
