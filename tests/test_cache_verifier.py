@@ -34,6 +34,7 @@ PAIRS = training.DEFAULT_PAIRS
     ("What is 32 feet in miles?", "What is 32 miles in feet?"),
     ("How do I migrate from MySQL to Oracle?", "How do I migrate from Oracle to MySQL?"),
     ("How do I read a file in Rust?", "How do I read a file in Go?"),
+    ("Convert liters to milliliters.", "Convert milliliters to liters."),
     ("Which foods contain gluten?", "Which foods do not contain gluten?"),
     ("Notes:\nAlice owns item 1.\nBob owns item 2.\nWho owns item 2?",
      "Notes:\nAlice owns item 1.\nCarol owns item 2.\nWho owns item 2?"),
@@ -54,6 +55,11 @@ def test_hard_differences_are_vetoed(cached: str, new: str) -> None:
     ("Compare Perl and C sharp.", "Compare Perl and C#."),
     ("How much is 9420 Korean won in Swiss francs?",
      "How much is 9420 Korean won in Siwss feancs?"),
+    ("How many liters make up 8 milliliters?", "8 milliliters is how many liters?"),
+    ('Translate from Russian into Hindi: "thank you"',
+     'Translate from Russian to Hindi: "thank you"'),
+    ("What is the capital of the United Kingdom?", "What is the capital of Britain?"),
+    ("It may be slow.", "It might be slow."),
 ])
 def test_other_spellings_of_the_same_thing_are_not_vetoed(cached: str, new: str) -> None:
     assert not vetoed(features(cached, new, cosine=0.95, diff_cosine=0.9))

@@ -104,6 +104,17 @@ UNIT_ALIASES: dict[str, tuple[str, ...]] = {
     "franc": ("francs",),
     "peso": ("pesos",),
 }
+# Countries under more than one name (a bare "US" is left alone: it is also a pronoun).
+PLACE_ALIASES: dict[str, tuple[str, ...]] = {
+    "uk": ("united kingdom", "great britain", "britain", "u.k."),
+    "usa": ("united states", "united states of america", "u.s.a.", "u.s."),
+    "turkey": ("türkiye", "turkiye"),
+    "netherlands": ("the netherlands", "holland"),
+    "czechia": ("czech republic",),
+    "myanmar": ("burma",),
+    "eswatini": ("swaziland",),
+    "uae": ("united arab emirates",),
+}
 LANGUAGE_ALIASES: dict[str, tuple[str, ...]] = {
     "c#": ("c sharp", "csharp"),
     "f#": ("f sharp", "fsharp"),
@@ -116,7 +127,7 @@ LANGUAGE_ALIASES: dict[str, tuple[str, ...]] = {
 AFTER_NUMBER = {"g": "gram", "l": "liter", "m": "meter", "in": "inch", "c": "celsius",
                 "f": "fahrenheit", "min": "minute", "h": "hour", "hr": "hour"}
 
-_ALIAS_OF = {alias: canonical for table in (UNIT_ALIASES, LANGUAGE_ALIASES)
+_ALIAS_OF = {alias: canonical for table in (UNIT_ALIASES, PLACE_ALIASES, LANGUAGE_ALIASES)
              for canonical, aliases in table.items() for alias in aliases}
 _ALIAS = re.compile(
     r"(?<![\w#+])(" + "|".join(re.escape(a) for a in sorted(_ALIAS_OF, key=len, reverse=True))

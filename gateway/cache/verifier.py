@@ -119,7 +119,7 @@ second minute hour day week month year decade stone degrees real won ton
 """.split())
 
 MONTHS = frozenset("""
-january february march april may june july august september october november december
+january february march april june july august september october november december
 jan feb mar apr jun jul aug sep sept oct nov dec monday tuesday wednesday thursday friday
 saturday sunday
 """.split())
@@ -248,7 +248,7 @@ def _roles(words: list[str]) -> dict[str, str]:
     current = ""
     for word in words:
         if word in ROLE_WORDS:
-            current = word
+            current = "to" if word == "into" else word  # "translate into X" = "to X"
         elif word not in STOPWORDS:
             roles.setdefault(word, current)
             current = ""
@@ -366,7 +366,9 @@ def features(a: str, b: str, cosine: float, diff_cosine: float) -> np.ndarray:
         "role_changes": roles,
         "units_changed": len((sa ^ sb) & (UNITS - _AMBIGUOUS_UNITS)),
         "quantities_changed": float(sorted(pairs_a) != sorted(pairs_b)),
-        "unit_order_changed": float(set(order_a) == set(order_b) and order_a != order_b),
+        # "8 ml in liters" = "liters in 8 ml": the number pins the source unit
+        "unit_order_changed": float(set(order_a) == set(order_b) and order_a != order_b
+                                    and not (pairs_a and sorted(pairs_a) == sorted(pairs_b))),
         "months_changed": len((sa ^ sb) & MONTHS),
         "entities_changed": len(entities & (rest_a | rest_b)),
         "languages_changed": float((sa & LANGUAGES) != (sb & LANGUAGES)),
