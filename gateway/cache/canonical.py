@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import re
+from collections.abc import Callable
 
 # canonical token: its other spellings (multi-word ones included; matched case-insensitively,
 # on word boundaries, longest first).
@@ -148,8 +149,8 @@ _DATES = (  # (pattern, order of year, month, day among its groups)
 
 
 def canonical(text: str) -> str:
-    """The text with dates as `year month day`, and units, currencies and languages under one
-    name each; everything else (case included) is left as it was."""
+    """The text with dates as `year month day`, and units, currencies, countries and languages
+    under one name each; everything else (case included) is left as it was."""
     text = text.replace("°", " ")  # 25°C: the symbol after a number, as "25 c"
     for pattern, order in _DATES:
         text = pattern.sub(lambda m, order=order: _date(m, order), text)
@@ -174,7 +175,8 @@ def _month_number(name: str) -> int:
 _WORD = re.compile(r"[A-Za-z]{4,}")
 
 
-def align_typos(cached: str, new: str, is_variant) -> tuple[str, int]:
+def align_typos(cached: str, new: str, is_variant: Callable[[str, str], bool]
+                ) -> tuple[str, int]:
     """`new` with each word that is a spelling variant of a word of `cached` (and not a word
     `cached` has) replaced by that word, and how many were replaced."""
     words = {w.lower() for w in _WORD.findall(cached)}
