@@ -27,7 +27,14 @@ from gateway.cache.memory import MemoryExactStore
 from gateway.cache.redis_exact import RedisExactStore
 from gateway.cache.semantic import Candidate, SemanticIndex
 from gateway.cache.vectors import Embed, cache_vector, windows
-from gateway.cache.verifier import FEATURES, PairVerifier, diff_cosines, features, vetoed
+from gateway.cache.verifier import (
+    FEATURES,
+    PairDiff,
+    PairVerifier,
+    changed_part_cosines,
+    features_of,
+    vetoed,
+)
 from gateway.policy import CacheSettings
 
 log = logging.getLogger("smallfirst.cache")
@@ -177,10 +184,11 @@ class LayeredCache:
         assert verifier is not None
         slot = FEATURES.index("diff_cosine")
         for candidate in candidates:
-            x = features(candidate.text, text, candidate.cosine, 1.0)
+            diff = PairDiff.of(candidate.text, text)
+            x = features_of(diff, candidate.cosine, 1.0)
             if vetoed(x):
                 continue
-            x[slot] = diff_cosines(self._embedder(), [(candidate.text, text)])[0]
+            x[slot] = changed_part_cosines(self._embedder(), [diff])[0]
             probability = verifier.probability_of(x)
             if probability >= threshold:
                 return candidate, probability

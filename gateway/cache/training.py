@@ -28,8 +28,8 @@ from gateway.cache.verifier import (
     MONOTONE,
     PairDiff,
     PairVerifier,
+    changed_part_cosines,
     content_hash,
-    diff_cosines,
     features,
     vetoed,
 )
@@ -125,8 +125,9 @@ def _embedding_inputs(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Pair cosines and changed-part cosines, each cached under a hash of what was embedded."""
     cosine = _cached(cache_dir, "cache-pairs", pairs, lambda: _pair_cosines(embed, pairs))
-    diffs = [PairDiff.of(a, b).diff_texts() for a, b in pairs]
-    diff = _cached(cache_dir, "cache-diffs", diffs, lambda: diff_cosines(embed, pairs))
+    diffs = [PairDiff.of(a, b) for a, b in pairs]
+    diff = _cached(cache_dir, "cache-diffs", [d.diff_texts() for d in diffs],
+                   lambda: changed_part_cosines(embed, diffs))
     return cosine, diff
 
 
@@ -199,7 +200,7 @@ def calibration(prob: np.ndarray, y: np.ndarray, kinds: np.ndarray) -> list[list
 
 def cross_fitted(x: np.ndarray, y: np.ndarray, names: list[str], seed: int,
                  repeats: int = CALIBRATION_REPEATS) -> np.ndarray:
-    """Out-of-fold probabilities, one row per (repeat, row): each row scored by a model that
+    """Out-of-fold probabilities, shape (repeats, rows): each row scored by a model that
     never saw its group, over `repeats` different assignments of groups to folds. The
     top of the table rests on a handful of negatives; one split alone moved the chosen
     threshold enough to change the hit rate by several points."""
@@ -212,7 +213,7 @@ def cross_fitted(x: np.ndarray, y: np.ndarray, names: list[str], seed: int,
         for train, test in GroupKFold(n_splits=5).split(x, y, shuffled):
             prob[test] = predict(fit(x[train], y[train], seed), x[test])
         out.append(prob)
-    return np.concatenate(out)
+    return np.stack(out)
 
 
 def train(
@@ -228,9 +229,8 @@ def train(
     oof = cross_fitted(x[train_rows], y[train_rows], names, seed)
     model = fit(x[train_rows], y[train_rows], seed)
     body = export(model)
-    repeats = len(oof) // int(train_rows.sum())
-    body["calibration"] = calibration(oof, np.tile(y[train_rows], repeats),
-                                      np.tile(frame.kind.to_numpy()[train_rows], repeats))
+    body["calibration"] = calibration(oof.ravel(), np.tile(y[train_rows], len(oof)),
+                                      np.tile(frame.kind.to_numpy()[train_rows], len(oof)))
     body["trained_rows"] = sorted(row_id(a, b) for a, b, keep in
                                   zip(frame.q1, frame.q2, train_rows, strict=True) if keep)
     body["gbm"] = GBM

@@ -330,7 +330,12 @@ class PairDiff:
 
 def features(a: str, b: str, cosine: float, diff_cosine: float) -> np.ndarray:
     """The verifier's input for cached question `a` and new question `b`."""
-    diff = PairDiff.of(a, b)
+    return features_of(PairDiff.of(a, b), cosine, diff_cosine)
+
+
+def features_of(diff: PairDiff, cosine: float, diff_cosine: float) -> np.ndarray:
+    """`features` of a pair already compared (serving reuses the comparison for the
+    changed-part cosine)."""
     a, b = diff.text_a, diff.text_b
     ta, tb = diff.a, diff.b
     sa, sb = set(ta), set(tb)
@@ -400,7 +405,12 @@ def vetoed(x: np.ndarray) -> bool:
 
 def diff_cosines(embed: Embed, pairs: list[tuple[str, str]]) -> np.ndarray:
     """Cosine between the changed content of each pair (1.0 when nothing changed)."""
-    texts = [PairDiff.of(a, b).diff_texts() for a, b in pairs]
+    return changed_part_cosines(embed, [PairDiff.of(a, b) for a, b in pairs])
+
+
+def changed_part_cosines(embed: Embed, diffs: list[PairDiff]) -> np.ndarray:
+    """`diff_cosines` of pairs already compared."""
+    texts = [diff.diff_texts() for diff in diffs]
     todo = [i for i, (x, y) in enumerate(texts) if x and y]
     out = np.array([1.0 if not (x or y) else 0.0 for x, y in texts])
     if todo:
