@@ -124,11 +124,11 @@ jan feb mar apr jun jul aug sep sept oct nov dec monday tuesday wednesday thursd
 saturday sunday
 """.split())
 
+# Canonical names only: `canonical` has already turned golang, cpp, csharp, js, ... into them.
 LANGUAGES = frozenset("""
-python java javascript js typescript ts go golang rust c c++ cpp c# csharp f# fsharp ruby php
-swift kotlin scala haskell julia r perl erlang elixir lua dart bash shell powershell sql
-objc matlab ocaml clojure groovy fortran cobol zig nim crystal lisp scheme racket prolog
-objective-c vb vba delphi pascal assembly solidity
+python java javascript typescript ts go rust c c++ c# f# ruby php swift kotlin scala haskell
+julia r perl erlang elixir lua dart bash shell powershell sql objc matlab ocaml clojure groovy
+fortran cobol zig nim crystal lisp scheme racket prolog vb vba delphi pascal assembly solidity
 """.split())
 
 WH_WORDS = frozenset("what which who whom whose why when where how".split())
