@@ -35,6 +35,8 @@ PAIRS = training.DEFAULT_PAIRS
     ("How do I migrate from MySQL to Oracle?", "How do I migrate from Oracle to MySQL?"),
     ("How do I read a file in Rust?", "How do I read a file in Go?"),
     ("Convert liters to milliliters.", "Convert milliliters to liters."),
+    ("What foods should I eat if I have gout?",
+     "What foods should I stay away from if I have gout?"),
     ("Which foods contain gluten?", "Which foods do not contain gluten?"),
     ("Notes:\nAlice owns item 1.\nBob owns item 2.\nWho owns item 2?",
      "Notes:\nAlice owns item 1.\nCarol owns item 2.\nWho owns item 2?"),

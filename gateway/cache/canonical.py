@@ -116,6 +116,11 @@ PLACE_ALIASES: dict[str, tuple[str, ...]] = {
     "eswatini": ("swaziland",),
     "uae": ("united arab emirates",),
 }
+# Phrases that mean one word the verifier weighs ("eat" against "avoid", "for" / "against").
+PHRASE_ALIASES: dict[str, tuple[str, ...]] = {
+    "avoid": ("stay away from", "steer clear of", "keep away from"),
+    "for": ("in favor of", "in favour of"),
+}
 LANGUAGE_ALIASES: dict[str, tuple[str, ...]] = {
     "c#": ("c sharp", "csharp"),
     "f#": ("f sharp", "fsharp"),
@@ -128,7 +133,8 @@ LANGUAGE_ALIASES: dict[str, tuple[str, ...]] = {
 AFTER_NUMBER = {"g": "gram", "l": "liter", "m": "meter", "in": "inch", "c": "celsius",
                 "f": "fahrenheit", "min": "minute", "h": "hour", "hr": "hour"}
 
-_ALIAS_OF = {alias: canonical for table in (UNIT_ALIASES, PLACE_ALIASES, LANGUAGE_ALIASES)
+_ALIAS_OF = {alias: canonical
+             for table in (UNIT_ALIASES, PLACE_ALIASES, PHRASE_ALIASES, LANGUAGE_ALIASES)
              for canonical, aliases in table.items() for alias in aliases}
 _ALIAS = re.compile(
     r"(?<![\w#+])(" + "|".join(re.escape(a) for a in sorted(_ALIAS_OF, key=len, reverse=True))
