@@ -18,7 +18,7 @@ import numpy as np
 from router import lexical
 from router.calibrate import Thresholds, choose_thresholds
 from router.data import EmbeddingCache, default_cache_dir
-from router.embedding import MODEL_ID, Embedder
+from router.embedding import VECTORS_ID, Embedder
 from router.features import (
     ANSWER_FEATURES,
     CONSISTENCY_FEATURES,
@@ -122,7 +122,7 @@ def prompt_folds(prompts: list[str], k: int, salt: str = "outer") -> np.ndarray:
 
 def build_matrices(frame, cache_dir: Path | None = None, threads: int = 1) -> Matrices:
     """Embed prompts (through the disk cache) and extract hand features for every row."""
-    cache = EmbeddingCache(cache_dir or default_cache_dir(), MODEL_ID)
+    cache = EmbeddingCache(cache_dir or default_cache_dir(), VECTORS_ID)
     embedder: list[Embedder] = []
 
     def compute(texts: list[str]) -> np.ndarray:

@@ -33,11 +33,12 @@ from gateway.cache.verifier import (
     features,
     vetoed,
 )
+from router.embedding import VECTORS_ID
 
 DEFAULT_PAIRS = Path("../shared/data/cache_pairs/pairs.parquet")
 EMBEDDING_CACHE = Path(".cache-embeddings")
 HELD_OUT_SHARE = 0.25
-CALIBRATION_REPEATS = 3
+CALIBRATION_REPEATS = 10
 UNTEMPLATED = ("qqp", "mock_data")
 # Negatives weigh 10x: a wrong answer served costs far more than a paraphrase missed, and the
 # weight keeps noisy, lexically close negatives from sharing the top scores with clean
@@ -137,7 +138,7 @@ def _pair_cosines(embed: Embed | None, pairs: list[tuple[str, str]]) -> np.ndarr
 
 
 def _cached(cache_dir: Path | None, name: str, inputs: Any, compute: Any) -> np.ndarray:
-    key = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([VECTORS_ID, inputs]).encode()).hexdigest()[:16]
     path = cache_dir / f"{name}-{key}.npy" if cache_dir else None
     if path is not None and path.is_file():
         return np.load(path)

@@ -50,3 +50,35 @@ def test_thread_safe(embedder):
         t.join()
     for v in out:
         np.testing.assert_allclose(v, expected, atol=1e-6)
+
+
+def test_compact_graph_matches_the_packaged_graph(embedder):
+    from router.embedding import Embedder
+
+    packaged = Embedder(compact=False)
+    texts = ["Convert 5 km to miles", "Is it safe to eat raw eggs while pregnant?",
+             "def add(a, b):\n    return a + b  # explain this code", "word " * 300]
+    ours, theirs = embedder.embed(texts), packaged.embed(texts)
+    assert ((ours * theirs).sum(axis=1) > 0.999).all()
+    # padding in a batch changes nothing: each row matches the same text embedded alone
+    for text, row in zip(texts, ours, strict=True):
+        np.testing.assert_allclose(row, embedder.embed_one(text), atol=1e-5)
+
+
+def test_an_unexpected_export_falls_back_to_the_packaged_graph(tmp_path, monkeypatch, caplog):
+    import onnx
+    from onnx import TensorProto, helper
+
+    import router.embedding
+    from router.minilm_graph import GraphMismatch, compact_model
+
+    identity = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])], "other",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])]))
+    onnx.save(identity, tmp_path / "model.onnx")
+    with pytest.raises(GraphMismatch, match="projections"):
+        compact_model(tmp_path / "model.onnx")
+    monkeypatch.setattr(router.embedding, "model_path", lambda: tmp_path / "model.onnx")
+    assert router.embedding._model_bytes() == str(tmp_path / "model.onnx")
+    assert "packaged graph" in caplog.text
