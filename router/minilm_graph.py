@@ -166,8 +166,10 @@ class _Builder:
 
     def _dequantized(self, name: str) -> str:
         """An int8 embedding table, expanded to float32 by ONNX Runtime when it loads."""
+        from onnx import TensorProto
+
         codes, scale = self._tensor(name + "_q"), self._tensor(name + "_scale")
-        self._node("Cast", [codes], [name + "_f"], to=1)
+        self._node("Cast", [codes], [name + "_f"], to=TensorProto.FLOAT)
         self._node("Mul", [name + "_f", scale], [name])
         return name
 
