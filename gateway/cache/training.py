@@ -4,8 +4,8 @@ Pairs are split by family, never by row: templated families would otherwise leak
 train and test. The long-context families (`ctx_<name>/...`) share their contexts, so they are
 grouped by context; the Quora and documentation pairs are real, untemplated pairs, grouped by
 connected questions. A quarter of the groups are held out for the reported figures; the
-threshold table comes from 5-fold cross-fitting (again by group, over three different
-assignments of groups to folds) inside the training groups.
+threshold table comes from 5-fold cross-fitting (again by group, pooled over
+`CALIBRATION_REPEATS` different assignments of groups to folds) inside the training groups.
 
 Rebuild the shipped model with `smallfirst cache train` (needs pandas and pyarrow: the `dev`
 or `train` extra, and the labelled pairs).
