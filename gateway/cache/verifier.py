@@ -28,6 +28,7 @@ import numpy as np
 
 from gateway.cache.canonical import UNIT_ALIASES, align_typos, canonical
 from gateway.cache.vectors import Embed, cache_vectors
+from router.models import TreeEnsemble
 
 MODEL_PATH = Path(__file__).parent / "verifier_model" / "verifier.json"
 
@@ -426,20 +427,35 @@ class VerifierError(RuntimeError):
     """The shipped verifier file is missing, corrupt or of another version."""
 
 
-@dataclass(frozen=True)
-class Tree:
-    feature: np.ndarray
-    threshold: np.ndarray
-    left: np.ndarray
-    right: np.ndarray
-    value: np.ndarray
+def _ensemble(trees: list[dict[str, list]], baseline: float, rate: float) -> TreeEnsemble:
+    """The JSON trees (leaves have left = -1) as the router's flat `TreeEnsemble`, which
+    walks all of them at once: a Python loop over 300 trees took half the verifier's time."""
+    sizes = [len(t["feature"]) for t in trees]
+    roots = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
+    columns = {k: np.concatenate([np.asarray(t[k]) for t in trees])
+               for k in ("feature", "threshold", "left", "right", "value")}
+    own = np.arange(sum(sizes), dtype=np.int32)
+    offset = np.repeat(roots, sizes)
+    leaf = columns["left"] < 0
+    return TreeEnsemble(
+        feature=np.where(leaf, 0, columns["feature"]).astype(np.int32),
+        threshold=np.where(leaf, np.inf, columns["threshold"]).astype(np.float64),
+        left=np.where(leaf, own, columns["left"] + offset).astype(np.int32),
+        right=np.where(leaf, own, columns["right"] + offset).astype(np.int32),
+        missing_left=np.zeros(len(own), dtype=bool),  # NaN goes right, as `x <= t` says
+        value=np.where(leaf, rate * columns["value"], 0.0).astype(np.float64),
+        roots=roots, baseline=baseline, depth=max(map(_depth, trees)))
 
-    def predict(self, x: np.ndarray) -> float:
-        node = 0
-        while self.left[node] >= 0:
-            node = self.left[node] if x[self.feature[node]] <= self.threshold[node] \
-                else self.right[node]
-        return float(self.value[node])
+
+def _depth(tree: dict[str, list]) -> int:
+    """Edges on the longest path from the root to a leaf."""
+    depth, level = 0, [0]
+    while True:
+        level = [c for n in level if tree["left"][n] >= 0
+                 for c in (tree["left"][n], tree["right"][n])]
+        if not level:
+            return depth
+        depth += 1
 
 
 class PairVerifier:
@@ -449,11 +465,7 @@ class PairVerifier:
         if data.get("features") != FEATURES:
             raise VerifierError("the verifier was trained on another feature set; rebuild it")
         self.data = data
-        self.init = float(data["init"])
-        self.rate = float(data["learning_rate"])
-        self.trees = [Tree(*(np.asarray(t[k]) for k in ("feature", "threshold", "left",
-                                                           "right", "value")))
-                      for t in data["trees"]]
+        self.trees = _ensemble(data["trees"], float(data["init"]), float(data["learning_rate"]))
         self.calibration = data["calibration"]  # [threshold, worst-kind fhr, fhr, hit rate]
 
     @classmethod
@@ -464,8 +476,7 @@ class PairVerifier:
         """The probability the cached answer is right (0.0 when a veto applies)."""
         if vetoed(x):
             return 0.0
-        raw = self.init + self.rate * sum(tree.predict(x) for tree in self.trees)
-        return float(1.0 / (1.0 + np.exp(-raw)))
+        return float(1.0 / (1.0 + np.exp(-self.trees.raw(x)[0])))
 
     def probability(self, a: str, b: str, cosine: float, diff_cosine: float) -> float:
         return self.probability_of(features(a, b, cosine, diff_cosine))
