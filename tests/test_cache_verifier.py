@@ -15,6 +15,7 @@ from gateway.cache.evaluate import evaluate
 from gateway.cache.verifier import (
     FEATURES,
     MODEL_PATH,
+    PairDiff,
     PairVerifier,
     VerifierError,
     _spelling_variant,
@@ -116,6 +117,27 @@ def test_exported_trees_match_scikit_learn() -> None:
     body = {**training.export(model), "calibration": [[0.5, 0.0, 0.0, 1.0]]}
     ours = np.array([PairVerifier(body).probability_of(row) for row in x])
     assert np.allclose(ours, training.predict(model, x), atol=1e-6)
+
+
+def test_accept_embeds_the_changed_parts_only_when_they_decide() -> None:
+    """Same verdicts as scoring every pair in full, with fewer embeddings of changed parts."""
+    frame = training.read_pairs(FIXTURE)
+    x = training.pair_matrix(frame, None)
+    verifier = PairVerifier.load()
+    embedded = []
+    for threshold in (0.5, 0.9, verifier.threshold_for(0.01)):
+        for row, a, b, diff_cosine in zip(x, frame.q1, frame.q2, frame.diff_cosine, strict=True):
+            diff = PairDiff.of(a, b)
+            got = verifier.accept(diff, row[0], threshold, lambda diff=diff, d=diff_cosine:
+                                  embedded.append(all(diff.diff_texts())) or d)
+            full = verifier.probability_of(row)
+            assert (got is not None) == (full >= threshold), (a, b, threshold)
+            if got is not None:
+                assert threshold <= got <= full + 1e-12
+    would_embed = sum(all(PairDiff.of(a, b).diff_texts()) and not vetoed(row)
+                      for row, a, b in zip(x, frame.q1, frame.q2, strict=True))
+    # scoring every pair in full embeds `would_embed` pairs at each of the three thresholds
+    assert 0 < sum(embedded) <= would_embed
 
 
 def test_fixture_columns_match_the_embedding_path() -> None:

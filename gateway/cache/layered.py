@@ -28,12 +28,9 @@ from gateway.cache.redis_exact import RedisExactStore
 from gateway.cache.semantic import Candidate, SemanticIndex
 from gateway.cache.vectors import Embed, cache_vector, windows
 from gateway.cache.verifier import (
-    FEATURES,
     PairDiff,
     PairVerifier,
     changed_part_cosines,
-    features_of,
-    vetoed,
 )
 from gateway.policy import CacheSettings
 
@@ -176,21 +173,15 @@ class LayeredCache:
 
     def _verify(self, text: str, candidates: list[Candidate], threshold: float
                 ) -> tuple[Candidate, float] | None:
-        """The first candidate (nearest first) the verifier accepts, if any.
-
-        Vetoes are checked before anything else, so a vetoed candidate costs no embedding.
-        """
+        """The first candidate (nearest first) the verifier accepts, if any."""
         verifier = self.verifier
         assert verifier is not None
-        slot = FEATURES.index("diff_cosine")
         for candidate in candidates:
             diff = PairDiff.of(candidate.text, text)
-            x = features_of(diff, candidate.cosine, 1.0)
-            if vetoed(x):
-                continue
-            x[slot] = changed_part_cosines(self._embedder(), [diff])[0]
-            probability = verifier.probability_of(x)
-            if probability >= threshold:
+            probability = verifier.accept(
+                diff, candidate.cosine, threshold,
+                lambda diff=diff: float(changed_part_cosines(self._embedder(), [diff])[0]))
+            if probability is not None:
                 return candidate, probability
         return None
 

@@ -19,6 +19,7 @@ import hashlib
 import json
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -399,6 +400,10 @@ def _context_changed(a: str, b: str) -> bool:
     return ca is not None and cb is not None and _content(ca) != _content(cb)
 
 
+_DIFF_COSINE = FEATURES.index("diff_cosine")
+assert MONOTONE["diff_cosine"] == 1  # `PairVerifier.accept` relies on it
+
+
 def vetoed(x: np.ndarray) -> bool:
     """Whether a hard difference (number, negation, opposite, unit, entity, ...) is present."""
     return any(x[FEATURES.index(name)] > 0 for name in VETOES)
@@ -480,6 +485,24 @@ class PairVerifier:
 
     def probability(self, a: str, b: str, cosine: float, diff_cosine: float) -> float:
         return self.probability_of(features(a, b, cosine, diff_cosine))
+
+    def accept(self, diff: PairDiff, cosine: float, threshold: float,
+               changed_part_cosine: Callable[[], float]) -> float | None:
+        """The probability when it reaches `threshold`, else None (always None when a veto
+        applies). The changed parts are embedded (a second model call, about as long as the
+        first) only when that can change the verdict: the model only rises with
+        `diff_cosine` (see MONOTONE), so a pair rejected at its highest value or accepted at
+        its lowest needs none. For the latter the probability returned is a lower bound."""
+        x = features_of(diff, cosine, np.inf)  # +-inf: past every split on either side
+        if vetoed(x) or self.probability_of(x) < threshold:
+            return None
+        if all(diff.diff_texts()):
+            x[_DIFF_COSINE] = -np.inf
+            if self.probability_of(x) >= threshold:
+                return self.probability_of(x)
+        x[_DIFF_COSINE] = changed_part_cosine()  # embeds only when both sides have content
+        probability = self.probability_of(x)
+        return probability if probability >= threshold else None
 
     def threshold_for(self, max_false_hit_rate: float) -> float:
         """The lowest threshold whose calibrated worst-kind false-hit rate meets the target.
