@@ -498,8 +498,9 @@ class PairVerifier:
             return None
         if all(diff.diff_texts()):
             x[_DIFF_COSINE] = -np.inf
-            if self.probability_of(x) >= threshold:
-                return self.probability_of(x)
+            lowest = self.probability_of(x)
+            if lowest >= threshold:
+                return lowest
         x[_DIFF_COSINE] = changed_part_cosine()  # embeds only when both sides have content
         probability = self.probability_of(x)
         return probability if probability >= threshold else None
