@@ -109,3 +109,17 @@ def test_committed_activation_ranges_fit_this_graph(embedder):
     sample = activation_ranges(model_path(), [embedder.encode([t]) for t in texts])
     assert sample.shape == committed.shape
     assert (sample <= 1.5 * committed + 0.05).all()
+
+
+def test_calibrate_writes_ranges_the_builder_accepts(tmp_path):
+    import pandas as pd
+
+    from router.embedding import model_path
+    from router.minilm_graph import compact_model, main
+
+    pd.DataFrame({"q1": ["How far is the Moon?", "Name three prime numbers."],
+                  "q2": ["What is the Moon's distance?", None]}).to_parquet(tmp_path / "a.parquet")
+    main(["calibrate", str(tmp_path / "a.parquet"), "--out", str(tmp_path / "ranges.npy")])
+    ranges = np.load(tmp_path / "ranges.npy")
+    assert ranges.shape == (6, 3, 384) and (ranges > 0).all()
+    assert compact_model(model_path(), ranges.astype(np.float32))  # builds with them
