@@ -67,8 +67,9 @@ _shared_lock = threading.Lock()
 
 
 def configure(threads: int) -> None:
-    """Intra-op threads for the process-wide embedder (before its first use): 2 halves a
-    query's time on an idle machine but competes with the event loop on a busy 2-core one."""
+    """Intra-op threads for the process-wide embedder (before its first use): 2 take about a
+    fifth off a short query on an idle machine but compete with the event loop on a busy
+    2-core one."""
     global _threads
     _threads = threads
 
