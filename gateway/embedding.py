@@ -48,6 +48,12 @@ class SharedEmbedding:
                 self._embed = self._factory()
             return self._embed
 
+    @property
+    def vectors_id(self) -> str | None:
+        """The model's `vectors_id` (names its vectors for disk caches); None when the
+        factory's embedder has none. Loads the model."""
+        return getattr(self._model(), "vectors_id", None)
+
     def warm(self) -> None:
         """Load the model now (a fraction of a second) rather than on the first request."""
         self._model()
@@ -59,7 +65,7 @@ _threads = 1
 def _default_factory() -> Embed:
     from router.embedding import Embedder
 
-    return Embedder(intra_op_threads=_threads).embed
+    return Embedder(intra_op_threads=_threads)
 
 
 _shared: SharedEmbedding | None = None

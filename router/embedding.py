@@ -19,8 +19,8 @@ __all__ = ["DIM", "MAX_TOKENS", "MODEL_ID", "VECTORS_ID", "Embedder", "Embedding
 DIM = 384
 MAX_TOKENS = 256
 MODEL_ID = "all-MiniLM-L6-v2-onnx-int8"
-# Names the vectors themselves (model and graph) for caches kept on disk: the compact graph's
-# vectors are within cosine 0.9995 of the packaged graph's, close enough for a bundle trained
+# Names the compact graph's vectors for caches kept on disk (`Embedder.vectors_id`; the packaged
+# graph's are MODEL_ID): within cosine 0.9995 of each other, close enough for a bundle trained
 # on either, but a cache should not mix them.
 VECTORS_ID = f"{MODEL_ID}.compact-smoothed"
 TOKENIZER_PATH = Path(__file__).parent / "assets" / "minilm-tokenizer.json"
@@ -84,6 +84,14 @@ class Embedder:
         options.inter_op_num_threads = 1
         self._session, self.compact = _session(options, compact)
         self._inputs = {i.name for i in self._session.get_inputs()}
+
+    @property
+    def vectors_id(self) -> str:
+        """Names the vectors this instance produces (model and graph), for caches on disk."""
+        return VECTORS_ID if self.compact else MODEL_ID
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        return self.embed(texts)
 
     def embed(self, texts: list[str]) -> np.ndarray:
         """Embed a batch; returns float32 of shape (len(texts), 384). The compact graph runs

@@ -18,7 +18,7 @@ import numpy as np
 from router import lexical
 from router.calibrate import Thresholds, choose_thresholds
 from router.data import EmbeddingCache, default_cache_dir
-from router.embedding import VECTORS_ID, Embedder
+from router.embedding import Embedder
 from router.features import (
     ANSWER_FEATURES,
     CONSISTENCY_FEATURES,
@@ -122,16 +122,11 @@ def prompt_folds(prompts: list[str], k: int, salt: str = "outer") -> np.ndarray:
 
 def build_matrices(frame, cache_dir: Path | None = None, threads: int = 1) -> Matrices:
     """Embed prompts (through the disk cache) and extract hand features for every row."""
-    cache = EmbeddingCache(cache_dir or default_cache_dir(), VECTORS_ID)
-    embedder: list[Embedder] = []
-
-    def compute(texts: list[str]) -> np.ndarray:
-        if not embedder:
-            embedder.append(Embedder(intra_op_threads=threads))
-        return embedder[0].embed(texts)
-
+    embedder = Embedder(intra_op_threads=threads)  # loaded first: its graph keys the cache
+    cache = EmbeddingCache(cache_dir or default_cache_dir(), embedder.vectors_id)
     prompts = frame["prompt"].tolist()
-    embedding = cache.get_many(prompts, compute, progress=lambda b: progress(b, "embedding"))
+    embedding = cache.get_many(prompts, embedder.embed,
+                               progress=lambda b: progress(b, "embedding"))
     logprobs = frame["small_logprobs"].tolist()
     samples = frame["small_samples"].tolist() if "small_samples" in frame else [None] * len(prompts)
     rows = zip(prompts, frame["small_response"].tolist(), logprobs, samples, strict=True)

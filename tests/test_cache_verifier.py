@@ -186,3 +186,28 @@ def test_split_is_by_family_and_model_matches_it() -> None:
     ids = [training.row_id(a, b) for a, b in zip(frame.q1, frame.q2, strict=True)]
     assert trained == {i for i, held in zip(ids, test, strict=True) if not held}
     assert len(FEATURES) == len(PairVerifier.load().data["features"])
+
+
+def test_pair_cosines_are_cached_only_under_a_named_embedder(tmp_path: Path) -> None:
+    """The disk cache is keyed by the embedder's `vectors_id`; one that names none (whose
+    vectors could be anything) is never cached."""
+    frame = training.read_pairs(FIXTURE).head(4).drop(columns=["cosine", "diff_cosine"])
+
+    def unnamed(texts: list[str]) -> np.ndarray:
+        return np.eye(384, dtype=np.float32)[[len(t) % 384 for t in texts]]
+
+    training.pair_matrix(frame, unnamed, tmp_path / "unnamed")
+    assert not (tmp_path / "unnamed").exists()
+
+    class Named:
+        vectors_id = "named"
+
+        def __call__(self, texts: list[str]) -> np.ndarray:
+            return unnamed(texts)
+
+    first = training.pair_matrix(frame, Named(), tmp_path / "named")
+    assert len(list((tmp_path / "named").glob("cache-*.npy"))) == 2
+    np.testing.assert_array_equal(training.pair_matrix(frame, Named(), tmp_path / "named"), first)
+    Named.vectors_id = "another graph"
+    training.pair_matrix(frame, Named(), tmp_path / "named")
+    assert len(list((tmp_path / "named").glob("cache-*.npy"))) == 4

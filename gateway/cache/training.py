@@ -33,7 +33,6 @@ from gateway.cache.verifier import (
     features,
     vetoed,
 )
-from router.embedding import VECTORS_ID
 
 DEFAULT_PAIRS = Path("../shared/data/cache_pairs/pairs.parquet")
 EMBEDDING_CACHE = Path(".cache-embeddings")
@@ -124,10 +123,15 @@ def pair_matrix(frame: Any, embed: Embed | None,
 def _embedding_inputs(
     pairs: list[tuple[str, str]], embed: Embed | None, cache_dir: Path | None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Pair cosines and changed-part cosines, each cached under a hash of what was embedded."""
-    cosine = _cached(cache_dir, "cache-pairs", pairs, lambda: _pair_cosines(embed, pairs))
+    """Pair cosines and changed-part cosines, each cached under a hash of what was embedded
+    and of the vectors' id (not cached when the embedder names none)."""
+    vectors_id = getattr(embed, "vectors_id", None)
+    if vectors_id is None:
+        cache_dir = None
+    cosine = _cached(cache_dir, "cache-pairs", [vectors_id, pairs],
+                     lambda: _pair_cosines(embed, pairs))
     diffs = [PairDiff.of(a, b) for a, b in pairs]
-    diff = _cached(cache_dir, "cache-diffs", [d.diff_texts() for d in diffs],
+    diff = _cached(cache_dir, "cache-diffs", [vectors_id, [d.diff_texts() for d in diffs]],
                    lambda: changed_part_cosines(embed, diffs))
     return cosine, diff
 
@@ -138,7 +142,7 @@ def _pair_cosines(embed: Embed | None, pairs: list[tuple[str, str]]) -> np.ndarr
 
 
 def _cached(cache_dir: Path | None, name: str, inputs: Any, compute: Any) -> np.ndarray:
-    key = hashlib.sha256(json.dumps([VECTORS_ID, inputs]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps(inputs).encode()).hexdigest()[:16]
     path = cache_dir / f"{name}-{key}.npy" if cache_dir else None
     if path is not None and path.is_file():
         return np.load(path)

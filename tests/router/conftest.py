@@ -16,6 +16,8 @@ REAL_DATA = Path(__file__).resolve().parents[3] / "shared" / "data" / "outcomes"
 class HashEmbedder:
     """Deterministic stand-in for the ONNX embedder: unit vectors from word hashes."""
 
+    vectors_id = "hash-stand-in"
+
     def __init__(self, intra_op_threads: int = 1) -> None:
         pass
 

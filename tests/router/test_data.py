@@ -49,3 +49,12 @@ def test_peer_samples_are_other_small_models_answers_to_the_same_prompt():
     out = add_peer_samples(frame)
     assert out["small_samples"].tolist() == [["B says"], ["A says"], None, ["kept"]]
     assert frame["small_samples"].tolist()[0] is None  # the input is not modified
+
+
+def test_training_caches_embeddings_under_the_embedders_vectors_id(fake_embedder, tmp_path):
+    """Vectors of another graph (a fallback install) are never mixed into a cache."""
+    from router.train import build_matrices
+
+    build_matrices(load_outcomes([FIXTURE_FILES[-1]]), tmp_path)
+    shards = list(tmp_path.glob("*.npz"))
+    assert shards and all(p.name.startswith(f"{fake_embedder.vectors_id}-") for p in shards)

@@ -88,13 +88,23 @@ def test_an_unexpected_export_falls_back_to_the_packaged_graph(tmp_path, monkeyp
 
 def test_activation_ranges_of_another_shape_fall_back_to_the_packaged_graph(
         tmp_path, monkeypatch, caplog):
+    import router.embedding
     import router.minilm_graph
     from router.embedding import Embedder
 
     np.save(tmp_path / "ranges.npy", np.ones((6, 3, 100), np.float16))
     monkeypatch.setattr(router.minilm_graph, "RANGES_PATH", tmp_path / "ranges.npy")
-    assert not Embedder().compact
-    assert "shape" in caplog.text
+    fallback = Embedder()
+    assert not fallback.compact and "shape" in caplog.text
+    # its vectors are cached under the packaged graph's name, not mixed with the compact one's
+    assert fallback.vectors_id == router.embedding.MODEL_ID != router.embedding.VECTORS_ID
+
+
+def test_vectors_id_names_the_graph_that_runs(embedder):
+    from router.embedding import MODEL_ID, VECTORS_ID, Embedder
+
+    assert embedder.vectors_id == VECTORS_ID
+    assert Embedder(compact=False).vectors_id == MODEL_ID
 
 
 def test_committed_activation_ranges_fit_this_graph(embedder):
