@@ -65,8 +65,8 @@ def _session(options, compact: bool):
 class Embedder:
     """Text -> L2-normalised 384-dim float32 vectors (mean-pooled over the attention mask).
 
-    `compact` runs the network as `router.minilm_graph` lays it out (a short question in about
-    two thirds of the time); `self.compact` says whether it does (see `_session`).
+    `compact` runs the network as `router.minilm_graph` lays it out (a short question in half
+    the time); `self.compact` says whether it does (see `_session`).
     False runs the packaged graph as it is.
     """
 
