@@ -24,6 +24,10 @@ MODEL_ID = "all-MiniLM-L6-v2-onnx-int8"
 # on either, but a cache should not mix them.
 VECTORS_ID = f"{MODEL_ID}.compact-smoothed"
 TOKENIZER_PATH = Path(__file__).parent / "assets" / "minilm-tokenizer.json"
+# The compact graph must agree with the packaged one on these (lowest seen here: 0.9996).
+PROBES = ("How do I convert 5 km to miles?", "def add(a, b):\n    return a + b",
+          "Which foods should people with gout avoid, and why?")
+PROBE_MIN_COSINE = 0.998
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +87,8 @@ class Embedder:
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         self._session, self.compact = _session(options, compact)
-        self._inputs = {i.name for i in self._session.get_inputs()}
+        if self.compact:
+            self._check_against_packaged(options)
 
     @property
     def vectors_id(self) -> str:
@@ -102,11 +107,28 @@ class Embedder:
             return np.concatenate([self._embed(texts[i:i + 1]) for i in range(len(texts))])
         return self._embed(texts)
 
-    def _embed(self, texts: list[str]) -> np.ndarray:
+    def _check_against_packaged(self, options) -> None:
+        """Fall back to the packaged graph when the compact one strays from it on this CPU.
+
+        ONNX Runtime's int8 products on x86 CPUs without VNNI may saturate (documented for
+        its u8 x s8 kernels); this machine's cannot be assumed, so a few probe questions are
+        compared once, at load.
+        """
+        packaged, _ = _session(options, compact=False)
+        ours = np.concatenate([self._embed([text]) for text in PROBES])
+        theirs = np.concatenate([self._embed([text], packaged) for text in PROBES])
+        cosine = float((ours * theirs).sum(axis=1).min())
+        if cosine < PROBE_MIN_COSINE:
+            log.warning("embedding: the compact graph strays from the packaged one on this CPU "
+                        "(cosine %.4f); running the packaged graph as it is", cosine)
+            self._session, self.compact = packaged, False
+
+    def _embed(self, texts: list[str], session=None) -> np.ndarray:
+        session = session or self._session
         ids, mask = self.encode(texts)
         feeds = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-        feeds = {k: v for k, v in feeds.items() if k in self._inputs}
-        hidden = self._session.run(None, feeds)[0]
+        names = {i.name for i in session.get_inputs()}
+        hidden = session.run(None, {k: v for k, v in feeds.items() if k in names})[0]
         weights = mask[:, :, None].astype(np.float32)
         pooled = (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
         norms = np.linalg.norm(pooled, axis=1, keepdims=True)

@@ -22,7 +22,9 @@ once on sample questions and prompts, committed at `RANGES_PATH` (rebuilt with
 Vectors stay within cosine 0.9995 (mean; 0.998 at worst over 1,500 questions) of the packaged
 graph's. A shared activation scale makes a row depend on the others in its call (padding
 included), so `Embedder` runs this graph one text at a time. Needs the `onnx` package;
-`Embedder` falls back to the packaged graph when the compact one cannot be built or loaded.
+`Embedder` falls back to the packaged graph when the compact one cannot be built or loaded, or
+strays from it on a few probe questions at load (ONNX Runtime documents that its u8 x s8
+products may saturate on x86 CPUs without VNNI).
 """
 
 from __future__ import annotations

@@ -133,3 +133,17 @@ def test_calibrate_writes_ranges_the_builder_accepts(tmp_path):
     ranges = np.load(tmp_path / "ranges.npy")
     assert ranges.shape == (6, 3, 384) and (ranges > 0).all()
     assert compact_model(model_path(), ranges.astype(np.float32))  # builds with them
+
+
+def test_a_compact_graph_that_strays_on_this_cpu_falls_back(monkeypatch, caplog):
+    """Stands in for int8 kernels that saturate: any disagreement past the probe bound."""
+    import router.embedding
+    from router.embedding import MODEL_ID, Embedder
+
+    monkeypatch.setattr(router.embedding, "PROBE_MIN_COSINE", 1.01)
+    fallback = Embedder()
+    assert not fallback.compact and fallback.vectors_id == MODEL_ID
+    assert "strays" in caplog.text
+    packaged = Embedder(compact=False)
+    np.testing.assert_allclose(fallback.embed_one("Convert 5 km to miles"),
+                               packaged.embed_one("Convert 5 km to miles"), atol=1e-6)
