@@ -207,6 +207,13 @@ def _quantities(words: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
     return pairs, order
 
 
+def _counted(numbers: list[str]) -> list[str]:
+    """The numbers that count as changed when they differ: all but 1, since "one" is as often
+    a pronoun ("a new one", "one can") or "a" ("at least one order") as a count; a 1 against
+    another number still shows as that number on one side only."""
+    return sorted(n for n in numbers if n != "1")
+
+
 def _jaccard(a: set[str], b: set[str]) -> float:
     return len(a & b) / len(a | b) if a | b else 1.0
 
@@ -365,7 +372,7 @@ def features_of(diff: PairDiff, cosine: float, diff_cosine: float) -> np.ndarray
         "content_only_min": min(len(rest_a), len(rest_b)),
         "content_only_max": max(len(rest_a), len(rest_b)),
         "typo_pairs": diff.typos,
-        "numbers_changed": float(sorted(nums_a) != sorted(nums_b)),
+        "numbers_changed": float(_counted(nums_a) != _counted(nums_b)),
         "numbers_reordered": float(sorted(nums_a) == sorted(nums_b) and nums_a != nums_b),
         "negation_flip": float(_negations(ta) % 2 != _negations(tb) % 2),
         "opposites": _opposites(sa - sb, sb - sa, sa | sb),
