@@ -104,7 +104,8 @@ def _committed_ranges() -> np.ndarray:
         raise GraphMismatch(f"cannot read the activation ranges {RANGES_PATH.name}: {exc}") \
             from exc
     if ranges.shape != (LAYERS, len(SMOOTHED), HIDDEN) or not np.isfinite(ranges).all():
-        raise GraphMismatch(f"{RANGES_PATH.name} has shape {ranges.shape}, not for this model")
+        raise GraphMismatch(f"{RANGES_PATH.name}: shape {ranges.shape} or values not finite, "
+                            "not ranges for this model")
     return ranges
 
 

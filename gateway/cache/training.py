@@ -107,7 +107,8 @@ def held_out(frame: Any, seed: int = 0) -> np.ndarray:
 
 def pair_matrix(frame: Any, embed: Embed | None,
                 cache_dir: Path | None = EMBEDDING_CACHE) -> np.ndarray:
-    """The verifier's features for every row (embeddings cached on disk between runs).
+    """The verifier's features for every row (cosines cached on disk between runs, keyed by
+    the embedder's `vectors_id`).
 
     Columns `cosine` and `diff_cosine`, when the file has them, are used as given.
     """
