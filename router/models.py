@@ -62,22 +62,32 @@ class TreeEnsemble:
     def from_sklearn(cls, model) -> TreeEnsemble:
         """Export a fitted binary `HistGradientBoostingClassifier` (numerical features only)."""
         trees = [predictors[0].nodes for predictors in model._predictors]
-        sizes = np.array([len(t) for t in trees])
-        roots = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
         nodes = np.concatenate(trees)
-        offset = np.repeat(roots, sizes)
-        own = np.arange(len(nodes), dtype=np.int32)
-        leaf = nodes["is_leaf"].astype(bool)
-        return cls(
-            feature=np.where(leaf, 0, nodes["feature_idx"]).astype(np.int32),
-            threshold=np.where(leaf, np.inf, nodes["num_threshold"]).astype(np.float64),
-            left=np.where(leaf, own, nodes["left"] + offset).astype(np.int32),
-            right=np.where(leaf, own, nodes["right"] + offset).astype(np.int32),
-            missing_left=np.where(leaf, True, nodes["missing_go_to_left"]).astype(bool),
-            value=np.where(leaf, nodes["value"], 0.0).astype(np.float64),
-            roots=roots,
+        return cls.from_nodes(
+            sizes=[len(t) for t in trees], leaf=nodes["is_leaf"].astype(bool),
+            feature=nodes["feature_idx"], threshold=nodes["num_threshold"],
+            left=nodes["left"], right=nodes["right"],
+            missing_left=nodes["missing_go_to_left"], value=nodes["value"],
             baseline=float(np.ravel(model._baseline_prediction)[0]),
-            depth=int(max(t["depth"].max() for t in trees)),
+            depth=int(max(t["depth"].max() for t in trees)))
+
+    @classmethod
+    def from_nodes(cls, sizes: list[int], leaf: np.ndarray, feature: np.ndarray,
+                   threshold: np.ndarray, left: np.ndarray, right: np.ndarray,
+                   missing_left: np.ndarray, value: np.ndarray, baseline: float,
+                   depth: int) -> TreeEnsemble:
+        """Trees given one after another as node columns, children indexed within each tree."""
+        roots = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int32)
+        offset = np.repeat(roots, sizes)
+        own = np.arange(len(leaf), dtype=np.int32)
+        return cls(
+            feature=np.where(leaf, 0, feature).astype(np.int32),
+            threshold=np.where(leaf, np.inf, threshold).astype(np.float64),
+            left=np.where(leaf, own, left + offset).astype(np.int32),
+            right=np.where(leaf, own, right + offset).astype(np.int32),
+            missing_left=np.where(leaf, True, missing_left).astype(bool),
+            value=np.where(leaf, value, 0.0).astype(np.float64),
+            roots=roots, baseline=baseline, depth=depth,
         )
 
     def raw(self, x: np.ndarray) -> np.ndarray:
