@@ -133,15 +133,27 @@ def test_accept_embeds_the_changed_parts_only_when_they_decide() -> None:
         for row, a, b, diff_cosine in zip(x, frame.q1, frame.q2, frame.diff_cosine, strict=True):
             diff = PairDiff.of(a, b)
             got = verifier.accept(diff, row[0], threshold, lambda diff=diff, d=diff_cosine:
-                                  embedded.append(all(diff.diff_texts())) or d)
+                                  embedded.append(all(diff.compared_texts())) or d)
             full = verifier.probability_of(row)
             assert (got is not None) == (full >= threshold), (a, b, threshold)
             if got is not None:
                 assert threshold <= got <= full + 1e-12
-    would_embed = sum(all(PairDiff.of(a, b).diff_texts()) and not vetoed(row)
+    would_embed = sum(all(PairDiff.of(a, b).compared_texts()) and not vetoed(row)
                       for row, a, b in zip(x, frame.q1, frame.q2, strict=True))
     # scoring every pair in full embeds `would_embed` pairs at each of the three thresholds
     assert 0 < sum(embedded) <= would_embed
+
+
+def test_prompts_sharing_their_context_compare_their_whole_last_lines() -> None:
+    table = "Sales (CSV):\nregion,revenue\nNorth,2121\nSouth,775\n"
+    diff = PairDiff.of(table + "Which region had the highest total revenue?",
+                       table + "Identify the top region by revenue.")
+    assert diff.diff_texts() == ("highest total", "identify top")
+    assert diff.compared_texts() == ("region highest total revenue",
+                                     "identify top region revenue")
+    other_table = PairDiff.of(table + "What is the total revenue?",
+                              table.replace("775", "776") + "What is the total revenue?")
+    assert other_table.compared_texts() == other_table.diff_texts() == ("775", "776")
 
 
 def test_fixture_columns_match_the_embedding_path() -> None:

@@ -132,7 +132,7 @@ def _embedding_inputs(
     cosine = _cached(cache_dir, "cache-pairs", [vectors_id, pairs],
                      lambda: _pair_cosines(embed, pairs))
     diffs = [PairDiff.of(a, b) for a, b in pairs]
-    diff = _cached(cache_dir, "cache-diffs", [vectors_id, [d.diff_texts() for d in diffs]],
+    diff = _cached(cache_dir, "cache-diffs", [vectors_id, [d.compared_texts() for d in diffs]],
                    lambda: changed_part_cosines(embed, diffs))
     return cosine, diff
 

@@ -332,9 +332,19 @@ class PairDiff:
         return out
 
     def diff_texts(self) -> tuple[str, str]:
-        """The changed content of each side, as short texts to embed and compare."""
+        """The changed content of each side."""
         only_a, only_b = self.changed()
         return " ".join(_content(only_a)), " ".join(_content(only_b))
+
+    def compared_texts(self) -> tuple[str, str]:
+        """The texts whose cosine is `diff_cosine`: the changed content of each side, or,
+        when two multi-line prompts share their context, their whole last lines (the changed
+        words alone of "Which region had the highest total revenue?" and "Identify the top
+        region by revenue." leave out the region and the revenue they both ask about)."""
+        context = _context(self.text_a)
+        if context is not None and context == _context(self.text_b):
+            return " ".join(_last_line(self.text_a)), " ".join(_last_line(self.text_b))
+        return self.diff_texts()
 
 
 def features(a: str, b: str, cosine: float, diff_cosine: float) -> np.ndarray:
@@ -417,13 +427,13 @@ def vetoed(x: np.ndarray) -> bool:
 
 
 def diff_cosines(embed: Embed, pairs: list[tuple[str, str]]) -> np.ndarray:
-    """Cosine between the changed content of each pair (1.0 when nothing changed)."""
+    """Cosine between the `compared_texts` of each pair (1.0 when nothing changed)."""
     return changed_part_cosines(embed, [PairDiff.of(a, b) for a, b in pairs])
 
 
 def changed_part_cosines(embed: Embed, diffs: list[PairDiff]) -> np.ndarray:
     """`diff_cosines` of pairs already compared."""
-    texts = [diff.diff_texts() for diff in diffs]
+    texts = [diff.compared_texts() for diff in diffs]
     todo = [i for i, (x, y) in enumerate(texts) if x and y]
     out = np.array([1.0 if not (x or y) else 0.0 for x, y in texts])
     if todo:
@@ -496,7 +506,7 @@ class PairVerifier:
         x = features_of(diff, cosine, np.inf)  # +-inf: past every split on either side
         if vetoed(x) or self.probability_of(x) < threshold:
             return None
-        if all(diff.diff_texts()):
+        if all(diff.compared_texts()):
             x[_DIFF_COSINE] = -np.inf
             lowest = self.probability_of(x)
             if lowest >= threshold:
