@@ -1,7 +1,8 @@
 """One spelling for things people write many ways, before two questions are compared.
 
 "163 km" and "163 kilometers", "CHF" and "Swiss francs", "2025-10-05" and "the 5th of
-October 2025", "C sharp" and "C#" ask the same thing; the verifier should see the same tokens
+October 2025", "C sharp" and "C#", "How much is 5 EUR in USD?" and "5 euros to US dollars?"
+ask the same thing; the verifier should see the same tokens
 and keep its vetoes for real differences (another unit, another date). Canonical names are
 lower case, so they never look like a named entity. Typos in the new question are aligned
 with the cached one's words first, so "Siwss feancs" still reads as "Swiss francs".
@@ -154,14 +155,51 @@ _DATES = (  # (pattern, order of year, month, day among its groups)
 )
 
 
+# Asking to convert an amount: "How much is 5 eur in usd?", "5 eur to usd?", "What's 5 eur
+# worth in usd?", "How many usd is 5 eur?", ... all read "convert 5 eur to usd". Applied after
+# the aliases, so units and currencies already have one name each.
+_UNIT = "|".join(re.escape(u) for u in sorted(
+    set(UNIT_ALIASES) - {"%"} | set(AFTER_NUMBER.values()), key=len, reverse=True))
+_NUMBER_WORD = ("zero|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|"
+                "fourteen|fifteen|sixteen|seventeen|eighteen|nineteen|twenty")
+_AMOUNT = rf"(?P<amount>\d[\d,]*(?:\.\d+)?|{_NUMBER_WORD})\s+(?P<source>{_UNIT})"
+_TARGET = rf"(?P<target>{_UNIT})"
+_ANY_AMOUNT = re.compile(_AMOUNT, re.IGNORECASE)
+_CONVERSIONS = tuple(re.compile(r"\b" + pattern + r"(?=\s*(?:[?.!,:;]|$))", re.IGNORECASE)
+                     for pattern in (
+    rf"(?:convert|change)\s+{_AMOUNT}\s+(?:to|into|in)\s+{_TARGET}",
+    rf"(?:(?:how\s+(?:much|fast|far|long|heavy|big))|what)\s+(?:is|are)\s+{_AMOUNT}\s+"
+    rf"(?:in|to|into)\s+{_TARGET}",
+    rf"(?:what's|what\s+is|how\s+much\s+is|how\s+much\s+are)\s+{_AMOUNT}\s+worth\s+in\s+"
+    rf"{_TARGET}",
+    rf"(?:i\s+need\s+|express\s+){_AMOUNT}\s+(?:expressed\s+|converted\s+)?in\s+{_TARGET}",
+    rf"how\s+many\s+{_TARGET}\s+(?:is|are|are\s+in|is\s+in|in|make\s+up|are\s+there\s+in)\s+"
+    rf"{_AMOUNT}",
+    rf"{_AMOUNT}\s+(?:is|are|equals)\s+how\s+many\s+{_TARGET}",
+    rf"if\s+a\s+recipe\s+calls\s+for\s+{_AMOUNT},?\s+how\s+many\s+{_TARGET}\s+is\s+that",
+    rf"(?<![\w,.])(?<!\d\s)(?<!convert\s){_AMOUNT}\s+(?:to|into|in)\s+{_TARGET}",
+))
+
+
 def canonical(text: str) -> str:
-    """The text with dates as `year month day`, and units, currencies, countries and languages
-    under one name each; everything else (case included) is left as it was."""
+    """The text with dates as `year month day`, units, currencies, countries and languages
+    under one name each, and requests to convert an amount as `convert 5 eur to usd`;
+    everything else (case included) is left as it was."""
     text = text.replace("°", " ")  # 25°C: the symbol after a number, as "25 c"
     for pattern, order in _DATES:
         text = pattern.sub(lambda m, order=order: _date(m, order), text)
     text = _ALIAS.sub(lambda m: _ALIAS_OF[m.group(1).lower()], text)
-    return _SHORT_UNIT.sub(lambda m: m.group(1) + AFTER_NUMBER[m.group(2).lower()], text)
+    text = _SHORT_UNIT.sub(lambda m: m.group(1) + AFTER_NUMBER[m.group(2).lower()], text)
+    return _conversion(text)
+
+
+def _conversion(text: str) -> str:
+    if not _ANY_AMOUNT.search(text):  # most texts: one cheap scan
+        return text
+    for pattern in _CONVERSIONS:
+        text = pattern.sub(lambda m: "convert {} {} to {}".format(
+            m["amount"].lower(), m["source"].lower(), m["target"].lower()), text)
+    return text
 
 
 def _date(match: re.Match[str], order: tuple[int, int, int]) -> str:
