@@ -2,9 +2,9 @@
 
 "163 km" and "163 kilometers", "CHF" and "Swiss francs", "2025-10-05" and "the 5th of
 October 2025", "C sharp" and "C#", "How much is 5 EUR in USD?" and "5 euros to US dollars?"
-ask the same thing; the verifier should see the same tokens
-and keep its vetoes for real differences (another unit, another date). Canonical names are
-lower case, so they never look like a named entity. Typos in the new question are aligned
+ask the same thing; the verifier should see the same tokens and keep its vetoes for real
+differences (another unit, another date). Canonical names are lower case, so they never
+look like a named entity. Typos in the new question are aligned
 with the cached one's words first, so "Siwss feancs" still reads as "Swiss francs".
 """
 
