@@ -122,6 +122,20 @@ def test_a_case_change_is_not_vetoed() -> None:
     assert verifier.probability_of(x) >= verifier.threshold_for(0.01)
 
 
+def test_a_reworded_conversion_is_served_and_another_amount_is_not() -> None:
+    from gateway.cache.vectors import cache_vectors, default_embed
+
+    verifier, embed = PairVerifier.load(), default_embed()
+
+    def probability(a: str, b: str) -> float:
+        va, vb = cache_vectors(embed, [a, b])
+        return verifier.probability(a, b, float(va @ vb), float(diff_cosines(embed, [(a, b)])[0]))
+
+    cached = "Convert 250 miles to kilometers."
+    assert probability(cached, "How many km is 250 miles?") >= verifier.threshold_for(0.01)
+    assert probability(cached, "How many km is 25 miles?") == 0.0
+
+
 def test_threshold_follows_the_target() -> None:
     verifier = PairVerifier.load()
     assert verifier.threshold_for(0.001) >= verifier.threshold_for(0.01) \
