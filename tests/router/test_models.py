@@ -59,3 +59,33 @@ def test_single_row_walk_matches_batch_walk():
     trees = TreeEnsemble.from_sklearn(HistGradientBoostingClassifier(max_iter=20).fit(x, y))
     batch = trees.raw(x[:20])
     np.testing.assert_allclose([trees.raw(row[None, :])[0] for row in x[:20]], batch)
+
+
+def test_rows_neither_model_got_right_do_not_shape_the_fit():
+    """Their "good enough" label is an accident of both failing; flipping it changes nothing
+    but calibration, which still sees every row."""
+    from router.features import FEATURE_NAMES
+    from router.train import Matrices, TrainConfig, fit
+
+    rng = np.random.default_rng(0)
+    n = 240
+    embedding = rng.normal(size=(n, 384)).astype(np.float32)
+    small = (embedding[:, 0] > 0).astype(float)
+    large = np.ones(n)
+    neither = np.arange(n) % 4 == 0
+    large[neither], small[neither] = 0.0, 0.0  # good enough: 0 >= 0 - 0.05
+    flipped = small.copy()
+    flipped[neither] = -1.0  # not good enough, and still neither right
+
+    def trained(small_scores):
+        m = Matrices(np.full((n, len(FEATURE_NAMES)), np.nan), embedding, small_scores, large,
+                     np.zeros(n, bool), [f"prompt {i}" for i in range(n)])
+        return fit(m, TrainConfig(max_iter=20, inner_folds=2)).difficulty
+
+    a, b = trained(small), trained(flipped)
+    np.testing.assert_allclose(a.linear.coef, b.linear.coef)
+    np.testing.assert_allclose(a.trees.value, b.trees.value)
+    with_them = fit(Matrices(np.full((n, len(FEATURE_NAMES)), np.nan), embedding, flipped, large,
+                             np.zeros(n, bool), [f"prompt {i}" for i in range(n)]),
+                    TrainConfig(max_iter=20, inner_folds=2, neither_right_weight=1.0)).difficulty
+    assert not np.allclose(with_them.linear.coef, b.linear.coef)
