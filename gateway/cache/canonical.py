@@ -130,6 +130,12 @@ LANGUAGE_ALIASES: dict[str, tuple[str, ...]] = {
     "javascript": ("js",),
     "objc": ("objective-c", "objective c"),
 }
+SMALL_NUMBERS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
+                 "fourteen fifteen sixteen seventeen eighteen nineteen twenty").split()
+# Number words the verifier reads as digits.
+NUMBER_WORDS = {w: str(i) for i, w in enumerate(SMALL_NUMBERS)} | {
+    "thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70",
+    "eighty": "80", "ninety": "90", "hundred": "100", "thousand": "1000"}
 # Short unit symbols mean a unit only right after a number ("5 g", "3 l", "20 m").
 AFTER_NUMBER = {"g": "gram", "l": "liter", "m": "meter", "in": "inch", "c": "celsius",
                 "f": "fahrenheit", "min": "minute", "h": "hour", "hr": "hour"}
@@ -160,8 +166,7 @@ _DATES = (  # (pattern, order of year, month, day among its groups)
 # the aliases, so units and currencies already have one name each.
 _UNIT = "|".join(re.escape(u) for u in sorted(
     set(UNIT_ALIASES) - {"%"} | set(AFTER_NUMBER.values()), key=len, reverse=True))
-_NUMBER_WORD = ("zero|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|thirteen|"
-                "fourteen|fifteen|sixteen|seventeen|eighteen|nineteen|twenty")
+_NUMBER_WORD = "|".join(SMALL_NUMBERS)
 _AMOUNT = rf"(?P<amount>\d[\d,]*(?:\.\d+)?|{_NUMBER_WORD})\s+(?P<source>{_UNIT})"
 _TARGET = rf"(?P<target>{_UNIT})"
 _ANY_AMOUNT = re.compile(_AMOUNT, re.IGNORECASE)

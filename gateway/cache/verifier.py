@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from gateway.cache.canonical import UNIT_ALIASES, align_typos, canonical
+from gateway.cache.canonical import NUMBER_WORDS, UNIT_ALIASES, align_typos, canonical
 from gateway.cache.vectors import Embed, cache_vectors
 from router.models import TreeEnsemble
 
@@ -134,15 +134,6 @@ fortran cobol zig nim crystal lisp scheme racket prolog vb vba delphi pascal ass
 """.split())
 
 WH_WORDS = frozenset("what which who whom whose why when where how".split())
-
-NUMBER_WORDS = {
-    w: str(i) for i, w in enumerate(
-        "zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
-        "fifteen sixteen seventeen eighteen nineteen twenty".split()
-    )
-} | {"thirty": "30", "forty": "40", "fifty": "50", "sixty": "60", "seventy": "70",
-     "eighty": "80", "ninety": "90", "hundred": "100", "thousand": "1000"}
-
 
 def tokens(text: str) -> list[str]:
     """Lower-cased word tokens; number words become digits, `1,743` becomes `1743`."""
