@@ -45,7 +45,8 @@ ANSWER_FEATURES = (
     "a_final_eq_last", "a_final_in_prompt", "a_arith_checked", "a_arith_wrong",
     "a_arith_wrong_frac", "a_prompt_numbers_used", "a_overlap", "a_novel_word_frac",
     "a_repetition", "a_truncated", "a_questions", "a_numbers", "a_steps_per_number",
-    "a_final_scale", "a_final_eq_body_last",
+    "a_final_scale", "a_final_eq_body_last", "a_option_number_gap", "a_operand_reuse",
+    "a_final_mentions",
 )
 LOGPROB_FEATURES = (
     "lp_count", "lp_mean", "lp_min", "lp_q05", "lp_q10", "lp_q25", "lp_std", "lp_low_frac",
@@ -210,14 +211,18 @@ def _close(a: float, b: float) -> bool:
     return abs(a - b) <= max(0.011 * max(abs(a), abs(b)), 0.011)
 
 
-def _arithmetic(answer: str) -> tuple[int, int, float | None]:
-    """(checked, wrong, last computed value) over `a op b = c` steps and <<a*b=c>> notes."""
+def _arithmetic(answer: str) -> tuple[int, int, float | None, Counter[float]]:
+    """(checked, wrong, last computed value, operand counts) over `a op b = c` steps and
+    <<a*b=c>> notes. Operands come from the notes when there are any: an answer with notes
+    usually writes each step in both forms."""
     checked = wrong = 0
     last: tuple[int, float] | None = None
+    operands: dict[str, Counter[float]] = {"steps": Counter(), "notes": Counter()}
     if "=" not in answer:  # both forms need one
-        return checked, wrong, None
-    for pattern in (_ARITH, _CALC):
+        return checked, wrong, None, operands["steps"]
+    for pattern, kind in ((_ARITH, "steps"), (_CALC, "notes")):
         for match in pattern.finditer(answer):
+            operands[kind].update(_numbers(match.group(1)))
             value, stated = _safe_eval(match.group(1)), _to_float(match.group(2).strip())
             if value is None or stated is None:
                 continue
@@ -225,7 +230,7 @@ def _arithmetic(answer: str) -> tuple[int, int, float | None]:
             wrong += not _close(value, stated)
             if last is None or match.end() >= last[0]:
                 last = (match.end(), stated)
-    return checked, wrong, (last[1] if last else None)
+    return checked, wrong, (last[1] if last else None), operands["notes"] or operands["steps"]
 
 
 def _final_answer(answer: str) -> tuple[list[re.Match[str]], str | None]:
@@ -252,7 +257,7 @@ def answer_features(prompt: str, answer: str | None) -> list[float]:
     matches, final = _final_answer(text)
     prompt_number_list, prompt_words, options = _prompt_parts(prompt)
     final_value = _to_float(final) if final and not final.isalpha() else None
-    checked, wrong, last = _arithmetic(text)
+    checked, wrong, last, operands = _arithmetic(text)
     prompt_numbers = set(prompt_number_list)
     answer_numbers = _numbers(text)
     answer_words = _words(text)
@@ -293,6 +298,10 @@ def answer_features(prompt: str, answer: str | None) -> list[float]:
         checked / max(len(prompt_numbers), 1),
         _scale(final_value, prompt_numbers),
         _eq_body_last(final_value, body),
+        _option_number_gap(option_text, body),
+        _operand_reuse(operands, prompt_number_list) if operands else _NAN,
+        float(sum(_close(final_value, v) for v in answer_numbers)) if final_value is not None
+        else _NAN,
     ]
 
 
@@ -308,6 +317,25 @@ def _eq_body_last(final_value: float | None, body: str) -> float:
     """Whether the stated final number is the last number of the reasoning before it."""
     numbers = _numbers(body[-400:]) if final_value is not None else []
     return float(_close(final_value, numbers[-1])) if numbers else _NAN
+
+
+def _option_number_gap(option_text: str, body: str) -> float:
+    """log10 of the relative gap between the reasoning's last numbers and the numbers of the
+    option it picks: a computation that lands far from its chosen option was likely followed
+    by a guess (NaN when either side has no number)."""
+    chosen = _numbers(option_text) if option_text else []
+    computed = _numbers(body[-300:])[-3:] if chosen else []
+    if not computed:
+        return _NAN
+    gap = min(abs(a - b) / max(abs(a), abs(b), 1e-9) for a in computed for b in chosen)
+    return math.log10(gap + 1e-4)
+
+
+def _operand_reuse(operands: Counter[float], prompt_numbers: Sequence[float]) -> float:
+    """The most extra uses of one prompt number as an operand, beyond its occurrences in the
+    prompt: applying one quantity to each of several others is a common misreading."""
+    given = Counter(prompt_numbers)
+    return float(max((operands[v] - n for v, n in given.items()), default=0))
 
 
 def logprob_features(

@@ -54,6 +54,27 @@ def test_multiple_choice_answer():
     assert value(feature_row(prompt, "I'm not sure, maybe whales."), "a_final_stated") == 0.0
 
 
+def test_computed_value_against_the_chosen_option():
+    prompt = "How fast is it?\nOptions:\nA. 3.5 m/s\nB. 7.0 m/s\nC. fast"
+    lands = feature_row(prompt, "v = 2 * 3.5 = 7.0 m/s. The answer is (B).")
+    guessed = feature_row(prompt, "v = 2 * 1.6 = 3.2 m/s, closest to 3.5. The answer is (B).")
+    assert value(lands, "a_option_number_gap") == -4.0  # log10 of the 1e-4 floor: exact
+    assert value(guessed, "a_option_number_gap") > -1.5
+    assert np.isnan(value(feature_row(prompt, "2 + 2 = 4. The answer is (C)."),
+                          "a_option_number_gap"))
+
+
+def test_one_quantity_applied_to_several_others():
+    prompt = "Tom found 214 shells, Nancy 432. Of all of them, 67 were cracked. How many are good?"
+    misread = ("Tom kept 214 - 67 = <<214-67=147>>147.\nNancy kept 432 - 67 = <<432-67=365>>365."
+               "\nTogether 147 + 365 = <<147+365=512>>512.\n#### 512")
+    right = "They found 214 + 432 = <<214+432=646>>646.\n646 - 67 = <<646-67=579>>579.\n#### 579"
+    assert value(feature_row(prompt, misread), "a_operand_reuse") == 1.0
+    assert value(feature_row(prompt, right), "a_operand_reuse") == 0.0
+    assert value(feature_row(prompt, right), "a_final_mentions") == 3.0  # note, result, answer
+    assert np.isnan(value(feature_row(prompt, "About 600."), "a_operand_reuse"))
+
+
 def test_hedges_refusals_and_logprobs():
     row = feature_row("Explain why.", "I'm sorry, I cannot answer. Maybe ask later?", [-0.1, -3.0])
     assert value(row, "a_refusal") >= 1 and value(row, "a_hedges") >= 1
