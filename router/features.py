@@ -46,7 +46,7 @@ ANSWER_FEATURES = (
     "a_arith_wrong_frac", "a_prompt_numbers_used", "a_overlap", "a_novel_word_frac",
     "a_repetition", "a_truncated", "a_questions", "a_numbers", "a_steps_per_number",
     "a_final_scale", "a_final_eq_body_last", "a_option_number_gap", "a_operand_reuse",
-    "a_final_mentions",
+    "a_final_mentions", "a_option_length_rank", "a_option_value_extremity",
 )
 LOGPROB_FEATURES = (
     "lp_count", "lp_mean", "lp_min", "lp_q05", "lp_q10", "lp_q25", "lp_std", "lp_low_frac",
@@ -302,6 +302,7 @@ def answer_features(prompt: str, answer: str | None) -> list[float]:
         _operand_reuse(operands, prompt_number_list) if operands else _NAN,
         float(sum(_close(final_value, v) for v in answer_numbers)) if final_value is not None
         else _NAN,
+        *_option_ranks(options, final.upper() if option_text else None),
     ]
 
 
@@ -336,6 +337,22 @@ def _operand_reuse(operands: Counter[float], prompt_numbers: Sequence[float]) ->
     prompt: applying one quantity to each of several others is a common misreading."""
     given = Counter(prompt_numbers)
     return float(max((operands[v] - n for v, n in given.items()), default=0))
+
+
+def _option_ranks(options: dict[str, str], chosen: str | None) -> tuple[float, float]:
+    """Where the chosen option stands among the others: (share of them that are shorter,
+    |2 r - 1| with r the share of numeric options below its value: 1 for the smallest or
+    largest value, 0 for the median). Test writers tend to make the right option the most
+    complete one and to place numeric distractors on both sides of the right value."""
+    if chosen is None or len(options) < 2:
+        return _NAN, _NAN
+    length = len(options[chosen])
+    shorter = sum(len(text) < length for text in options.values()) / (len(options) - 1)
+    values = {key: numbers[0] for key, text in options.items() if (numbers := _numbers(text))}
+    if chosen not in values or len(values) < 3:
+        return shorter, _NAN
+    below = sum(v < values[chosen] for v in values.values()) / (len(values) - 1)
+    return shorter, abs(2.0 * below - 1.0)
 
 
 def logprob_features(

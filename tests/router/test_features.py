@@ -64,6 +64,20 @@ def test_computed_value_against_the_chosen_option():
                           "a_option_number_gap"))
 
 
+def test_where_the_chosen_option_stands_among_the_others():
+    prompt = "Speed?\nOptions:\nA. 1 m/s\nB. 2 m/s\nC. 3 m/s, measured at the top\nD. 4 m/s\nE. 5 m/s"
+    middle = feature_row(prompt, "The answer is (C).")
+    assert value(middle, "a_option_length_rank") == 1.0  # the longest option
+    assert value(middle, "a_option_value_extremity") == 0.0  # the median value
+    edge = feature_row(prompt, "The answer is (A).")
+    assert value(edge, "a_option_length_rank") == 0.0
+    assert value(edge, "a_option_value_extremity") == 1.0
+    words = feature_row("Pick one.\nOptions:\nA. red\nB. green", "The answer is (B).")
+    assert value(words, "a_option_length_rank") == 1.0
+    assert np.isnan(value(words, "a_option_value_extremity"))
+    assert np.isnan(value(feature_row(prompt, "#### 3"), "a_option_length_rank"))
+
+
 def test_one_quantity_applied_to_several_others():
     prompt = "Tom found 214 shells, Nancy 432. Of all of them, 67 were cracked. How many are good?"
     misread = ("Tom kept 214 - 67 = <<214-67=147>>147.\nNancy kept 432 - 67 = <<432-67=365>>365."
