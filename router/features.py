@@ -334,7 +334,8 @@ def _option_number_gap(option_text: str, body: str) -> float:
 
 def _operand_reuse(operands: Counter[float], prompt_numbers: Sequence[float]) -> float:
     """The most extra uses of one prompt number as an operand, beyond its occurrences in the
-    prompt: applying one quantity to each of several others is a common misreading."""
+    prompt (negative when every one is used less): applying one quantity to each of several
+    others is a common misreading."""
     given = Counter(prompt_numbers)
     return float(max((operands[v] - n for v, n in given.items()), default=0))
 
