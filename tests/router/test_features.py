@@ -65,7 +65,8 @@ def test_computed_value_against_the_chosen_option():
 
 
 def test_where_the_chosen_option_stands_among_the_others():
-    prompt = "Speed?\nOptions:\nA. 1 m/s\nB. 2 m/s\nC. 3 m/s, measured at the top\nD. 4 m/s\nE. 5 m/s"
+    prompt = ("Speed?\nOptions:\nA. 1 m/s\nB. 2 m/s\nC. 3 m/s, measured at the top\nD. 4 m/s\n"
+              "E. 5 m/s")
     middle = feature_row(prompt, "The answer is (C).")
     assert value(middle, "a_option_length_rank") == 1.0  # the longest option
     assert value(middle, "a_option_value_extremity") == 0.0  # the median value

@@ -61,9 +61,10 @@ def test_single_row_walk_matches_batch_walk():
     np.testing.assert_allclose([trees.raw(row[None, :])[0] for row in x[:20]], batch)
 
 
-def test_rows_neither_model_got_right_do_not_shape_the_fit():
-    """Their "good enough" label is an accident of both failing; flipping it changes nothing
-    but calibration, which still sees every row."""
+def test_rows_neither_model_got_right_shape_only_the_difficulty_trees():
+    """Their "good enough" label is an accident of both failing; flipping it changes neither
+    the linear parts nor the confidence trees (calibration still sees every row), but the
+    difficulty trees learn from it that such prompts are not worth escalating."""
     from router.features import FEATURE_NAMES
     from router.train import Matrices, TrainConfig, fit
 
@@ -77,15 +78,16 @@ def test_rows_neither_model_got_right_do_not_shape_the_fit():
     flipped = small.copy()
     flipped[neither] = -1.0  # not good enough, and still neither right
 
-    def trained(small_scores):
-        m = Matrices(np.full((n, len(FEATURE_NAMES)), np.nan), embedding, small_scores, large,
-                     np.zeros(n, bool), [f"prompt {i}" for i in range(n)])
-        return fit(m, TrainConfig(max_iter=20, inner_folds=2)).difficulty
+    hand, prompts = np.full((n, len(FEATURE_NAMES)), np.nan), [f"prompt {i}" for i in range(n)]
+
+    def trained(small_scores, **config):
+        m = Matrices(hand, embedding, small_scores, large, np.ones(n, bool), prompts)
+        return fit(m, TrainConfig(max_iter=20, inner_folds=2, **config))
 
     a, b = trained(small), trained(flipped)
-    np.testing.assert_allclose(a.linear.coef, b.linear.coef)
-    np.testing.assert_allclose(a.trees.value, b.trees.value)
-    with_them = fit(Matrices(np.full((n, len(FEATURE_NAMES)), np.nan), embedding, flipped, large,
-                             np.zeros(n, bool), [f"prompt {i}" for i in range(n)]),
-                    TrainConfig(max_iter=20, inner_folds=2, neither_right_weight=1.0)).difficulty
-    assert not np.allclose(with_them.linear.coef, b.linear.coef)
+    np.testing.assert_allclose(a.difficulty.linear.coef, b.difficulty.linear.coef)
+    np.testing.assert_allclose(a.confidence.trees.value, b.confidence.trees.value)
+    difficulty = [model.difficulty.predict(hand, embedding, prompts) for model in (a, b)]
+    assert not np.allclose(*difficulty)
+    with_them = trained(flipped, neither_right_weight=1.0)
+    assert not np.allclose(with_them.difficulty.linear.coef, b.difficulty.linear.coef)
