@@ -62,15 +62,19 @@ class TrainConfig:
     use_samples: bool = True  # use self-consistency features when the rows carry samples
     balance_power: float = 0.5  # tree row weight ~ source size ** -power (1: sources equal)
     difficulty_hand: bool = True  # prompt hand features in the difficulty model
-    # Rows where neither model was right weigh this much in fitting the linear parts and the
-    # confidence trees (calibration still sees them): their "good enough" says nothing about
-    # which answers are wrong, and in the linear parts it teaches that hard prompts are easy,
-    # which does not carry to a benchmark whose large model is stronger (leaving them out
-    # lifted transfer from MMLU-Pro to RouteLLM MMLU from 0.540 to 0.582).
-    neither_right_weight: float = 0.0
-    # ... and this much in the difficulty trees: within a benchmark, a prompt nobody answers
-    # is one not worth escalating (cross-fitted RouteLLM MMLU 0.653 with them, 0.636 without).
-    difficulty_neither_right_weight: float = 1.0
+    # How much rows where neither model was right weigh in fitting each part (calibration
+    # always sees them all). Their "good enough" is an accident of both failing. In the
+    # difficulty model's linear parts it teaches that hard prompts are easy, which does not
+    # carry to a benchmark whose large model is stronger (transfer from MMLU-Pro to RouteLLM
+    # MMLU: 0.563 without them, 0.537 with). In its trees it teaches, within a benchmark, that
+    # a prompt nobody answers is not worth escalating (cross-fitted RouteLLM MMLU: 0.653 with
+    # them, 0.636 without). In the confidence trees it hides which answers are wrong, while
+    # the confidence model's prompt-only linear parts fit best on every row (cross-fitted
+    # GSM8K 0.782 against 0.770).
+    neither_right_difficulty_linear: float = 0.0
+    neither_right_difficulty_trees: float = 1.0
+    neither_right_confidence_linear: float = 1.0
+    neither_right_confidence_trees: float = 0.0
 
 
 @dataclass
@@ -237,12 +241,6 @@ def _oof_logits(
     return out, linear, lexical_part
 
 
-def neither_right_weights(m: Matrices, weight: float) -> np.ndarray:
-    """`weight` where neither model was right, 1 elsewhere."""
-    neither = np.maximum(m.small, m.large) < 0.5
-    return np.where(neither, weight, 1.0)
-
-
 def _fit_stacked(
     hand: np.ndarray, logits: np.ndarray, y: np.ndarray, folds: np.ndarray,
     columns: np.ndarray, parts: tuple[LinearPart, LexicalPart | None], config: TrainConfig,
@@ -289,23 +287,30 @@ def fit(m: Matrices, config: TrainConfig | None = None) -> TrainedModels:
     if len(np.unique(y)) < 2:
         raise ValueError("training rows need both good-enough and not-good-enough outcomes")
     folds = prompt_folds(m.prompts, config.inner_folds, salt=f"inner{config.seed}")
-    label_weights = neither_right_weights(m, config.neither_right_weight)
-    logits, linear, lexical_part = _oof_logits(m, y, folds, config, label_weights)
-    parts = (linear, lexical_part)
-    groups = _groups_used(m, config)
+    neither = np.maximum(m.small, m.large) < 0.5
     sources = source_weights(m.datasets, config.balance_power) if m.datasets else 1.0
-    weights = label_weights * sources
+
+    def weights(weight: float) -> np.ndarray:
+        return np.where(neither, weight, 1.0)
+
+    logits, linear, lexical_part = _oof_logits(
+        m, y, folds, config, weights(config.neither_right_difficulty_linear))
+    groups = _groups_used(m, config)
     hand_columns = _columns(PROMPT_FEATURES if config.difficulty_hand else ())
     difficulty, oof_d = _fit_stacked(
-        m.hand, logits, y, folds, hand_columns, parts, config, "difficulty",
-        neither_right_weights(m, config.difficulty_neither_right_weight) * sources)
+        m.hand, logits, y, folds, hand_columns, (linear, lexical_part), config, "difficulty",
+        weights(config.neither_right_difficulty_trees) * sources)
     confidence, oof_c = None, None
     rows = m.has_answer
     if groups["confidence"]:
+        if config.neither_right_confidence_linear != config.neither_right_difficulty_linear:
+            logits, linear, lexical_part = _oof_logits(
+                m, y, folds, config, weights(config.neither_right_confidence_linear))
         columns = _columns(tuple(n for n in groups["confidence"] if n in FEATURE_NAMES))
+        tree_weights = weights(config.neither_right_confidence_trees) * sources
         confidence, oof_c = _fit_stacked(m.hand[rows], logits[rows], y[rows], folds[rows],
-                                         columns, parts, config, "confidence",
-                                         weights[rows])
+                                         columns, (linear, lexical_part), config, "confidence",
+                                         tree_weights[rows])
     if oof_c is None:
         thresholds = choose_thresholds(oof_d, None, m.small, m.large, target_quality=0.95)
     else:

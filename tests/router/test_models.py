@@ -61,10 +61,10 @@ def test_single_row_walk_matches_batch_walk():
     np.testing.assert_allclose([trees.raw(row[None, :])[0] for row in x[:20]], batch)
 
 
-def test_rows_neither_model_got_right_shape_only_the_difficulty_trees():
-    """Their "good enough" label is an accident of both failing; flipping it changes neither
-    the linear parts nor the confidence trees (calibration still sees every row), but the
-    difficulty trees learn from it that such prompts are not worth escalating."""
+def test_rows_neither_model_got_right_shape_only_the_parts_configured_to_see_them():
+    """Their "good enough" label is an accident of both failing. By default the difficulty
+    model's linear parts and the confidence trees do not see it (calibration always does);
+    the difficulty trees and the confidence model's linear parts do."""
     from router.features import FEATURE_NAMES
     from router.train import Matrices, TrainConfig, fit
 
@@ -77,7 +77,6 @@ def test_rows_neither_model_got_right_shape_only_the_difficulty_trees():
     large[neither], small[neither] = 0.0, 0.0  # good enough: 0 >= 0 - 0.05
     flipped = small.copy()
     flipped[neither] = -1.0  # not good enough, and still neither right
-
     hand, prompts = np.full((n, len(FEATURE_NAMES)), np.nan), [f"prompt {i}" for i in range(n)]
 
     def trained(small_scores, **config):
@@ -86,8 +85,9 @@ def test_rows_neither_model_got_right_shape_only_the_difficulty_trees():
 
     a, b = trained(small), trained(flipped)
     np.testing.assert_allclose(a.difficulty.linear.coef, b.difficulty.linear.coef)
-    np.testing.assert_allclose(a.confidence.trees.value, b.confidence.trees.value)
+    assert not np.allclose(a.confidence.linear.coef, b.confidence.linear.coef)
     difficulty = [model.difficulty.predict(hand, embedding, prompts) for model in (a, b)]
     assert not np.allclose(*difficulty)
-    with_them = trained(flipped, neither_right_weight=1.0)
-    assert not np.allclose(with_them.difficulty.linear.coef, b.difficulty.linear.coef)
+    blind = {"neither_right_confidence_linear": 0.0}  # the trees then get the same inputs
+    np.testing.assert_allclose(trained(small, **blind).confidence.trees.value,
+                               trained(flipped, **blind).confidence.trees.value)

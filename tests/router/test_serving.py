@@ -71,26 +71,40 @@ def test_serving_scores_match_the_batch_path(trained_bundle):
 
 
 def test_one_request_reads_its_prompt_once(trained_bundle, monkeypatch):
+    from dataclasses import replace
+
     import router.serving
 
-    bundle = RouterBundle.load(trained_bundle)
-    # trained together: the confidence model reuses the difficulty model's prompt parts
-    assert bundle.confidence_model.lexical is bundle.difficulty_model.lexical
-    assert bundle.confidence_model.linear is bundle.difficulty_model.linear
-    calls = []
+    own = RouterBundle.load(trained_bundle)
+    # the confidence model fits its own prompt parts (on every row) and computes its logits
+    assert own.confidence_model.lexical is not own.difficulty_model.lexical
+    shared = RouterBundle(own.path, own.digest, own.metadata, own.difficulty_model, replace(
+        own.confidence_model, linear=own.difficulty_model.linear,
+        lexical=own.difficulty_model.lexical))
     real = router.serving.prompt_features
-    monkeypatch.setattr(router.serving, "prompt_features", lambda p: calls.append(p) or real(p))
     emb = HashEmbedder().embed([PROMPT])[0]
-    bundle.difficulty(PROMPT, emb)
-    bundle.confidence(PROMPT, "#### 7", None, emb)
-    bundle.confidence(PROMPT, "#### 8", None, emb)
-    assert calls == [PROMPT]
-    other = HashEmbedder().embed(["another prompt"])[0]  # another embedding: scored anew
-    bundle.difficulty(PROMPT, other)
-    assert calls == [PROMPT, PROMPT]
-    bundle.clear_cache()
-    bundle.difficulty(PROMPT, emb)
-    assert len(calls) == 3
+    for bundle in (own, shared):
+        calls = []
+        monkeypatch.setattr(router.serving, "prompt_features",
+                            lambda p, calls=calls: calls.append(p) or real(p))
+        bundle.difficulty(PROMPT, emb)
+        bundle.confidence(PROMPT, "#### 7", None, emb)
+        bundle.confidence(PROMPT, "#### 8", None, emb)
+        assert calls == [PROMPT]
+        other = HashEmbedder().embed(["another prompt"])[0]  # another embedding: scored anew
+        bundle.difficulty(PROMPT, other)
+        assert calls == [PROMPT, PROMPT]
+        bundle.clear_cache()
+        bundle.difficulty(PROMPT, emb)
+        assert len(calls) == 3
+    # with the prompt read, only a model with its own prompt parts computes logits again
+    def computed(*_):
+        raise AssertionError("stacked logits computed again")
+
+    monkeypatch.setattr(type(own.confidence_model), "stacked_logits", computed)
+    assert 0.0 <= shared.confidence(PROMPT, "#### 9", None, emb) <= 1.0
+    with pytest.raises(AssertionError, match="computed again"):
+        own.confidence(PROMPT, "#### 9", None, emb)
 
 
 def test_bundle_trained_with_peer_samples_uses_them(fake_embedder, tmp_path):
