@@ -70,7 +70,7 @@ class TrainConfig:
     # a prompt nobody answers is not worth escalating (cross-fitted RouteLLM MMLU: 0.653 with
     # them, 0.636 without). In the confidence trees it hides which answers are wrong, while
     # the confidence model's prompt-only linear parts fit best on every row (cross-fitted
-    # GSM8K 0.782 against 0.770).
+    # GSM8K 0.781 against 0.770).
     neither_right_difficulty_linear: float = 0.0
     neither_right_difficulty_trees: float = 1.0
     neither_right_confidence_linear: float = 1.0
