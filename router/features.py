@@ -126,9 +126,14 @@ def _words(text: str) -> set[str]:
 
 
 @lru_cache(maxsize=1024)  # a prompt is read by both scorers: parse it once
-def _prompt_parts(prompt: str) -> tuple[tuple[float, ...], frozenset[str], dict[str, str]]:
-    """(numbers, content words, lettered options) of a prompt; treat as read-only."""
-    return tuple(_numbers(prompt)), frozenset(_words(prompt)), _options(prompt)
+def _prompt_parts(
+    prompt: str,
+) -> tuple[tuple[float, ...], frozenset[str], dict[str, str], dict[str, list[float]]]:
+    """(numbers, content words, lettered options, each option's numbers) of a prompt; treat
+    as read-only."""
+    options = _options(prompt)
+    return (tuple(_numbers(prompt)), frozenset(_words(prompt)), options,
+            {key: _numbers(text) for key, text in options.items()})
 
 
 def _options(prompt: str) -> dict[str, str]:
@@ -150,7 +155,7 @@ def prompt_features(prompt: str) -> list[float]:
     """Length, structure, code and maths markers and question type of a prompt."""
     text = prompt or ""
     chars = max(len(text), 1)
-    numbers, _, options = _prompt_parts(text)
+    numbers, _, options, _ = _prompt_parts(text)
     question = _question_text(text).lower()
     lower = text.lower()
     # ASCII bytes never occur inside a multi-byte UTF-8 sequence: count them on the bytes
@@ -217,12 +222,12 @@ def _arithmetic(answer: str) -> tuple[int, int, float | None, Counter[float]]:
     usually writes each step in both forms."""
     checked = wrong = 0
     last: tuple[int, float] | None = None
-    operands: dict[str, Counter[float]] = {"steps": Counter(), "notes": Counter()}
+    operands = {_ARITH: Counter(), _CALC: Counter()}
     if "=" not in answer:  # both forms need one
-        return checked, wrong, None, operands["steps"]
-    for pattern, kind in ((_ARITH, "steps"), (_CALC, "notes")):
+        return checked, wrong, None, Counter()
+    for pattern, counts in operands.items():
         for match in pattern.finditer(answer):
-            operands[kind].update(_numbers(match.group(1)))
+            counts.update(_numbers(match.group(1)))
             value, stated = _safe_eval(match.group(1)), _to_float(match.group(2).strip())
             if value is None or stated is None:
                 continue
@@ -230,7 +235,7 @@ def _arithmetic(answer: str) -> tuple[int, int, float | None, Counter[float]]:
             wrong += not _close(value, stated)
             if last is None or match.end() >= last[0]:
                 last = (match.end(), stated)
-    return checked, wrong, (last[1] if last else None), operands["notes"] or operands["steps"]
+    return checked, wrong, (last[1] if last else None), operands[_CALC] or operands[_ARITH]
 
 
 def _final_answer(answer: str) -> tuple[list[re.Match[str]], str | None]:
@@ -255,7 +260,7 @@ def answer_features(prompt: str, answer: str | None) -> list[float]:
     text, prompt = answer.strip(), prompt or ""
     words = text.split()
     matches, final = _final_answer(text)
-    prompt_number_list, prompt_words, options = _prompt_parts(prompt)
+    prompt_number_list, prompt_words, options, option_numbers = _prompt_parts(prompt)
     final_value = _to_float(final) if final and not final.isalpha() else None
     checked, wrong, last, operands = _arithmetic(text)
     prompt_numbers = set(prompt_number_list)
@@ -263,6 +268,7 @@ def answer_features(prompt: str, answer: str | None) -> list[float]:
     answer_words = _words(text)
     body = text[: matches[-1].start()] if matches else text
     option_text = options.get(final.upper(), "") if final and final.isalpha() else ""
+    chosen = final.upper() if option_text else None
     finals = [m.group(1).upper() for m in matches]
     return [
         _log1p(len(text)),
@@ -298,11 +304,11 @@ def answer_features(prompt: str, answer: str | None) -> list[float]:
         checked / max(len(prompt_numbers), 1),
         _scale(final_value, prompt_numbers),
         _eq_body_last(final_value, body),
-        _option_number_gap(option_text, body),
+        _option_number_gap(option_numbers.get(chosen, []), body),
         _operand_reuse(operands, prompt_number_list) if operands else _NAN,
         float(sum(_close(final_value, v) for v in answer_numbers)) if final_value is not None
         else _NAN,
-        *_option_ranks(options, final.upper() if option_text else None),
+        *_option_ranks(options, option_numbers, chosen),
     ]
 
 
@@ -320,11 +326,10 @@ def _eq_body_last(final_value: float | None, body: str) -> float:
     return float(_close(final_value, numbers[-1])) if numbers else _NAN
 
 
-def _option_number_gap(option_text: str, body: str) -> float:
+def _option_number_gap(chosen: list[float], body: str) -> float:
     """log10 of the relative gap between the reasoning's last numbers and the numbers of the
     option it picks: a computation that lands far from its chosen option was likely followed
     by a guess (NaN when either side has no number)."""
-    chosen = _numbers(option_text) if option_text else []
     computed = _numbers(body[-300:])[-3:] if chosen else []
     if not computed:
         return _NAN
@@ -340,7 +345,8 @@ def _operand_reuse(operands: Counter[float], prompt_numbers: Sequence[float]) ->
     return float(max((operands[v] - n for v, n in given.items()), default=0))
 
 
-def _option_ranks(options: dict[str, str], chosen: str | None) -> tuple[float, float]:
+def _option_ranks(options: dict[str, str], option_numbers: dict[str, list[float]],
+                  chosen: str | None) -> tuple[float, float]:
     """Where the chosen option stands among the others: (share of them that are shorter,
     |2 r - 1| with r the share of numeric options below its value: 1 for the smallest or
     largest value, 0 for the median). Test writers tend to make the right option the most
@@ -349,7 +355,7 @@ def _option_ranks(options: dict[str, str], chosen: str | None) -> tuple[float, f
         return _NAN, _NAN
     length = len(options[chosen])
     shorter = sum(len(text) < length for text in options.values()) / (len(options) - 1)
-    values = {key: numbers[0] for key, text in options.items() if (numbers := _numbers(text))}
+    values = {key: numbers[0] for key, numbers in option_numbers.items() if numbers}
     if chosen not in values or len(values) < 3:
         return shorter, _NAN
     below = sum(v < values[chosen] for v in values.values()) / (len(values) - 1)

@@ -221,11 +221,12 @@ def _fit_lexical(tf, y: np.ndarray, config: TrainConfig,
 
 
 def _oof_logits(
-    m: Matrices, y: np.ndarray, folds: np.ndarray, config: TrainConfig, weights: np.ndarray
+    m: Matrices, y: np.ndarray, folds: np.ndarray, config: TrainConfig, weights: np.ndarray,
+    tf,
 ) -> tuple[np.ndarray, LinearPart, LexicalPart | None]:
-    """Out-of-fold embedding (and lexical) logits, so the trees learn how far to trust them;
-    plus the final logistic models fitted on all rows."""
-    tf = lexical.matrix(m.prompts) if config.lexical_c > 0 else None
+    """Out-of-fold embedding (and lexical, from `tf`, the prompts' `lexical.matrix` or None)
+    logits, so the trees learn how far to trust them; plus the final logistic models fitted
+    on all rows."""
     out = np.zeros((len(y), 2 if tf is not None else 1))
     for k in progress(range(config.inner_folds), "logit folds"):
         held = folds == k
@@ -293,8 +294,9 @@ def fit(m: Matrices, config: TrainConfig | None = None) -> TrainedModels:
     def weights(weight: float) -> np.ndarray:
         return np.where(neither, weight, 1.0)
 
+    tf = lexical.matrix(m.prompts) if config.lexical_c > 0 else None
     logits, linear, lexical_part = _oof_logits(
-        m, y, folds, config, weights(config.neither_right_difficulty_linear))
+        m, y, folds, config, weights(config.neither_right_difficulty_linear), tf)
     groups = _groups_used(m, config)
     hand_columns = _columns(PROMPT_FEATURES if config.difficulty_hand else ())
     difficulty, oof_d = _fit_stacked(
@@ -305,7 +307,7 @@ def fit(m: Matrices, config: TrainConfig | None = None) -> TrainedModels:
     if groups["confidence"]:
         if config.neither_right_confidence_linear != config.neither_right_difficulty_linear:
             logits, linear, lexical_part = _oof_logits(
-                m, y, folds, config, weights(config.neither_right_confidence_linear))
+                m, y, folds, config, weights(config.neither_right_confidence_linear), tf)
         columns = _columns(tuple(n for n in groups["confidence"] if n in FEATURE_NAMES))
         tree_weights = weights(config.neither_right_confidence_trees) * sources
         confidence, oof_c = _fit_stacked(m.hand[rows], logits[rows], y[rows], folds[rows],
