@@ -59,7 +59,8 @@ FEATURE_NAMES = PROMPT_FEATURES + ANSWER_FEATURES + LOGPROB_FEATURES + CONSISTEN
 
 _NAN = float("nan")
 _WORD = re.compile(r"[A-Za-z][A-Za-z']+")
-_NUMBER = re.compile(r"(?<![\w.])-?\$?\d[\d,]*(?:\.\d+)?%?")
+_NUMBER = re.compile(r"(?=[-$\d])(?<![\w.])-?\$?\d[\d,]*(?:\.\d+)?%?")
+_NUMBER_MARKS = str.maketrans("", "", ",$%")
 _OPTION = re.compile(r"^\s*\(?([A-J])[.)]\s+(.+)$", re.M)
 _CODE_MARKERS = ("```", "def ", "class ", "return ", "#include", "import ", "=>", "){", ") {")
 _MATH_MARKERS = ("=", "+", "*", "/", "^", "<", ">", "sqrt", "sum", "integral", "derivative",
@@ -69,14 +70,45 @@ _LATEX = re.compile(r"\\[a-z]+|\$[^$]+\$")
 # the scanner skips most positions cheaply.
 _UNITS = re.compile(r"(?=[kcmhsglpfiJKNPVWH])\b(?:km|kg|cm|mm|m/s|mph|hours?|minutes?|seconds?|"
                     r"miles?|meters?|grams?|liters?|pounds?|feet|inches|mol|J|K|N|Pa|V|W|Hz)\b")
-_HEDGES = re.compile(r"(?=[agilmnpru])\b(?:i think|i believe|maybe|perhaps|possibly|probably|"
-                     r"not sure|might|it seems|likely|unclear|assume|approximately|roughly|"
-                     r"guess)\b", re.I)
-_REFUSAL = re.compile(r"(?=[acin])\b(?:i can(?:no|')t|i am unable|i'm unable|as an ai|"
-                      r"i'm sorry|i apologi[sz]e|cannot (?:be determined|answer)|"
-                      r"not enough information|none of the (?:above|options))", re.I)
-_SELF_CORRECT = re.compile(r"(?=[achlmorw])\b(?:wait|actually|let me re|mistake|correction|"
-                           r"re-?evaluate|re-?calculate|on second thought|however)\b", re.I)
+
+
+class _Phrases:
+    """Whole-word phrases (regex alternatives), counted or found in a text's lowercase form.
+
+    Most texts hold none of them, and a few substring tests for each phrase's literal start
+    cost far less than a regex scan, so the regex runs only when one of those starts is there.
+    """
+
+    def __init__(self, *phrases: str) -> None:
+        starts = {phrase[0] for phrase in phrases}
+        self._stems = tuple(re.match(r"[a-z0-9 ,']+", phrase).group() for phrase in phrases)
+        self._regex = re.compile(rf"(?=[{''.join(sorted(starts))}])\b(?:{'|'.join(phrases)})\b")
+
+    def count(self, lower: str) -> int:
+        return len(self._regex.findall(lower)) if self._present(lower) else 0
+
+    def found(self, lower: str) -> bool:
+        return self._present(lower) and self._regex.search(lower) is not None
+
+    def _present(self, lower: str) -> bool:
+        return any(map(lower.__contains__, self._stems))
+
+
+_HEDGES = _Phrases("i think", "i believe", "maybe", "perhaps", "possibly", "probably", "not sure",
+                   "might", "it seems", "likely", "unclear", "assume", "approximately",
+                   "roughly", "guess")
+_REFUSAL = _Phrases("i can(?:no|')t", "i am unable", "i'm unable", "as an ai", "i'm sorry",
+                    "i apologi[sz]e", "cannot (?:be determined|answer)", "not enough information",
+                    "none of the (?:above|options)")
+_SELF_CORRECT = _Phrases("wait", "actually", "let me re", "mistake", "correction",
+                         "re-?evaluate", "re-?calculate", "on second thought", "however")
+_HOW_MANY = _Phrases("how (?:many|much|long|far|old)")
+_CALCULATE = _Phrases("calculate", "compute", "find", "solve", "determine", "evaluate")
+_WRITE = _Phrases("write", "compose", "draft", "describe", "create", "generate")
+_EXPLAIN = _Phrases("why", "explain", "discuss", "compare")
+_TRUE_FALSE = _Phrases("statement 1", "true or false", "true, false")
+_NEGATED = _Phrases("not", "except", "least", "false", "incorrect")
+
 _FINAL = re.compile(
     r"(?=[#\\fa])(?:####\s*|\\boxed\{|(?:final )?answer(?: is)?\s*[:=]?\s*(?:is\s*)?|"
     r"answer is\s*)\(?\$?(-?[\d,]*\.?\d+|[A-J])\b", re.I,
@@ -86,12 +118,6 @@ _ARITH = re.compile(r"(?=[-($\d])((?:[-(]?\$?\d[\d,]*(?:\.\d+)?%?\)?\s*[-+*/x×�
 _CALC = re.compile(r"<<([^<>=]{1,80})=([^<>]{1,40})>>")
 _LETTER_REF = re.compile(r"\(([A-J])\)")
 _SENTENCE_END = re.compile(r"[.!?](?:\s|$)")
-_HOW_MANY = re.compile(r"(?=h)\bhow (?:many|much|long|far|old)\b")
-_CALCULATE = re.compile(r"(?=[cfsde])\b(?:calculate|compute|find|solve|determine|evaluate)\b")
-_WRITE = re.compile(r"(?=[wcdg])\b(?:write|compose|draft|describe|create|generate)\b")
-_EXPLAIN = re.compile(r"(?=[wedc])\b(?:why|explain|discuss|compare)\b")
-_TRUE_FALSE = re.compile(r"(?=[st])\b(?:statement 1|true or false|true, false)\b")
-_NEGATED = re.compile(r"(?=[nelfi])\b(?:not|except|least|false|incorrect)\b")
 _MONEY = re.compile(r"[$%€£]")
 _TIMES_X = re.compile(r"(?<=[\d)\s])x(?=[\s\d(])")
 _PERCENT = re.compile(r"(\d+(?:\.\d+)?)%")
@@ -118,7 +144,8 @@ def _to_float(token: str) -> float | None:
 
 
 def _numbers(text: str) -> list[float]:
-    return [v for v in map(_to_float, _NUMBER.findall(text)) if v is not None]
+    # every `_NUMBER` match is a plain float once its marks are dropped
+    return [float(token.translate(_NUMBER_MARKS)) for token in _NUMBER.findall(text)]
 
 
 def _words(text: str) -> set[str]:
@@ -175,12 +202,12 @@ def prompt_features(prompt: str) -> list[float]:
         float(len(options)),
         _log1p(float(np.mean([len(o) for o in options.values()])) if options else 0.0),
         float(question.count("?")),
-        float(bool(_HOW_MANY.search(question))),
-        float(bool(_CALCULATE.search(question))),
-        float(bool(_WRITE.search(question))),
-        float(bool(_EXPLAIN.search(question))),
-        float(bool(_TRUE_FALSE.search(lower))),
-        float(bool(_NEGATED.search(question))),
+        float(_HOW_MANY.found(question)),
+        float(_CALCULATE.found(question)),
+        float(_WRITE.found(question)),
+        float(_EXPLAIN.found(question)),
+        float(_TRUE_FALSE.found(lower)),
+        float(_NEGATED.found(question)),
         float(bool(_MONEY.search(text))),
         float(len(_UNITS.findall(text))),
     ]
@@ -270,15 +297,16 @@ def answer_features(prompt: str, answer: str | None) -> list[float]:
     option_text = options.get(final.upper(), "") if final and final.isalpha() else ""
     chosen = final.upper() if option_text else None
     finals = [m.group(1).upper() for m in matches]
+    lower = text.lower()
     return [
         _log1p(len(text)),
         _log1p(len(words)),
         float(text.count("\n") + 1),
         math.log((len(text) + 1) / (len(prompt) + 1)),
         float(not text),
-        float(len(_HEDGES.findall(text))),
-        float(len(_REFUSAL.findall(text))),
-        float(len(_SELF_CORRECT.findall(text))),
+        float(_HEDGES.count(lower)),
+        float(_REFUSAL.count(lower)),
+        float(_SELF_CORRECT.count(lower)),
         float(bool(matches)),
         matches[0].start() / max(len(text), 1) if matches else _NAN,
         float(len(matches)),

@@ -114,6 +114,21 @@ def test_marker_counts_ignore_case():
     assert value(units, "p_units") == 3.0
 
 
+def test_phrases_match_whole_words_only():
+    row = feature_row("Statement 10 | Is it true? How manyfold?", "A mighty, unwaited answer.")
+    assert value(row, "p_true_false") == 0.0 and value(row, "p_how_many") == 0.0
+    assert value(row, "a_hedges") == 0.0 and value(row, "a_self_correct") == 0.0
+    row = feature_row("Statement 1 | Statement 2. How much?", "It might, or re-evaluate.")
+    assert value(row, "p_true_false") == 1.0 and value(row, "p_how_many") == 1.0
+    assert value(row, "a_hedges") == 1.0 and value(row, "a_self_correct") == 1.0
+
+
+def test_numbers_keep_their_value_without_marks():
+    row = feature_row("Pay $1,200.50 and 15% of -$40.", "Total 1,200.5 - 6 = 1194.5")
+    assert value(row, "p_max_number_log") == np.float64(math.log1p(1200.5))
+    assert value(row, "a_prompt_numbers_used") == 1 / 3  # 1,200.5 (not 15 or -40)
+
+
 def test_digit_and_capital_shares_count_ascii_only():
     text = "Ünïcode ÄB 12 ½ ٣"  # one ASCII capital, two ASCII digits
     row = feature_row(text)
