@@ -24,6 +24,18 @@ def test_scores_are_probabilities(trained_bundle):
         bundle.confidence(PROMPT, "#### 7", None, emb))
 
 
+def test_difficulty_model_does_not_read_typesetting_shares(trained_bundle):
+    from router.features import FEATURE_NAMES
+
+    bundle = RouterBundle.load(trained_bundle)
+    shares = {"p_digit_frac", "p_upper_frac"}
+    confidence = {FEATURE_NAMES[c] for c in bundle.confidence_model.columns}
+    difficulty = {FEATURE_NAMES[c] for c in bundle.difficulty_model.columns}
+    assert shares <= confidence  # informative in these rows, so left out on purpose
+    assert not shares & difficulty and "p_how_many" in difficulty
+    assert not shares & set(bundle.feature_set["difficulty"])
+
+
 def test_embedding_is_computed_when_not_given(trained_bundle, fake_embedder):
     bundle = RouterBundle.load(trained_bundle)
     emb = fake_embedder.embed([PROMPT])[0]
