@@ -59,6 +59,7 @@ FEATURE_NAMES = PROMPT_FEATURES + ANSWER_FEATURES + LOGPROB_FEATURES + CONSISTEN
 
 _NAN = float("nan")
 _WORD = re.compile(r"[A-Za-z][A-Za-z']+")
+# `_numbers` relies on every match being a float once `_NUMBER_MARKS` are dropped
 _NUMBER = re.compile(r"(?=[-$\d])(?<![\w.])-?\$?\d[\d,]*(?:\.\d+)?%?")
 _NUMBER_MARKS = str.maketrans("", "", ",$%")
 _OPTION = re.compile(r"^\s*\(?([A-J])[.)]\s+(.+)$", re.M)
@@ -73,35 +74,46 @@ _UNITS = re.compile(r"(?=[kcmhsglpfiJKNPVWH])\b(?:km|kg|cm|mm|m/s|mph|hours?|min
 
 
 class _Phrases:
-    """Whole-word phrases (regex alternatives), counted or found in a text's lowercase form.
+    """Phrases (regex alternatives, starting at a word boundary) counted or found in a text.
 
-    Most texts hold none of them, and a few substring tests for each phrase's literal start
-    cost far less than a regex scan, so the regex runs only when one of those starts is there.
+    Most texts hold none of them, and a substring test for each phrase's literal start (its
+    stem, which every match contains) costs far less than a regex scan, so the regex runs only
+    when a stem is in the lowercased text. With `ignore_case`, a text that is not ASCII always
+    gets the regex: case-insensitive matching pairs a few letters that `str.lower` does not.
     """
 
-    def __init__(self, *phrases: str) -> None:
-        starts = {phrase[0] for phrase in phrases}
-        self._stems = tuple(re.match(r"[a-z0-9 ,']+", phrase).group() for phrase in phrases)
-        self._regex = re.compile(rf"(?=[{''.join(sorted(starts))}])\b(?:{'|'.join(phrases)})\b")
+    def __init__(self, *phrases: str, ignore_case: bool = False, whole_word: bool = True):
+        self._stems = tuple(re.match(r"[a-z0-9 ,'-]*", phrase).group() for phrase in phrases)
+        if not all(self._stems):
+            raise ValueError("every phrase must start with a literal")
+        starts = "".join(sorted({stem[0] for stem in self._stems}))
+        end = r"\b" if whole_word else ""
+        self._regex = re.compile(rf"(?=[{starts}])\b(?:{'|'.join(phrases)}){end}",
+                                 re.I if ignore_case else 0)
+        self._ignore_case = ignore_case
 
-    def count(self, lower: str) -> int:
-        return len(self._regex.findall(lower)) if self._present(lower) else 0
+    def count(self, text: str, lower: str) -> int:
+        return len(self._regex.findall(text)) if self._present(text, lower) else 0
 
-    def found(self, lower: str) -> bool:
-        return self._present(lower) and self._regex.search(lower) is not None
+    def found(self, text: str, lower: str) -> bool:
+        return self._present(text, lower) and self._regex.search(text) is not None
 
-    def _present(self, lower: str) -> bool:
+    def _present(self, text: str, lower: str) -> bool:
+        if self._ignore_case and not text.isascii():
+            return True
         return any(map(lower.__contains__, self._stems))
 
 
 _HEDGES = _Phrases("i think", "i believe", "maybe", "perhaps", "possibly", "probably", "not sure",
                    "might", "it seems", "likely", "unclear", "assume", "approximately",
-                   "roughly", "guess")
+                   "roughly", "guess", ignore_case=True)
 _REFUSAL = _Phrases("i can(?:no|')t", "i am unable", "i'm unable", "as an ai", "i'm sorry",
                     "i apologi[sz]e", "cannot (?:be determined|answer)", "not enough information",
-                    "none of the (?:above|options)")
-_SELF_CORRECT = _Phrases("wait", "actually", "let me re", "mistake", "correction",
-                         "re-?evaluate", "re-?calculate", "on second thought", "however")
+                    "none of the (?:above|options)", ignore_case=True, whole_word=False)
+_SELF_CORRECT = _Phrases("wait", "actually", "let me re", "mistake", "correction", "re-evaluate",
+                         "reevaluate", "re-calculate", "recalculate", "on second thought",
+                         "however", ignore_case=True)
+# Question types, read on the lowercased question
 _HOW_MANY = _Phrases("how (?:many|much|long|far|old)")
 _CALCULATE = _Phrases("calculate", "compute", "find", "solve", "determine", "evaluate")
 _WRITE = _Phrases("write", "compose", "draft", "describe", "create", "generate")
@@ -202,12 +214,12 @@ def prompt_features(prompt: str) -> list[float]:
         float(len(options)),
         _log1p(float(np.mean([len(o) for o in options.values()])) if options else 0.0),
         float(question.count("?")),
-        float(_HOW_MANY.found(question)),
-        float(_CALCULATE.found(question)),
-        float(_WRITE.found(question)),
-        float(_EXPLAIN.found(question)),
-        float(_TRUE_FALSE.found(lower)),
-        float(_NEGATED.found(question)),
+        float(_HOW_MANY.found(question, question)),
+        float(_CALCULATE.found(question, question)),
+        float(_WRITE.found(question, question)),
+        float(_EXPLAIN.found(question, question)),
+        float(_TRUE_FALSE.found(lower, lower)),
+        float(_NEGATED.found(question, question)),
         float(bool(_MONEY.search(text))),
         float(len(_UNITS.findall(text))),
     ]
@@ -304,9 +316,9 @@ def answer_features(prompt: str, answer: str | None) -> list[float]:
         float(text.count("\n") + 1),
         math.log((len(text) + 1) / (len(prompt) + 1)),
         float(not text),
-        float(_HEDGES.count(lower)),
-        float(_REFUSAL.count(lower)),
-        float(_SELF_CORRECT.count(lower)),
+        float(_HEDGES.count(text, lower)),
+        float(_REFUSAL.count(text, lower)),
+        float(_SELF_CORRECT.count(text, lower)),
         float(bool(matches)),
         matches[0].start() / max(len(text), 1) if matches else _NAN,
         float(len(matches)),
@@ -325,7 +337,7 @@ def answer_features(prompt: str, answer: str | None) -> list[float]:
         else _NAN,
         len(answer_words & prompt_words) / max(len(answer_words | prompt_words), 1),
         len(answer_words - prompt_words) / max(len(answer_words), 1),
-        _repetition(text.lower().split()),
+        _repetition(lower.split()),
         float(bool(text) and text[-1] not in ".!?)]}*\"'`$%" and not text[-1].isdigit()),
         float(text.count("?")),
         _log1p(len(answer_numbers)),

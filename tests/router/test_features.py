@@ -121,6 +121,10 @@ def test_phrases_match_whole_words_only():
     row = feature_row("Statement 1 | Statement 2. How much?", "It might, or re-evaluate.")
     assert value(row, "p_true_false") == 1.0 and value(row, "p_how_many") == 1.0
     assert value(row, "a_hedges") == 1.0 and value(row, "a_self_correct") == 1.0
+    refusals = feature_row("q", "I apologized: as an aide, I cannot answer.")
+    assert value(refusals, "a_refusal") == 3.0  # refusal phrases may run on into a word
+    # case-insensitive matching pairs letters that str.lower does not (İ with i)
+    assert value(feature_row("q", "\u0130 THINK SO"), "a_hedges") == 1.0
 
 
 def test_numbers_keep_their_value_without_marks():

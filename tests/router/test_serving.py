@@ -31,7 +31,7 @@ def test_difficulty_model_does_not_read_typesetting_shares(trained_bundle):
     shares = {"p_digit_frac", "p_upper_frac"}
     confidence = {FEATURE_NAMES[c] for c in bundle.confidence_model.columns}
     difficulty = {FEATURE_NAMES[c] for c in bundle.difficulty_model.columns}
-    assert shares <= confidence  # informative in these rows, so left out on purpose
+    assert shares <= confidence  # the confidence model keeps them: leaving them out is deliberate
     assert not shares & difficulty and "p_how_many" in difficulty
     assert not shares & set(bundle.feature_set["difficulty"])
 
