@@ -78,8 +78,8 @@ class _Phrases:
 
     Most texts hold none of them, and a substring test for each phrase's literal start (its
     stem, which every match contains) costs far less than a regex scan, so the regex runs only
-    when a stem is in the lowercased text. With `ignore_case`, a text that is not ASCII always
-    gets the regex: case-insensitive matching pairs a few letters that `str.lower` does not.
+    when a stem is in the text (lowercased with `ignore_case`; then a text that is not ASCII
+    always gets the regex: case-insensitive matching pairs a few letters `str.lower` does not).
     """
 
     def __init__(self, *phrases: str, ignore_case: bool = False, whole_word: bool = True):
@@ -92,16 +92,21 @@ class _Phrases:
                                  re.I if ignore_case else 0)
         self._ignore_case = ignore_case
 
-    def count(self, text: str, lower: str) -> int:
+    def count(self, text: str, lower: str | None = None) -> int:
+        """Matches in `text`; pass `lower` (its lowercase form) when already at hand."""
         return len(self._regex.findall(text)) if self._present(text, lower) else 0
 
-    def found(self, text: str, lower: str) -> bool:
+    def found(self, text: str, lower: str | None = None) -> bool:
         return self._present(text, lower) and self._regex.search(text) is not None
 
-    def _present(self, text: str, lower: str) -> bool:
-        if self._ignore_case and not text.isascii():
+    def _present(self, text: str, lower: str | None) -> bool:
+        if not self._ignore_case:  # a match holds its stem as written
+            haystack = text
+        elif not text.isascii():
             return True
-        return any(map(lower.__contains__, self._stems))
+        else:
+            haystack = text.lower() if lower is None else lower
+        return any(map(haystack.__contains__, self._stems))
 
 
 _HEDGES = _Phrases("i think", "i believe", "maybe", "perhaps", "possibly", "probably", "not sure",
@@ -156,7 +161,6 @@ def _to_float(token: str) -> float | None:
 
 
 def _numbers(text: str) -> list[float]:
-    # every `_NUMBER` match is a plain float once its marks are dropped
     return [float(token.translate(_NUMBER_MARKS)) for token in _NUMBER.findall(text)]
 
 
@@ -214,12 +218,12 @@ def prompt_features(prompt: str) -> list[float]:
         float(len(options)),
         _log1p(float(np.mean([len(o) for o in options.values()])) if options else 0.0),
         float(question.count("?")),
-        float(_HOW_MANY.found(question, question)),
-        float(_CALCULATE.found(question, question)),
-        float(_WRITE.found(question, question)),
-        float(_EXPLAIN.found(question, question)),
-        float(_TRUE_FALSE.found(lower, lower)),
-        float(_NEGATED.found(question, question)),
+        float(_HOW_MANY.found(question)),
+        float(_CALCULATE.found(question)),
+        float(_WRITE.found(question)),
+        float(_EXPLAIN.found(question)),
+        float(_TRUE_FALSE.found(lower)),
+        float(_NEGATED.found(question)),
         float(bool(_MONEY.search(text))),
         float(len(_UNITS.findall(text))),
     ]
