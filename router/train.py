@@ -73,14 +73,14 @@ class TrainConfig:
     balance_power: float = 0.5  # tree row weight ~ source size ** -power (1: sources equal)
     difficulty_hand: bool = True  # `DIFFICULTY_FEATURES` in the difficulty model
     # How much rows where neither model was right weigh in fitting each part (calibration always
-    # sees them all; the figures were measured before `DIFFICULTY_FEATURES`). Their "good enough"
-    # is an accident of both failing. In the difficulty model's linear parts it teaches that hard
-    # prompts are easy, which does not carry to a benchmark whose large model is stronger
-    # (transfer from MMLU-Pro to RouteLLM MMLU: 0.563 without them, 0.537 with). In its trees it
-    # teaches, within a benchmark, that a prompt nobody answers is not worth escalating
-    # (cross-fitted RouteLLM MMLU: 0.653 with them, 0.636 without). In the confidence trees it
+    # sees them all). Their "good enough" is an accident of both failing. In the difficulty
+    # model's linear parts it teaches that hard prompts are easy, which does not carry to a
+    # benchmark whose large model is stronger (transfer from MMLU-Pro to RouteLLM MMLU, training
+    # seeds 0 / 1 / 2: 0.573 / 0.568 / 0.583 without them, 0.535 / 0.561 / 0.528 with). In its
+    # trees it teaches, within a benchmark, that a prompt nobody answers is not worth escalating
+    # (cross-fitted RouteLLM MMLU: 0.650 with them, 0.633 without). In the confidence trees it
     # hides which answers are wrong, while the confidence model's prompt-only linear parts fit
-    # best on every row (cross-fitted GSM8K 0.781 against 0.770).
+    # best on every row (cross-fitted GSM8K 0.783 against 0.771).
     neither_right_difficulty_linear: float = 0.0
     neither_right_difficulty_trees: float = 1.0
     neither_right_confidence_linear: float = 1.0
