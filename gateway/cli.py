@@ -90,6 +90,7 @@ def cmd_small_model(args: argparse.Namespace) -> int:
         print(f"vLLM: {python}\nmodel: {model_dir}")
         return 0
     server = smallmodel.VLLMServer(model_dir, port=args.port, python=python)
+    smallmodel.exit_on_sigterm()
     with server:
         server.wait_ready(timeout=300)
         print(f"small model serving at {server.api_base} (Ctrl-C to stop)", flush=True)

@@ -31,6 +31,7 @@ QUESTIONS = [
 def run_demo(port: int, keep_running: bool) -> int:
     print("== smallfirst demo: setting up the small model (the first run installs vLLM's CPU "
           "build and converts SmolLM2; a few minutes; later runs reuse the cache)", flush=True)
+    smallmodel.exit_on_sigterm()  # a stopped demo stops its servers too
     python = smallmodel.ensure_vllm()
     model_dir = smallmodel.ensure_model()
     vllm = smallmodel.VLLMServer(model_dir, port=smallmodel.free_port(), python=python)

@@ -225,6 +225,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def exit_on_sigterm() -> None:
+    """Make SIGTERM (a supervisor's stop, ``kill``) unwind the program as Ctrl-C does, so that
+    ``with VLLMServer(...)`` blocks and atexit handlers stop the server. By default SIGTERM ends
+    Python at once and leaves the server, which runs in its own session, behind. Call it from
+    the main thread of a program that owns a server."""
+    signal.signal(signal.SIGTERM, _exit_for_signal)
+
+
+def _exit_for_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # the exit status a shell reports for a signal
+
+
 def _tail(path: Path, lines: int = 40) -> str:
     """The last ``lines`` lines of a text file, or an empty string."""
     try:

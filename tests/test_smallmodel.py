@@ -418,3 +418,49 @@ def test_converter_keeps_a_saved_chat_template(tmp_path: Path) -> None:
     (tmp_path / "chat_template.jinja").write_text("{{ messages }}")
     conv.repair(tmp_path)
     assert "chat_template" not in json.loads((tmp_path / "tokenizer_config.json").read_text())
+
+
+# A program that owns a (fake) server until it is stopped, either sleeping or serving with
+# uvicorn, which catches SIGTERM itself and raises it again once it has shut down.
+OWNER = """
+import asyncio, sys, time
+from pathlib import Path
+import uvicorn
+from gateway import smallmodel
+from tests.test_smallmodel import FakeServer
+
+async def app(scope, receive, send):
+    pass
+
+smallmodel.exit_on_sigterm()
+with FakeServer(Path(sys.argv[1])) as server:
+    server.wait_ready(timeout=30)
+    print(server.pid, server.child_pid(), flush=True)
+    if sys.argv[2] == "uvicorn":
+        config = uvicorn.Config(app, port=smallmodel.free_port(), log_level="warning")
+        asyncio.run(uvicorn.Server(config).serve())
+    time.sleep(120)
+"""
+
+
+@pytest.mark.parametrize("waiting", ["sleep", "uvicorn"])
+def test_sigterm_to_the_owner_stops_the_server(tmp_path: Path, waiting: str) -> None:
+    import signal
+    import subprocess
+
+    owner = subprocess.Popen(
+        [sys.executable, "-c", OWNER, str(tmp_path), waiting],
+        cwd=Path(__file__).resolve().parent.parent, stdout=subprocess.PIPE, text=True,
+    )
+    pid = None
+    try:
+        pid, child = map(int, owner.stdout.readline().split())
+        time.sleep(0.5)  # let uvicorn install its handlers
+        owner.send_signal(signal.SIGTERM)
+        assert owner.wait(timeout=30) == 128 + signal.SIGTERM
+        assert _dead(pid) and _dead(child)
+    finally:
+        owner.kill()
+        owner.wait()
+        if pid is not None:  # no stray server when the test fails
+            smallmodel._signal_group(pid, signal.SIGKILL)
