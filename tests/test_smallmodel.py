@@ -421,7 +421,8 @@ def test_converter_keeps_a_saved_chat_template(tmp_path: Path) -> None:
 
 
 # A program that owns a (fake) server until it is stopped, either sleeping or serving with
-# uvicorn, which catches SIGTERM itself and raises it again once it has shut down.
+# uvicorn, which catches SIGTERM itself and raises it again once it has shut down. It prints
+# the server's pids when it is ready for the signal.
 OWNER = """
 import asyncio, sys, time
 from pathlib import Path
@@ -429,16 +430,23 @@ import uvicorn
 from gateway import smallmodel
 from tests.test_smallmodel import FakeServer
 
-async def app(scope, receive, send):
-    pass
+def ready(server):
+    print(server.pid, server.child_pid(), flush=True)
+
+async def app(scope, receive, send):  # answers lifespan startup once uvicorn traps signals
+    if scope["type"] == "lifespan" and (await receive())["type"] == "lifespan.startup":
+        ready(server)
+        await send({"type": "lifespan.startup.complete"})
+        await receive()
+        await send({"type": "lifespan.shutdown.complete"})
 
 smallmodel.exit_on_sigterm()
 with FakeServer(Path(sys.argv[1])) as server:
     server.wait_ready(timeout=30)
-    print(server.pid, server.child_pid(), flush=True)
     if sys.argv[2] == "uvicorn":
         config = uvicorn.Config(app, port=smallmodel.free_port(), log_level="warning")
         asyncio.run(uvicorn.Server(config).serve())
+    ready(server)
     time.sleep(120)
 """
 
@@ -455,7 +463,6 @@ def test_sigterm_to_the_owner_stops_the_server(tmp_path: Path, waiting: str) -> 
     pid = None
     try:
         pid, child = map(int, owner.stdout.readline().split())
-        time.sleep(0.5)  # let uvicorn install its handlers
         owner.send_signal(signal.SIGTERM)
         assert owner.wait(timeout=30) == 128 + signal.SIGTERM
         assert _dead(pid) and _dead(child)
