@@ -10,9 +10,9 @@ import sys
 import time
 from pathlib import Path
 
-from gateway.cache import admin as cache_admin
 from gateway.config import ConfigError, Settings, load_settings
 from router import cli as router_cli
+from tooling import cache_admin
 
 
 def _serve_settings(args: argparse.Namespace) -> Settings:
@@ -23,7 +23,7 @@ def _serve_settings(args: argparse.Namespace) -> Settings:
         policies=args.policies,
         auth="off" if args.no_auth else None,
     )
-    from gateway.auth import is_loopback
+    from gateway.api.auth import is_loopback
 
     if settings.auth == "off" and not is_loopback(settings.host):
         raise ConfigError(
@@ -36,7 +36,7 @@ def _serve_settings(args: argparse.Namespace) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from gateway.app import create_app
+    from gateway.api.app import create_app
     from gateway.service import Gateway
 
     settings = _serve_settings(args)
@@ -75,14 +75,14 @@ def cmd_policy_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_keys_hash(args: argparse.Namespace) -> int:
-    from gateway.auth import hash_key
+    from gateway.api.auth import hash_key
 
     print(hash_key(args.key))
     return 0
 
 
 def cmd_small_model(args: argparse.Namespace) -> int:
-    from gateway import smallmodel
+    from tooling import smallmodel
 
     python = smallmodel.ensure_vllm()
     model_dir = smallmodel.ensure_model()
@@ -118,7 +118,7 @@ def cmd_budget(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from gateway.demo import run_demo
+    from tooling.demo import run_demo
 
     return run_demo(port=args.port, keep_running=not args.exit)
 

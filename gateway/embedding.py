@@ -1,8 +1,9 @@
 """One prompt embedding per request, shared by the semantic cache and the learned router.
 
-The embedder (all-MiniLM-L6-v2, int8 ONNX, from `router.embedding`) is loaded once per
-process. Vectors are remembered by text in a small LRU, so when the cache has embedded a
-request's final user turn the router's scorers reuse it instead of paying again.
+The embedder (all-MiniLM-L6-v2, int8 ONNX, `router.Embedder`) is built once, at start-up, by
+the gateway's composition root and passed to the cache and the scorers. Vectors are
+remembered by text in a small LRU, so when the cache has embedded a request's final user turn
+the router's scorers reuse it instead of paying again.
 """
 
 from __future__ import annotations
@@ -19,8 +20,9 @@ Embed = Callable[[list[str]], np.ndarray]
 class SharedEmbedding:
     """Texts in, L2-normalised rows out; thread-safe; remembers recent texts."""
 
-    def __init__(self, factory: Callable[[], Embed] | None = None, remember: int = 4096) -> None:
-        self._factory = factory or _default_factory
+    def __init__(self, factory: Callable[[], Embed] | None = None, remember: int = 4096,
+                 threads: int = 1) -> None:
+        self._factory = factory or (lambda: _embedder(threads))
         self._embed: Embed | None = None
         self._remember = remember
         self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -59,31 +61,9 @@ class SharedEmbedding:
         self._model()
 
 
-_threads = 1
+def _embedder(threads: int) -> Embed:
+    """All-MiniLM-L6-v2 with `threads` intra-op threads: 2 take about a fifth off a short query
+    on an idle machine but compete with the event loop on a busy 2-core one."""
+    from router import Embedder
 
-
-def _default_factory() -> Embed:
-    from router.embedding import Embedder
-
-    return Embedder(intra_op_threads=_threads)
-
-
-_shared: SharedEmbedding | None = None
-_shared_lock = threading.Lock()
-
-
-def configure(threads: int) -> None:
-    """Intra-op threads for the process-wide embedder (before its first use): 2 take about a
-    fifth off a short query on an idle machine but compete with the event loop on a busy
-    2-core one."""
-    global _threads
-    _threads = threads
-
-
-def shared_embedding() -> SharedEmbedding:
-    """The process-wide instance."""
-    global _shared
-    with _shared_lock:
-        if _shared is None:
-            _shared = SharedEmbedding()
-        return _shared
+    return Embedder(intra_op_threads=threads)

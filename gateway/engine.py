@@ -12,19 +12,18 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field, replace
-from enum import StrEnum
+from dataclasses import replace
 from typing import Any
 
 from opentelemetry import trace
 from opentelemetry.trace import Span
 
-from gateway.answer import Assembly, Usage, cached_from_response
 from gateway.backends import Backend, BackendFailure
-from gateway.cache.base import CachedAnswer, CacheHit, CacheRequest, ResponseCache
+from gateway.cache.base import ResponseCache
 from gateway.config import RetryConfig
 from gateway.embedding import Embed
 from gateway.errors import GatewayError, InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
+from gateway.learning import TrafficLearner
 from gateway.policy import Policy, StreamMode
 from gateway.retry import call_with_retry
 from gateway.scoring import (
@@ -36,77 +35,22 @@ from gateway.scoring import (
     DifficultyScorer,
     LearnedConfidence,
     LearnedDifficulty,
-    Prompt,
 )
+from gateway.shapes import cached_from_response, replay_chunks, replay_response
 from gateway.telemetry import genai
 from gateway.telemetry.tracing import outgoing_headers
-from gateway.timing import Timings
+from gateway.types import (
+    Assembly,
+    CachedAnswer,
+    CacheHit,
+    Call,
+    Decision,
+    Prompt,
+    Route,
+    Usage,
+)
 
 log = logging.getLogger("smallfirst.engine")
-
-
-class Route(StrEnum):
-    SMALL = "small"
-    ESCALATED = "escalated"
-    FRONTIER = "frontier"
-    CACHE_EXACT = "cache_exact"
-    CACHE_SEMANTIC = "cache_semantic"
-
-
-@dataclass
-class Decision:
-    """How a request was routed, and why; reported in response headers."""
-
-    policy: str
-    route: Route = Route.SMALL
-    difficulty: float | None = None
-    confidence: float | None = None
-    escalation: str | None = None  # difficulty | low_confidence | error | deadline
-    note: str | None = None  # e.g. frontier_unavailable: the small answer was served anyway
-    cache: str | None = None  # exact | semantic | miss; None when the cache was not consulted
-
-
-@dataclass
-class Call:
-    """One client request as the engine sees it."""
-
-    request_id: str
-    policy: Policy
-    params: dict[str, Any]  # messages and sampling parameters, forwarded to models
-    include_usage: bool = False
-    direct: str | None = None  # a backend named directly by the client
-    tenant: str = "local"
-    read_cache: bool = True  # Cache-Control: no-cache turns reads off
-    write_cache: bool = True  # Cache-Control: no-store turns writes off
-    timings: Timings = field(default_factory=Timings)
-    usage: Usage = field(default_factory=Usage)
-    served_from_cache: dict[str, Any] | None = None  # a cache hit's original usage
-    prompt: Prompt | None = None  # what the scorers see, built on first use
-    decision: Decision | None = None
-    small_answer: Assembly | None = None  # what the small model said, when it was asked
-    frontier_text: str | None = None  # what the frontier said, when it answered
-    frontier_model: str | None = None
-
-    @property
-    def completion_id(self) -> str:
-        return f"chatcmpl-{self.request_id}"
-
-    @property
-    def wants_logprobs(self) -> bool:
-        return bool(self.params.get("logprobs"))
-
-    @property
-    def cacheable(self) -> bool:
-        """Only deterministic-enough requests are cached (see the policy's `cache` section)."""
-        settings = self.policy.cache
-        if not settings.enabled:
-            return False
-        temperature = self.params.get("temperature")
-        return not temperature or settings.temperature_above_zero
-
-    def cache_request(self) -> CacheRequest:
-        return CacheRequest(self.tenant, self.policy.name, self.direct or self.policy.name,
-                            self.params)
 
 
 SHADOW_TIMEOUT_S = 60.0
@@ -149,7 +93,7 @@ class CascadeEngine:
         embed: Embed | None = None,
     ) -> None:
         self.small = small
-        self.learner: Any = None  # a TrafficLearner, when a decision log is configured
+        self.learner: TrafficLearner | None = None  # when a decision log is configured
         self.bundles = bundles
         self.embed = embed
         self.cache = cache
@@ -169,7 +113,7 @@ class CascadeEngine:
         decision = call.decision = Decision(policy=call.policy.name)
         hit = await self._lookup(call, decision)
         if hit is not None:
-            return hit.answer.response(call.completion_id), decision
+            return replay_response(hit.answer, call.completion_id), decision
         response = await self._complete_uncached(call, decision)
         if decision.note is None:
             self._remember(call, cached_from_response(response))
@@ -271,7 +215,7 @@ class CascadeEngine:
         return await self._frontier_stream(call), decision
 
     async def _replay(self, call: Call, hit: CacheHit) -> AsyncIterator[dict[str, Any]]:
-        for chunk in hit.answer.chunks(call.completion_id):
+        for chunk in replay_chunks(hit.answer, call.completion_id):
             yield chunk
         if call.include_usage:
             yield self._usage_chunk(call, hit.answer.model, Usage())
@@ -370,7 +314,7 @@ class CascadeEngine:
         finally:
             await _aclose(chunks)
             call.timings.add("frontier", (time.monotonic() - answer.started) * 1000)
-            answer.finish_span(call.policy.telemetry.record_content)
+            genai.finish_answer(answer, call.policy.telemetry.record_content)
         call.usage.add(answer.usage, backend.name)
         self._remember(call, answer.cached(model))
         call.frontier_model, call.frontier_text = model, "".join(answer.text)
@@ -605,7 +549,7 @@ class CascadeEngine:
         call.timings.add("small_ttft", (first - small.started) * 1000)
         if small.first_token_at is not None:
             call.timings.add("small_generation", (ended - first) * 1000)
-        small.finish_span(call.policy.telemetry.record_content)
+        genai.finish_answer(small, call.policy.telemetry.record_content)
 
     def _request_attributes(
         self, call: Call, backend: Backend, params: dict[str, Any], attempt: int

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from gateway.engine import Call, Route
+from gateway.types import Call, Route
 
 log = logging.getLogger("smallfirst.learning")
 
@@ -134,8 +134,7 @@ class TrafficLearner:
 
 def _row(call: Call, frontier_text: str | None, source: str | None,
          verdict: float | None) -> dict[str, Any]:
-    from router.agreement import agreement
-    from router.features import FEATURE_NAMES, feature_row
+    from router import FEATURE_NAMES, agreement, feature_row
 
     decision, small = call.decision, call.small_answer
     prompt = call.prompt.text if call.prompt else ""

@@ -13,39 +13,12 @@ import logging
 import math
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from gateway.cache.fingerprint import text_of
+from gateway.types import Answer, Prompt
 
 log = logging.getLogger("smallfirst.scoring")
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """What the scorers may look at before generation."""
-
-    messages: list[dict[str, Any]]
-    has_tools: bool = False
-    # The shared embedding of `text`, computing in a worker thread (only when a scorer needs it).
-    embedding: asyncio.Future | None = field(default=None, compare=False)
-
-    @property
-    def text(self) -> str:
-        """The final user turn: what the router was trained to judge."""
-        return final_user_text(self.messages)
-
-
-@dataclass(frozen=True)
-class Answer:
-    """The small model's (possibly partial) answer."""
-
-    text: str
-    token_logprobs: list[float] = field(default_factory=list)
-    complete: bool = True
-    top_logprobs: list[list[float]] | None = None
-    samples: list[str] | None = None  # more answers to the same prompt (self-consistency)
 
 
 class DifficultyScorer(Protocol):
@@ -56,15 +29,6 @@ class ConfidenceScorer(Protocol):
     async def score(self, prompt: Prompt, answer: Answer) -> float | None:
         """None when the scorer cannot judge (e.g. no logprobs came back)."""
         ...
-
-
-def final_user_text(messages: list[dict[str, Any]]) -> str:
-    """The last user message's text (the same string the semantic cache embeds, so the
-    shared embedding is computed once)."""
-    for message in reversed(messages):
-        if message.get("role") == "user":
-            return text_of(message.get("content")) or ""
-    return ""
 
 
 class AlwaysSmall:
@@ -156,7 +120,7 @@ class BundleRegistry:
         self._lock = threading.Lock()
 
     def resolve(self, name: str) -> Path:
-        from router.serving import DEFAULT_BUNDLE
+        from router import DEFAULT_BUNDLE
 
         if name == "default":
             return DEFAULT_BUNDLE
@@ -165,7 +129,7 @@ class BundleRegistry:
 
     def get(self, name: str) -> Any:
         """The bundle named by a policy (blocking: call from a worker thread)."""
-        from router.serving import RouterBundle
+        from router import RouterBundle
 
         path = self.resolve(name)
         stamp = _stamp(path)

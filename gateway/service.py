@@ -10,13 +10,12 @@ from dataclasses import dataclass, field
 
 from opentelemetry.trace import Tracer
 
-from gateway.auth import KeyStore, OpenAccess
+from gateway.api.auth import KeyStore, OpenAccess
 from gateway.backends import Backend, LiteLLMBackend, OpenAIWireBackend
 from gateway.cache.layered import LayeredCache, build_cache
 from gateway.config import ConfigError, Settings
-from gateway.embedding import configure as configure_embedding
-from gateway.embedding import shared_embedding
-from gateway.engine import Call, CascadeEngine, Decision
+from gateway.embedding import SharedEmbedding
+from gateway.engine import CascadeEngine
 from gateway.errors import ModelNotFound, PermissionDenied, RateLimited
 from gateway.learning import TrafficLearner
 from gateway.policy import LatencyBudget, Policy
@@ -26,6 +25,7 @@ from gateway.telemetry.budget import BudgetTracker
 from gateway.telemetry.metrics import Metrics, Price, litellm_price
 from gateway.telemetry.observer import Observer, Pricing
 from gateway.telemetry.tracing import setup_tracing
+from gateway.types import Call, Decision
 
 log = logging.getLogger("smallfirst")
 
@@ -54,13 +54,14 @@ class Gateway:
         else:
             access = KeyStore.from_file(settings.api_keys_file)
         store = PolicyStore(settings.policies, settings.default_policy)
-        configure_embedding(settings.embedding_threads)
+        embed = SharedEmbedding(threads=settings.embedding_threads)
         cache = build_cache(
             settings.redis_url,
             lambda name: policy.cache if (policy := store.get(name)) else None,
             prefix=settings.cache_prefix,
             semantic=settings.cache_semantic,
             memory_entries=settings.cache_memory_entries,
+            embed=embed,
         )
         engine = CascadeEngine(
             _small_backend(settings),
@@ -68,7 +69,7 @@ class Gateway:
             settings.retry,
             cache=cache,
             bundles=BundleRegistry(settings.policies),
-            embed=shared_embedding(),
+            embed=embed,
         )
         if settings.decision_log is not None:
             engine.learner = TrafficLearner(settings.decision_log,
@@ -144,8 +145,8 @@ class Gateway:
                 self.engine.bundles.get(name)
             except Exception as exc:
                 log.error("router bundle %r cannot be loaded: %s", name, exc)
-        if learned:
-            shared_embedding().warm()
+        if learned and isinstance(self.engine.embed, SharedEmbedding):
+            self.engine.embed.warm()
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -16,6 +16,8 @@ import httpx
 import pytest
 import yaml
 
+from gateway.embedding import SharedEmbedding
+
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,7 +79,7 @@ def upstream(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def vllm_api_base() -> Iterator[str]:
     """A real vLLM (CPU build) serving SmolLM2-135M-Instruct; installed on first use."""
-    from gateway import smallmodel
+    from tooling import smallmodel
 
     python = smallmodel.ensure_vllm()
     model_dir = smallmodel.ensure_model()
@@ -233,3 +235,9 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture(scope="session")
 def redis_url(redis_server: RedisServer) -> str:
     return redis_server.url
+
+
+@pytest.fixture(scope="session")
+def embed() -> SharedEmbedding:
+    """The prompt embedder, built once for the session as the gateway builds it at start-up."""
+    return SharedEmbedding()

@@ -2,7 +2,7 @@
 
 import gc
 
-from gateway.app import create_app
+from gateway.api.app import create_app
 from gateway.config import Settings
 from gateway.service import Gateway
 

@@ -12,11 +12,12 @@ from typing import Any
 
 import pytest
 
-from gateway.cache.base import CachedAnswer, CacheRequest
 from gateway.cache.layered import LayeredCache, build_cache
 from gateway.cache.memory import MemoryExactStore
 from gateway.cache.redis_exact import Keys, RedisExactStore, connect
+from gateway.embedding import SharedEmbedding
 from gateway.policy import CacheSettings
+from gateway.types import CachedAnswer, CacheRequest
 
 ANSWER = CachedAnswer(model="m", pieces=["Hello", " world", "."], finish_reason="stop",
                       usage={"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6})
@@ -175,9 +176,10 @@ def user(text: str, tenant: str = "acme", history: list[dict] | None = None) -> 
 
 
 @pytest.fixture(scope="module")
-async def semantic_cache(redis_url: str) -> LayeredCache:
+async def semantic_cache(redis_url: str, embed: SharedEmbedding) -> LayeredCache:
     # Tests assert behaviour, not speed: a generous deadline, so a miss is the verifier's.
-    cache = build_cache(redis_url, settings_for(lookup_deadline_ms=5000), prefix=prefix())
+    cache = build_cache(redis_url, settings_for(lookup_deadline_ms=5000), prefix=prefix(),
+                        embed=embed)
     await cache.start()
     yield cache
     assert cache.counts["deadline"] == 0 and cache.counts["error"] == 0
@@ -241,8 +243,10 @@ async def test_multi_turn_reuse_needs_identical_context(semantic_cache: LayeredC
     assert await semantic_cache.lookup(user("how do I sort a list", "mt", other)) is None
 
 
-async def test_semantic_lookup_past_deadline_is_a_miss(redis_url: str) -> None:
-    cache = build_cache(redis_url, settings_for(lookup_deadline_ms=0.001), prefix=prefix())
+async def test_semantic_lookup_past_deadline_is_a_miss(redis_url: str,
+                                                      embed: SharedEmbedding) -> None:
+    cache = build_cache(redis_url, settings_for(lookup_deadline_ms=0.001), prefix=prefix(),
+                        embed=embed)
     await cache.start()
     try:
         await remember(cache, user("How do I parse JSON in Go?"))
@@ -252,14 +256,15 @@ async def test_semantic_lookup_past_deadline_is_a_miss(redis_url: str) -> None:
         await cache.close()
 
 
-async def test_server_without_query_engine_is_a_clear_error(tmp_path) -> None:
+async def test_server_without_query_engine_is_a_clear_error(tmp_path,
+                                                            embed: SharedEmbedding) -> None:
     from gateway.cache.semantic import QueryEngineMissing
     from tests.conftest import RedisServer
 
     plain = RedisServer(tmp_path)
     plain.module = None
     plain.start()
-    cache = build_cache(plain.url, settings_for(), prefix=prefix())
+    cache = build_cache(plain.url, settings_for(), prefix=prefix(), embed=embed)
     try:
         with pytest.raises(QueryEngineMissing, match="query engine"):
             await cache.start()

@@ -12,8 +12,9 @@ import pytest
 from gateway.backends import OpenAIWireBackend
 from gateway.cache.layered import LayeredCache, build_cache
 from gateway.config import BackendConfig, RetryConfig
-from gateway.engine import Call, CascadeEngine, Route
+from gateway.engine import CascadeEngine
 from gateway.policy import Policy
+from gateway.types import Call, Route
 from tests.conftest import RedisServer, script
 
 POLICY = Policy.model_validate({

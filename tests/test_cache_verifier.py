@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from gateway.cache import training
-from gateway.cache.canonical import align_typos, canonical
-from gateway.cache.evaluate import evaluate
-from gateway.cache.verifier import (
+from router.pairs import training
+from router.pairs.canonical import align_typos, canonical
+from router.pairs.evaluate import evaluate
+from router.pairs.verifier import (
     FEATURES,
     MODEL_PATH,
     PairDiff,
@@ -122,10 +122,10 @@ def test_a_case_change_is_not_vetoed() -> None:
     assert verifier.probability_of(x) >= verifier.threshold_for(0.01)
 
 
-def test_a_reworded_conversion_is_served_and_another_amount_is_not() -> None:
-    from gateway.cache.vectors import cache_vectors, default_embed
+def test_a_reworded_conversion_is_served_and_another_amount_is_not(embed) -> None:
+    from router.pairs.vectors import cache_vectors
 
-    verifier, embed = PairVerifier.load(), default_embed()
+    verifier = PairVerifier.load()
 
     def probability(a: str, b: str) -> float:
         va, vb = cache_vectors(embed, [a, b])
@@ -196,12 +196,11 @@ def test_prompts_sharing_their_context_compare_their_whole_last_lines() -> None:
     assert other_table.compared_texts() == other_table.diff_texts() == ("775", "776")
 
 
-def test_fixture_columns_match_the_embedding_path() -> None:
+def test_fixture_columns_match_the_embedding_path(embed) -> None:
     """The fixture's precomputed cosines come from the same code path as serving."""
-    from gateway.cache.vectors import cache_vectors, default_embed
+    from router.pairs.vectors import cache_vectors
 
     frame = training.read_pairs(FIXTURE).head(8)
-    embed = default_embed()
     pairs = list(zip(frame.q1, frame.q2, strict=True))
     vectors = cache_vectors(embed, [t for pair in pairs for t in pair])
     cosine = np.einsum("ij,ij->i", vectors[0::2], vectors[1::2])

@@ -23,7 +23,7 @@ import yaml
 from openai import OpenAI
 from openai.types.chat import ChatCompletion
 
-from gateway.auth import hash_key
+from gateway.api.auth import hash_key
 from tests.conftest import POLICIES, GatewayRunner, script, upstream_config
 
 SMALL = "small-stand-in"

@@ -11,9 +11,10 @@ import pytest
 
 from gateway.backends import BackendFailure, LiteLLMBackend, OpenAIWireBackend
 from gateway.config import BackendConfig, RetryConfig
-from gateway.engine import Call, CascadeEngine, Route
+from gateway.engine import CascadeEngine
 from gateway.errors import GatewayError, RateLimited, UpstreamError, UpstreamTimeout
 from gateway.policy import Policy
+from gateway.types import Call, Route
 from tests.conftest import script
 
 FAST_RETRY = RetryConfig(max_attempts=3, backoff_base_s=0.01, backoff_max_s=0.02)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from gateway.embedding import SharedEmbedding
-from gateway.engine import Route
 from gateway.scoring import BundleRegistry
+from gateway.types import Route
 from router.serving import DEFAULT_BUNDLE
 from tests.conftest import script
 from tests.test_engine import call, engine_for, policy

@@ -1,4 +1,4 @@
-"""Fast unit tests of gateway.smallmodel; none of them needs torch or vLLM."""
+"""Fast unit tests of tooling.smallmodel; none of them needs torch or vLLM."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import smallmodel
-from gateway.smallmodel import VLLMServer
+from tooling import smallmodel
+from tooling.smallmodel import VLLMServer
 
 # A stand-in for the vLLM server: answers every GET with 200, leaves a child process in its
 # group (its pid goes to argv[1]), and ignores SIGTERM when argv[2] == "stubborn".
@@ -376,7 +376,7 @@ def test_context_manager_stops_on_error(tmp_path: Path) -> None:
 
 def test_converter_repairs_the_tokenizer_files(tmp_path: Path) -> None:
     """The repairs of the GGUF conversion (plain JSON edits; no transformers needed)."""
-    from gateway import _convert_gguf as conv
+    from tooling import _convert_gguf as conv
 
     vocab = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "a": 3}
     tokenizer = {"model": {"vocab": vocab}, "decoder": {"type": "Sequence", "decoders": []}}
@@ -408,7 +408,7 @@ def test_converter_repairs_the_tokenizer_files(tmp_path: Path) -> None:
 
 
 def test_converter_keeps_a_saved_chat_template(tmp_path: Path) -> None:
-    from gateway import _convert_gguf as conv
+    from tooling import _convert_gguf as conv
 
     (tmp_path / "tokenizer.json").write_text(
         json.dumps({"model": {"vocab": {"<|im_start|>": 1, "<|im_end|>": 2}}})
@@ -427,7 +427,7 @@ OWNER = """
 import asyncio, sys, time
 from pathlib import Path
 import uvicorn
-from gateway import smallmodel
+from tooling import smallmodel
 from tests.test_smallmodel import FakeServer
 
 def ready(server):

@@ -10,8 +10,9 @@ import pytest
 
 from gateway.backends import LiteLLMBackend, OpenAIWireBackend
 from gateway.config import BackendConfig, RetryConfig
-from gateway.engine import CascadeEngine, Route
+from gateway.engine import CascadeEngine
 from gateway.policy import Policy
+from gateway.types import Route
 from tests.conftest import GatewayRunner
 from tests.test_engine import RecordingConfidence, call
 

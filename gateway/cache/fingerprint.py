@@ -17,7 +17,7 @@ import hashlib
 import json
 from typing import Any
 
-from gateway.cache.base import CacheRequest
+from gateway.types import CacheRequest, text_of
 
 VERSION = 1
 IGNORED_PARAMS = frozenset({"user"})
@@ -41,20 +41,6 @@ def _scope(request: CacheRequest, params: dict[str, Any]) -> dict[str, Any]:
 def exact_key(request: CacheRequest) -> str:
     """The SHA-256 of the canonical request: equal iff the answer-changing fields are equal."""
     return digest(_scope(request, request.params))
-
-
-def text_of(content: Any) -> str | None:
-    """A message's text: a string, or the text parts of a content list (None if other parts)."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part in content:
-            if not isinstance(part, dict) or part.get("type") != "text":
-                return None  # images, audio, files: never matched by meaning
-            texts.append(str(part.get("text", "")))
-        return "\n".join(texts)
-    return None
 
 
 def final_user_text(params: dict[str, Any]) -> str | None:

@@ -21,18 +21,14 @@ from typing import Any
 
 import numpy as np
 
-from gateway.cache.base import CachedAnswer, CacheHit, CacheRequest
+from gateway.cache.base import ExactStore
 from gateway.cache.fingerprint import context_hash, exact_key, final_user_text, is_multi_turn
 from gateway.cache.memory import MemoryExactStore
 from gateway.cache.redis_exact import RedisExactStore
 from gateway.cache.semantic import Candidate, SemanticIndex
-from gateway.cache.vectors import Embed, cache_vector, windows
-from gateway.cache.verifier import (
-    PairDiff,
-    PairVerifier,
-    changed_part_cosines,
-)
 from gateway.policy import CacheSettings
+from gateway.types import CachedAnswer, CacheHit, CacheRequest
+from router import Embed, PairDiff, PairVerifier, cache_vector, changed_part_cosines, windows
 
 log = logging.getLogger("smallfirst.cache")
 
@@ -51,19 +47,18 @@ class LayeredCache:
 
     def __init__(
         self,
-        exact: MemoryExactStore | RedisExactStore,
+        exact: ExactStore,
         settings_for: SettingsFor,
         semantic: SemanticIndex | None = None,
         verifier: PairVerifier | None = None,
-        embed: Callable[[], Embed] | None = None,
+        embed: Embed | None = None,
         retry_after_s: float = 1.0,
     ) -> None:
         self.exact = exact
-        self.semantic = semantic if verifier is not None else None
+        self.semantic = semantic if verifier is not None and embed is not None else None
         self.verifier = verifier
         self._settings_for = settings_for
-        self._embed_factory = embed
-        self._embed: Embed | None = None
+        self._embed = embed
         self.retry_after_s = retry_after_s
         self.counts: Counter[str] = Counter()
         self._flushed: Counter[str] = Counter()
@@ -88,9 +83,8 @@ class LayeredCache:
                 self._index_ready = True
             except (Unreachable, TooSlow, OSError) as exc:
                 log.warning("cache: Redis unreachable at start (%s); serving misses", exc)
-            await asyncio.to_thread(self._embedder)
-        if isinstance(self.exact, RedisExactStore):
-            self._spawn(self._flush_counts_forever())
+            await asyncio.to_thread(getattr(self._embed, "warm", lambda: None))
+        self._spawn(self._flush_counts_forever())
 
     async def close(self) -> None:
         for task in list(self._tasks):
@@ -106,15 +100,6 @@ class LayeredCache:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return task
-
-    def _embedder(self) -> Embed:
-        if self._embed is None:
-            if self._embed_factory is None:
-                from gateway.cache.vectors import default_embed
-
-                self._embed_factory = default_embed
-            self._embed = self._embed_factory()
-        return self._embed
 
     # ---- lookup ----------------------------------------------------------------------------
 
@@ -180,7 +165,7 @@ class LayeredCache:
             diff = PairDiff.of(candidate.text, text)
             probability = verifier.accept(
                 diff, candidate.cosine, threshold,
-                lambda diff=diff: float(changed_part_cosines(self._embedder(), [diff])[0]))
+                lambda diff=diff: float(changed_part_cosines(self._embed, [diff])[0]))
             if probability is not None:
                 return candidate, probability
         return None
@@ -193,32 +178,20 @@ class LayeredCache:
             return
         key = exact_key(request)
         try:
-            if isinstance(self.exact, MemoryExactStore):
-                if settings.exact:
-                    await self.exact.put(request.tenant, request.policy, key, answer,
-                                         settings.ttl_s, settings.max_entries_per_tenant)
-                return
-            await self._store_redis(request, settings, key, answer)
+            if settings.exact:  # written first: it never waits for the embedding
+                await self.exact.put(request.tenant, request.policy, key, answer,
+                                     settings.ttl_s, settings.max_entries_per_tenant)
+            semantic = self._semantic_inputs(request, settings)
+            if semantic is not None and self.semantic is not None:
+                vector = await asyncio.shield(self._vector_future(key, request, semantic.text))
+                if vector is not None:
+                    await self.semantic.put(request.tenant, request.policy, key,
+                                            semantic.context, semantic.text, vector, answer,
+                                            settings.ttl_s, settings.max_entries_per_tenant)
         except Exception as exc:  # a broken cache skips the write
             self._failed(exc)
         finally:
             self._vectors.pop(key, None)
-
-    async def _store_redis(self, request: CacheRequest, settings: CacheSettings, key: str,
-                           answer: CachedAnswer) -> None:
-        semantic = self._semantic_inputs(request, settings)
-        vector = None
-        if semantic is not None:
-            vector = await asyncio.shield(self._vector_future(key, request, semantic.text))
-        pipe = self.exact.client.pipeline(transaction=False)  # type: ignore[union-attr]
-        if settings.exact:
-            pipe.set(self.exact.keys.exact(request.tenant, request.policy, key),
-                     _dumps(answer), ex=int(settings.ttl_s))
-        if semantic is not None and vector is not None:
-            self.semantic.add(pipe, request.tenant, request.policy, key,  # type: ignore
-                              semantic.context, semantic.text, vector, answer, settings.ttl_s)
-        await self.exact.track(pipe, request.tenant, request.policy, key,  # type: ignore
-                               settings.ttl_s, settings.max_entries_per_tenant)
 
     # ---- helpers ---------------------------------------------------------------------------
 
@@ -251,7 +224,7 @@ class LayeredCache:
                 future.set_result(np.asarray(given, dtype=np.float32))
             else:
                 future = asyncio.ensure_future(
-                    asyncio.to_thread(lambda: cache_vector(self._embedder(), text)))
+                    asyncio.to_thread(lambda: cache_vector(self._embed, text)))
             self._vectors[key] = future
             while len(self._vectors) > PENDING_VECTORS:
                 self._vectors.popitem(last=False)
@@ -285,7 +258,7 @@ class LayeredCache:
 
     async def _flush_counts(self) -> None:
         delta = self.counts - self._flushed
-        if delta and isinstance(self.exact, RedisExactStore):
+        if delta:
             await self.exact.add_counts(dict(delta))
             self._flushed.update(delta)
 
@@ -302,12 +275,6 @@ def _consume(task: asyncio.Task) -> None:
         task.exception()
 
 
-def _dumps(answer: CachedAnswer) -> str:
-    import json
-
-    return json.dumps(answer.to_json())
-
-
 def build_cache(
     redis_url: str | None,
     settings_for: SettingsFor,
@@ -315,14 +282,15 @@ def build_cache(
     prefix: str = "smallfirst",
     semantic: bool = True,
     memory_entries: int = 10_000,
+    embed: Embed | None = None,
 ) -> LayeredCache:
-    """In-process exact cache without Redis; Redis exact (+ semantic) with it."""
+    """In-process exact cache without Redis; Redis exact (+ semantic, with `embed`) with it."""
     if not redis_url:
         return LayeredCache(MemoryExactStore(memory_entries), settings_for)
     from gateway.cache.redis_exact import Keys, connect
 
     client, keys = connect(redis_url), Keys(prefix)
     index = verifier = None
-    if semantic:
+    if semantic and embed is not None:
         index, verifier = SemanticIndex(client, keys), PairVerifier.load()
-    return LayeredCache(RedisExactStore(client, keys), settings_for, index, verifier)
+    return LayeredCache(RedisExactStore(client, keys), settings_for, index, verifier, embed)

@@ -11,7 +11,7 @@ import time
 from collections import OrderedDict
 from typing import Any
 
-from gateway.cache.base import CachedAnswer
+from gateway.types import CachedAnswer
 
 Scope = tuple[str, str]  # (tenant, policy)
 
@@ -77,6 +77,9 @@ class MemoryExactStore:
         return {"backend": "memory", "entries": len(self),
                 "max_entries": self.max_entries,
                 "by_scope": {f"{t}/{p}": len(e) for (t, p), e in self._scopes.items()}}
+
+    async def add_counts(self, counts: dict[str, int]) -> None:
+        return None  # one process: its own counters are the whole story
 
     async def close(self) -> None:
         return None

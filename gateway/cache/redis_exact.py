@@ -20,7 +20,7 @@ import time
 from typing import Any
 from urllib.parse import quote, unquote
 
-from gateway.cache.base import CachedAnswer
+from gateway.types import CachedAnswer
 
 ENTRY_KINDS = ("x", "s")
 
@@ -86,24 +86,7 @@ class RedisExactStore:
         pipe = self.client.pipeline(transaction=False)
         pipe.set(self.keys.exact(tenant, policy, key), json.dumps(answer.to_json()),
                  ex=int(ttl_s))
-        await self.track(pipe, tenant, policy, key, ttl_s, max_per_tenant)
-
-    async def track(self, pipe: Any, tenant: str, policy: str, key: str, ttl_s: float,
-                    max_per_tenant: int) -> None:
-        """Run `pipe` with the entry registered, then evict past the bound."""
-        now = time.time()
-        entries = self.keys.entries(tenant, policy)
-        pipe.zadd(entries, {key: now + ttl_s})
-        pipe.zremrangebyscore(entries, "-inf", now)
-        pipe.expire(entries, int(ttl_s) + 60)
-        pipe.zcard(entries)
-        size = (await pipe.execute())[-1]
-        if size > max_per_tenant:
-            evicted = await self.client.zpopmin(entries, size - max_per_tenant)
-            names = [k for member, _ in evicted
-                     for k in self.keys.of_entry(tenant, policy, _text(member))]
-            if names:
-                await self.client.delete(*names)
+        await track(self.client, self.keys, pipe, tenant, policy, key, ttl_s, max_per_tenant)
 
     async def purge(self, tenant: str, policy: str | None = None) -> int:
         """Delete every entry of a tenant (and policy); returns how many keys went."""
@@ -139,6 +122,24 @@ class RedisExactStore:
 
     async def close(self) -> None:
         await self.client.aclose()
+
+
+async def track(client: Any, keys: Keys, pipe: Any, tenant: str, policy: str, key: str,
+                ttl_s: float, max_per_tenant: int) -> None:
+    """Run `pipe` with the entry registered, then evict past the bound (an entry's exact and
+    semantic keys go together)."""
+    now = time.time()
+    entries = keys.entries(tenant, policy)
+    pipe.zadd(entries, {key: now + ttl_s})
+    pipe.zremrangebyscore(entries, "-inf", now)
+    pipe.expire(entries, int(ttl_s) + 60)
+    pipe.zcard(entries)
+    size = (await pipe.execute())[-1]
+    if size > max_per_tenant:
+        evicted = await client.zpopmin(entries, size - max_per_tenant)
+        names = [k for member, _ in evicted for k in keys.of_entry(tenant, policy, _text(member))]
+        if names:
+            await client.delete(*names)
 
 
 def _text(value: Any) -> str:

@@ -14,11 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from gateway.cache.base import CachedAnswer
 from gateway.cache.fingerprint import tag
-from gateway.cache.redis_exact import Keys
-from gateway.cache.vectors import DIM
+from gateway.cache.redis_exact import Keys, track
 from gateway.config import ConfigError
+from gateway.types import CachedAnswer
+from router import DIM
 
 
 class QueryEngineMissing(ConfigError):
@@ -65,16 +65,19 @@ class SemanticIndex:
             if "already exists" not in str(exc).lower():
                 raise
 
-    def add(self, pipe: Any, tenant: str, policy: str, key: str, context: str, text: str,
-            vector: np.ndarray, answer: CachedAnswer, ttl_s: float) -> None:
-        """Queue the entry's writes on a pipeline (the caller runs it)."""
+    async def put(self, tenant: str, policy: str, key: str, context: str, text: str,
+                  vector: np.ndarray, answer: CachedAnswer, ttl_s: float,
+                  max_per_tenant: int) -> None:
+        """Store an entry, registered with the tenant's others for eviction."""
         name = self.keys.semantic(tenant, policy, key)
+        pipe = self.client.pipeline(transaction=False)
         pipe.hset(name, mapping={
             "tenant": tag(tenant), "policy": tag(policy), "ctx": context,
             "vec": np.asarray(vector, dtype=np.float32).tobytes(),
             "owner": tenant, "text": text, "answer": json.dumps(answer.to_json()),
         })
         pipe.expire(name, int(ttl_s))
+        await track(self.client, self.keys, pipe, tenant, policy, key, ttl_s, max_per_tenant)
 
     async def search(self, tenant: str, policy: str, context: str, vector: np.ndarray,
                      k: int = 3) -> list[Candidate]:

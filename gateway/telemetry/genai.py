@@ -7,6 +7,8 @@ from typing import Any
 
 from opentelemetry.trace import Span, Status, StatusCode
 
+from gateway.types import Assembly
+
 _PROVIDERS = {"hosted_vllm": "vllm", "openai": "openai", "anthropic": "anthropic",
               "azure": "azure.ai.openai", "bedrock": "aws.bedrock", "gemini": "gcp.gemini",
               "vertex_ai": "gcp.vertex_ai", "mistral": "mistral_ai", "groq": "groq"}
@@ -73,3 +75,13 @@ def record_error(span: Span, exc: BaseException) -> None:
     status = getattr(exc, "status", None)
     span.set_attribute("error.type", str(status) if status else type(exc).__name__)
     span.set_status(Status(StatusCode.ERROR, str(exc)[:200]))
+
+
+def finish_answer(answer: Assembly, content: bool) -> None:
+    """Record an assembled answer on its model call's span and end the span."""
+    record_response(
+        answer.span, model=answer.model, response_id=None, finish_reason=answer.finish_reason,
+        usage=answer.usage, ttft_ms=answer.ttft_ms,
+        content="".join(answer.text) if content else None,
+    )
+    answer.span.end()

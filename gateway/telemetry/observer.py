@@ -6,10 +6,10 @@ from collections.abc import Mapping
 
 from opentelemetry.trace import Span, Status, StatusCode
 
-from gateway.engine import Call, Decision, Route
 from gateway.telemetry import access_log
 from gateway.telemetry.budget import BudgetTracker, model_wait_ms, spends
 from gateway.telemetry.metrics import Metrics, Price
+from gateway.types import Call, Decision, Route
 
 FREE = Price(0.0, 0.0)
 

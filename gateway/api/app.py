@@ -7,7 +7,6 @@ import gc
 import json
 import logging
 import re
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -22,9 +21,9 @@ from opentelemetry.trace import SpanKind
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from gateway import sse
-from gateway.auth import Tenant
-from gateway.engine import Call, Decision
+from gateway.api import sse
+from gateway.api.auth import Tenant
+from gateway.api.openai_types import ChatCompletionRequest, CompletionRequest, parse
 from gateway.errors import (
     ClientDisconnected,
     GatewayError,
@@ -33,10 +32,11 @@ from gateway.errors import (
     PayloadTooLarge,
     PermissionDenied,
 )
-from gateway.openai_types import ChatCompletionRequest, CompletionRequest, parse
 from gateway.service import Gateway
+from gateway.shapes import as_text_chunk, as_text_completion
 from gateway.telemetry.tracing import incoming_context
 from gateway.timing import Timings
+from gateway.types import Call, Decision
 
 log = logging.getLogger("smallfirst.http")
 T = TypeVar("T")
@@ -373,24 +373,3 @@ async def _sse(
 async def _close(chunks: Any) -> None:
     if hasattr(chunks, "aclose"):
         await chunks.aclose()
-
-
-def as_text_completion(response: dict[str, Any]) -> dict[str, Any]:
-    choices = [
-        {"index": c.get("index", 0), "text": (c.get("message") or {}).get("content") or "",
-         "logprobs": None, "finish_reason": c.get("finish_reason")}
-        for c in response.get("choices", [])
-    ]
-    return {**response, "id": response["id"].replace("chatcmpl-", "cmpl-", 1),
-            "object": "text_completion", "choices": choices}
-
-
-def as_text_chunk(chunk: dict[str, Any]) -> dict[str, Any]:
-    choices = [
-        {"index": c.get("index", 0), "text": (c.get("delta") or {}).get("content") or "",
-         "logprobs": None, "finish_reason": c.get("finish_reason")}
-        for c in chunk.get("choices", [])
-    ]
-    return {**chunk, "id": chunk["id"].replace("chatcmpl-", "cmpl-", 1),
-            "object": "text_completion", "created": chunk.get("created", int(time.time())),
-            "choices": choices}

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import httpx
 
-from gateway import smallmodel
 from gateway.config import Settings
+from tooling import smallmodel
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 SYSTEM = "You are a concise, helpful assistant."
@@ -65,7 +65,7 @@ def run_demo(port: int, keep_running: bool) -> int:
 async def _serve_and_show(settings: Settings, keep_running: bool) -> None:
     import uvicorn
 
-    from gateway.app import create_app
+    from gateway.api.app import create_app
     from gateway.service import Gateway
 
     app = create_app(Gateway.from_settings(settings))

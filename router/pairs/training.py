@@ -21,8 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from gateway.cache.vectors import Embed, cache_vectors
-from gateway.cache.verifier import (
+from router.pairs.vectors import Embed, cache_vectors
+from router.pairs.verifier import (
     FEATURES,
     MODEL_PATH,
     MONOTONE,

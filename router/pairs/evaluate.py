@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from gateway.cache.training import pair_matrix, read_pairs, row_id
-from gateway.cache.vectors import Embed
-from gateway.cache.verifier import FEATURES, PairVerifier
+from router.pairs.training import pair_matrix, read_pairs, row_id
+from router.pairs.vectors import Embed
+from router.pairs.verifier import FEATURES, PairVerifier
 
 TARGET_FALSE_HITS = 0.01
 TARGET_HITS = 0.5

@@ -5,8 +5,8 @@ turns are matched exactly, through the context hash). A long turn is embedded as
 its head and its tail window, so two prompts sharing a long head but asking different things at
 the end do not embed identically (the model reads only its first 256 tokens).
 
-`Embed` is the one interface the cache needs: texts in, L2-normalised rows out. The default is
-the shared `router.embedding.Embedder` (all-MiniLM-L6-v2, int8 ONNX), loaded once per process.
+`Embed` is the one interface the cache needs: texts in, L2-normalised rows out, e.g. a
+`router.embedding.Embedder` (all-MiniLM-L6-v2, int8 ONNX).
 """
 
 from __future__ import annotations
@@ -21,15 +21,6 @@ DIM = 384
 WINDOW_WORDS = 150  # about 200 word pieces: inside the model's 256-token window
 LONG_WORDS = 180  # longer turns are embedded as head + tail
 BATCH = 64  # texts per model call (padding makes huge batches slow and memory-hungry)
-
-
-
-def default_embed() -> Embed:
-    """The process-wide embedder (loaded on first use; thread-safe), shared with the router's
-    scorers so that one request is embedded once."""
-    from gateway.embedding import shared_embedding
-
-    return shared_embedding()
 
 
 def windows(text: str) -> list[str]:

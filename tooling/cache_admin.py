@@ -94,15 +94,15 @@ def _policy_settings(directory: Path, name: str) -> Any:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from gateway.cache.evaluate import evaluate
-    from gateway.cache.vectors import default_embed
-    from gateway.cache.verifier import PairVerifier
+    from router import Embedder
+    from router.pairs.evaluate import evaluate
+    from router.pairs.verifier import PairVerifier
 
     settings = _policy_settings(args.policies, args.policy)
     plot = args.plot or (args.report.with_suffix(".png") if args.report else
                          Path("cache-eval.png"))
     report = evaluate(
-        args.pairs, default_embed(), PairVerifier.load(),
+        args.pairs, Embedder(), PairVerifier.load(),
         max_false_hit_rate=settings.semantic_max_false_hit_rate,
         threshold=settings.semantic_threshold, min_cosine=settings.semantic_min_cosine,
         include_trained=args.include_trained, plot=plot,
@@ -130,12 +130,12 @@ def _print_report(report: dict[str, Any]) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from gateway.cache.training import DEFAULT_PAIRS, train
-    from gateway.cache.vectors import default_embed
+    from router import Embedder
+    from router.pairs.training import DEFAULT_PAIRS, train
 
     pairs = args.pairs or DEFAULT_PAIRS
     if not pairs.is_file():
         print(f"smallfirst: no labelled pairs at {pairs}", file=sys.stderr)
         return 2
-    print(json.dumps(train(pairs, default_embed(), seed=args.seed), indent=2))
+    print(json.dumps(train(pairs, Embedder(), seed=args.seed), indent=2))
     return 0

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from gateway.cache.canonical import NUMBER_WORDS, UNIT_ALIASES, align_typos, canonical
-from gateway.cache.vectors import Embed, cache_vectors
 from router.models import TreeEnsemble
+from router.pairs.canonical import NUMBER_WORDS, UNIT_ALIASES, align_typos, canonical
+from router.pairs.vectors import Embed, cache_vectors
 
 MODEL_PATH = Path(__file__).parent / "verifier_model" / "verifier.json"
 
