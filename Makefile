@@ -1,15 +1,21 @@
 # The two set-up commands: `make demo` (run the gateway and show it working) and
-# `make test` (the whole test suite). Both install what they need on first use.
+# `make test` (the whole test suite). Both install what they need on first use, from the
+# hashed lock file requirements.lock; `make lock` re-resolves it within pyproject.toml's bounds.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+LOCK := requirements.lock
+UV ?= uv==0.13.9
 
-.PHONY: demo test lint prometheus
+.PHONY: demo test lint prometheus lock
 
-$(BIN)/smallfirst: pyproject.toml
+# The lock pins every dependency (runtime and the dev extra) with its hashes; the project
+# itself goes in editable, without dependencies of its own.
+$(BIN)/smallfirst: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet --require-hashes -r $(LOCK)
+	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 
 demo: $(BIN)/smallfirst
@@ -27,3 +33,13 @@ prometheus:
 
 lint: $(BIN)/smallfirst
 	$(BIN)/ruff check .
+
+# Re-resolve the newest releases within pyproject.toml's bounds (runtime + dev extra, Python
+# 3.11+, every platform; uv is needed only here), write the lock, then run the suite on it.
+lock:
+	test -x $(BIN)/pip || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet '$(UV)'
+	$(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
+	  --generate-hashes --upgrade --no-emit-package smallfirst \
+	  --custom-compile-command 'make lock' --quiet -o $(LOCK)
+	$(MAKE) test
