@@ -21,10 +21,11 @@ MAX_TOKENS = 256
 MODEL_ID = "all-MiniLM-L6-v2-onnx-int8"
 # Names the compact graph's vectors for caches kept on disk (`Embedder.vectors_id`; the packaged
 # graph's are MODEL_ID): within cosine 0.9995 of each other, close enough for a bundle trained
-# on either, but a cache should not mix them.
+# on either, but a cache should not mix them. The compact graph's integer products are exact on
+# every CPU (see `router.minilm_graph`), so this one name holds wherever it runs.
 VECTORS_ID = f"{MODEL_ID}.compact-smoothed"
 TOKENIZER_PATH = Path(__file__).parent / "assets" / "minilm-tokenizer.json"
-# The compact graph must agree with the packaged one on these (lowest seen here: 0.9996).
+# The compact graph must agree with the packaged one on these (lowest seen: 0.9995).
 PROBES = ("How do I convert 5 km to miles?", "def add(a, b):\n    return a + b",
           "Which foods should people with gout avoid, and why?")
 PROBE_MIN_COSINE = 0.998
@@ -108,11 +109,11 @@ class Embedder:
         return self._embed(texts)
 
     def _check_against_packaged(self, options) -> None:
-        """Fall back to the packaged graph when the compact one strays from it on this CPU.
+        """Fall back to the packaged graph when the compact one strays from it here.
 
-        ONNX Runtime's int8 products on x86 CPUs without VNNI may saturate (documented for
-        its u8 x s8 kernels); this machine's cannot be assumed, so a few probe questions are
-        compared once, at load.
+        The compact graph's integer products are exact on every CPU, so this does not happen
+        with the ONNX Runtime it was tested on; the probes guard against a build or version
+        whose kernels differ (with saturating int8 products the probes read 0.9970).
         """
         packaged, _ = _session(options, compact=False)
         ours = np.concatenate([self._embed([text]) for text in PROBES])

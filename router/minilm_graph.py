@@ -6,8 +6,8 @@ float32 at load, so every query multiplies by 42 MB of float weights. For a shor
 small nodes take about a third of the time and the float products the rest. This module reads
 the same weights and lays out the same network with ONNX Runtime's fused CPU operators
 (`MultiHeadAttention`, `SkipLayerNormalization`, `BiasGelu`; Q, K and V in one product) and
-int8 products: about 60 nodes, half the time for a short question (4.3 -> 2.1 ms here) and
-0.6 of it for a long one (256 tokens: 61 -> 36 ms).
+int8 products: about 60 nodes, and less time (a short question: 4.3 -> 2.1 ms on one machine,
+6.9 -> 5.4 ms on an AVX2-only EPYC; 256 tokens: 61 -> 36 ms, 125 -> about 105 ms).
 
 Each layer's post-GELU product is a `MatMulNBits` on the package's own int8 codes and
 per-column scales; it quantizes activations per block of 32 values. The other three (Q/K/V,
@@ -19,12 +19,23 @@ column), with s = range ** SMOOTHING / weight_range ** (1 - SMOOTHING) and the r
 once on sample questions and prompts, committed at `RANGES_PATH` (rebuilt with
 `python -m router.minilm_graph calibrate FILE...`). The post-GELU inputs are too uneven for it.
 
+The integer products are exact on every CPU, so the graph gives one answer everywhere. ONNX
+Runtime's u8 x s8 kernels on x86 CPUs without VNNI multiply with `vpmaddubsw`, which saturates
+a pair's sum at int16 (255 * 127 * 2 > 32767): with int8 weights this graph strayed to cosine
+0.989 on such a CPU. Its `DynamicQuantizeMatMul` weights are therefore uint8 (the int8 code +
+128, zero point 128, lossless), which selects the u8 x u8 kernels: they widen to int16 and sum
+in int32, exactly. `MatMulNBits` (int8 activations, accuracy level 4) is exact as it is.
+`tests/router/test_minilm_exact.py` checks both against integer arithmetic on inputs that
+would saturate.
+
 Vectors stay within cosine 0.9995 (mean; 0.998 at worst over 1,500 questions) of the packaged
 graph's. A shared activation scale makes a row depend on the others in its call (padding
-included), so `Embedder` runs this graph one text at a time. Needs the `onnx` package;
+included), so `Embedder` runs this graph one text at a time. Quantized activations are not
+continuous in the float values before them: where another CPU's float kernels (attention,
+normalization) round differently in the last bit, a vector can move by up to the quantization
+error (a few 1e-3 per component), not only by float rounding. Needs the `onnx` package;
 `Embedder` falls back to the packaged graph when the compact one cannot be built or loaded, or
-strays from it on a few probe questions at load (ONNX Runtime documents that its u8 x s8
-products may saturate on x86 CPUs without VNNI).
+strays from it on a few probe questions at load.
 """
 
 from __future__ import annotations
@@ -224,19 +235,21 @@ class _Builder:
     def _smoothed(self, x: str, weight: _Int8, out: str, bias: np.ndarray | None,
                   ranges: np.ndarray) -> None:
         """(x / s) @ (s * weight) as DynamicQuantizeMatMul, the weight re-quantized to int8
-        with one scale per output column (see the module docstring for s)."""
+        with one scale per output column (see the module docstring for s), stored as uint8
+        codes + 128 with zero point 128 so that ONNX Runtime's exact u8 x u8 kernels run."""
         w = weight.codes.astype(np.float32) * weight.scales[None, :]
         s = np.maximum(ranges, 1e-5) ** SMOOTHING \
             / np.maximum(np.abs(w).max(axis=1), 1e-5) ** (1 - SMOOTHING)
         w *= s[:, None]
         scales = np.abs(w).max(axis=0) / 127.0
-        codes = np.clip(np.round(w / scales), -127, 127).astype(np.int8)
+        codes = np.clip(np.round(w / scales), -127, 127).astype(np.int16)
         self._node("Mul", [x, self._const(out + "_inverse_s", (1.0 / s).astype(np.float32))],
                    [out + "_smoothed"])
-        inputs = [out + "_smoothed", self._const(out + "_codes", codes),
-                  self._const(out + "_scales", scales.astype(np.float32))]
+        inputs = [out + "_smoothed", self._const(out + "_codes", (codes + 128).astype(np.uint8)),
+                  self._const(out + "_scales", scales.astype(np.float32)),
+                  self._const(out + "_zero_point", np.array(128, np.uint8))]
         if bias is not None:
-            inputs += ["", self._const(out + "_bias", bias.astype(np.float32))]
+            inputs += [self._const(out + "_bias", bias.astype(np.float32))]
         self._node("DynamicQuantizeMatMul", inputs, [out], domain="com.microsoft")
 
     def _blockwise(self, x: str, weight: _Int8, out: str, bias: np.ndarray | None) -> None:

@@ -53,11 +53,13 @@ def test_thread_safe(embedder):
 
 
 def test_compact_graph_matches_the_packaged_graph(embedder):
+    import router.embedding
     from router.embedding import Embedder
 
     packaged = Embedder(compact=False)
     texts = ["Convert 5 km to miles", "Is it safe to eat raw eggs while pregnant?",
-             "def add(a, b):\n    return a + b  # explain this code", "word " * 300]
+             "def add(a, b):\n    return a + b  # explain this code", "word " * 300,
+             *router.embedding.PROBES]
     ours, theirs = embedder.embed(texts), packaged.embed(texts)
     cosine = (ours * theirs).sum(axis=1)
     assert cosine.min() > 0.998 and cosine.mean() > 0.999  # the repeated word is the lowest
@@ -101,9 +103,11 @@ def test_activation_ranges_of_another_shape_fall_back_to_the_packaged_graph(
 
 
 def test_vectors_id_names_the_graph_that_runs(embedder):
+    """The compact graph runs on every CPU (its integer products are exact: see
+    test_minilm_exact.py), so the default embedder's vectors carry its name."""
     from router.embedding import MODEL_ID, VECTORS_ID, Embedder
 
-    assert embedder.vectors_id == VECTORS_ID
+    assert embedder.compact and embedder.vectors_id == VECTORS_ID
     assert Embedder(compact=False).vectors_id == MODEL_ID
 
 
