@@ -134,7 +134,7 @@ class TrafficLearner:
 
 def _row(call: Call, frontier_text: str | None, source: str | None,
          verdict: float | None) -> dict[str, Any]:
-    from router import FEATURE_NAMES, agreement, feature_row
+    from router import FEATURE_NAMES, answer_agreement, feature_row
 
     decision, small = call.decision, call.small_answer
     prompt = call.prompt.text if call.prompt else ""
@@ -144,7 +144,7 @@ def _row(call: Call, frontier_text: str | None, source: str | None,
     values = [v if math.isfinite(v) else None for v in features.tolist()]
     label = verdict
     if label is None and frontier_text is not None:
-        label = agreement(small_text, frontier_text)
+        label = answer_agreement(small_text, frontier_text)
     row: dict[str, Any] = {
         "ts": round(time.time(), 3), "request_id": call.request_id, "policy": call.policy.name,
         "route": decision.route.value, "escalation": decision.escalation,

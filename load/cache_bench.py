@@ -184,7 +184,7 @@ def main() -> None:
         }))
         gateway = f"http://127.0.0.1:{gw_port}"
         try:
-            procs.append(start([sys.executable, "-m", "gateway.cli", "serve", "--config",
+            procs.append(start([sys.executable, "-m", "tooling.cli", "serve", "--config",
                                  str(config)], f"{gateway}/healthz"))
             asyncio.run(run(gateway, args))
         finally:

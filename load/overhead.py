@@ -92,7 +92,7 @@ def main() -> None:
             "watch_policies": False,
         }))
         gateway = f"http://127.0.0.1:{gw_port}"
-        procs.append(start([sys.executable, "-m", "gateway.cli", "serve", "--config",
+        procs.append(start([sys.executable, "-m", "tooling.cli", "serve", "--config",
                              str(config)], f"{gateway}/healthz"))
         try:
             asyncio.run(compare(upstream, gateway, args))

@@ -166,7 +166,7 @@ def main() -> None:
                     "auth": "off", "port": port, "watch_policies": False,
                 }))
                 gateways[name] = f"http://127.0.0.1:{port}"
-                procs.append(start([sys.executable, "-m", "gateway.cli", "serve", "--config",
+                procs.append(start([sys.executable, "-m", "tooling.cli", "serve", "--config",
                                      str(config)], f"{gateways[name]}/healthz", env))
                 pids[name] = procs[-1].pid
             if httpx.get(f"{gateways['off']}/metrics").status_code != 404:

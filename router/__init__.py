@@ -7,7 +7,7 @@ traffic features the decision log records, and the cache's `PairVerifier` with t
 compares.
 """
 
-from router.agreement import agreement
+from router.agreement import agreement as answer_agreement
 from router.bundle import BundleError
 from router.embedding import DIM, Embedder
 from router.features import FEATURE_NAMES, feature_row
@@ -17,6 +17,6 @@ from router.serving import DEFAULT_BUNDLE, RouterBundle
 
 __all__ = [
     "DEFAULT_BUNDLE", "DIM", "FEATURE_NAMES", "BundleError", "Embed", "Embedder", "PairDiff",
-    "PairVerifier", "RouterBundle", "VerifierError", "agreement", "cache_vector",
+    "PairVerifier", "RouterBundle", "VerifierError", "answer_agreement", "cache_vector",
     "changed_part_cosines", "feature_row", "windows",
 ]

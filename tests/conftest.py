@@ -114,7 +114,7 @@ class GatewayRunner:
         (run / "config.yaml").write_text(yaml.safe_dump(settings))
         clean_env = {k: "" for k in os.environ if k.startswith("SMALLFIRST_")}
         process = Process(
-            [sys.executable, "-m", "gateway.cli", "serve", "--config", str(run / "config.yaml")],
+            [sys.executable, "-m", "tooling.cli", "serve", "--config", str(run / "config.yaml")],
             run / "gateway.log",
             env={**clean_env, **(env or {})},
         )

@@ -111,7 +111,7 @@ def test_cli_stats_and_purge(cached_gateway: str) -> None:
     import sys
 
     config = CONFIGS[cached_gateway]
-    run = [sys.executable, "-m", "gateway.cli", "cache"]
+    run = [sys.executable, "-m", "tooling.cli", "cache"]
     stats = json.loads(subprocess.run([*run, "stats", "--config", str(config)], check=True,
                                       capture_output=True, text=True).stdout)
     assert stats["entries"] >= 1 and "acme/auto" in stats["entries_by_scope"]

@@ -221,7 +221,7 @@ def test_held_out_fixture_meets_the_safety_target(tmp_path: Path) -> None:
 
 
 def test_cli_eval_writes_the_report(tmp_path: Path) -> None:
-    from gateway.cli import main
+    from tooling.cli import main
 
     report = tmp_path / "eval.json"
     assert main(["cache", "eval", "--pairs", str(FIXTURE), "--report", str(report)]) == 0

@@ -487,7 +487,7 @@ def test_budget_flags_the_component_a_slow_upstream_overspends(gateway: str) -> 
     assert report["over"] == ["escalation"]
 
     env = {**os.environ, "SMALLFIRST_API_KEY": ""}
-    cli = [sys.executable, "-m", "gateway.cli", "budget", "--url", gateway]
+    cli = [sys.executable, "-m", "tooling.cli", "budget", "--url", gateway]
     as_json = subprocess.run([*cli, "--json"], capture_output=True, text=True, env=env,
                              cwd=ROOT, check=True)
     assert json.loads(as_json.stdout)["tight"]["over"] == ["escalation"]
@@ -501,6 +501,6 @@ def test_budget_flags_the_component_a_slow_upstream_overspends(gateway: str) -> 
 
 def test_budget_cli_reports_a_missing_gateway() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "gateway.cli", "budget", "--url",
+        [sys.executable, "-m", "tooling.cli", "budget", "--url",
          f"http://127.0.0.1:{free_port()}"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 1 and "cannot reach" in result.stderr

@@ -14,14 +14,15 @@ from typing import Any
 import pytest
 import yaml
 
-from gateway import cli, retry
+from gateway import retry
 from gateway.api.auth import KeyStore, OpenAccess, hash_key, is_loopback
 from gateway.api.openai_types import ChatCompletionRequest, CompletionRequest, parse
-from gateway.cli import main, policy_schema
 from gateway.config import ConfigError, RetryConfig, Settings, load_settings
 from gateway.errors import AuthenticationError, InvalidRequest, RateLimited
 from gateway.policy_store import PolicyError, PolicyStore, load_policy_dir, load_policy_file
 from gateway.retry import Backoff, call_with_retry
+from tooling import cli
+from tooling.cli import main, policy_schema
 
 ROOT = Path(__file__).resolve().parent.parent
 POLICIES = ROOT / "policies"
