@@ -12,8 +12,9 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import aclosing
 from dataclasses import replace
-from typing import Any
+from typing import Any, TypeVar
 
 from opentelemetry import trace
 from opentelemetry.trace import Span
@@ -51,6 +52,7 @@ from gateway.types import (
 )
 
 log = logging.getLogger("smallfirst.engine")
+T = TypeVar("T")
 
 
 SHADOW_TIMEOUT_S = 60.0
@@ -115,9 +117,7 @@ class CascadeEngine:
         if hit is not None:
             return replay_response(hit.answer, call.completion_id), decision
         response = await self._complete_uncached(call, decision)
-        if decision.note is None:
-            self._remember(call, cached_from_response(response))
-        self._learn(call)
+        self._answered(call, cached_from_response(response) if decision.note is None else None)
         return response, decision
 
     async def _complete_uncached(self, call: Call, decision: Decision) -> dict[str, Any]:
@@ -127,26 +127,10 @@ class CascadeEngine:
                 await self._run_small(call, decision, small, holdback=False)
                 return self._small_response(call, small)
             except Escalate as esc:
-                return await self._escalate_complete(call, decision, esc, small)
+                return await self._escalate(
+                    call, decision, esc, small, lambda: self._frontier_complete(call),
+                    lambda: self._small_response(call, small))
         return await self._frontier_complete(call)
-
-    async def _escalate_complete(
-        self, call: Call, decision: Decision, esc: Escalate, small: Assembly
-    ) -> dict[str, Any]:
-        usable = esc.failure is None and small.finish_reason is not None
-        if not self.frontiers:
-            if usable:
-                decision.note = "frontier_unavailable"
-                return self._small_response(call, small)
-            raise to_gateway_error(esc.failure or BackendFailure(self.small.name, esc.reason))
-        decision.route, decision.escalation = Route.ESCALATED, esc.reason
-        try:
-            return await self._frontier_complete(call)
-        except GatewayError:
-            if not usable:
-                raise
-            decision.route, decision.note = Route.SMALL, "frontier_failed"
-            return self._small_response(call, small)
 
     async def _frontier_complete(self, call: Call) -> dict[str, Any]:
         timeout = call.policy.latency_budget.escalation / 1000
@@ -210,7 +194,10 @@ class CascadeEngine:
                     call, decision, small, holdback=mode != StreamMode.BUFFER
                 )
             except Escalate as esc:
-                return await self._escalate_stream(call, decision, esc, small), decision
+                chunks = await self._escalate(
+                    call, decision, esc, small, lambda: self._frontier_stream(call),
+                    lambda: self._small_chunks(call, small, None, store=False))
+                return chunks, decision
             return self._small_chunks(call, small, rest, store=True), decision
         return await self._frontier_stream(call), decision
 
@@ -220,24 +207,6 @@ class CascadeEngine:
         if call.include_usage:
             yield self._usage_chunk(call, hit.answer.model, Usage())
 
-    async def _escalate_stream(
-        self, call: Call, decision: Decision, esc: Escalate, small: Assembly
-    ) -> AsyncIterator[dict[str, Any]]:
-        usable = esc.failure is None and small.finish_reason is not None
-        if not self.frontiers:
-            if usable:
-                decision.note = "frontier_unavailable"
-                return self._small_chunks(call, small, None, store=False)
-            raise to_gateway_error(esc.failure or BackendFailure(self.small.name, esc.reason))
-        decision.route, decision.escalation = Route.ESCALATED, esc.reason
-        try:
-            return await self._frontier_stream(call)
-        except GatewayError:
-            if not usable:
-                raise
-            decision.route, decision.note = Route.SMALL, "frontier_failed"
-            return self._small_chunks(call, small, None, store=False)
-
     async def _small_chunks(
         self,
         call: Call,
@@ -246,25 +215,21 @@ class CascadeEngine:
         *,
         store: bool,
     ) -> AsyncIterator[dict[str, Any]]:
-        for chunk in small.chunks:
-            yield self._outgoing(call, chunk)
-        if rest is not None:
-            gap = call.policy.latency_budget.small_ttft / 1000
-            try:
-                async for chunk in _with_gap_deadline(rest, gap):
-                    small.absorb(chunk)
-                    if chunk.get("choices"):
-                        yield self._outgoing(call, chunk)
-            except (BackendFailure, TimeoutError) as exc:
-                genai.record_error(small.span, exc)
-                raise _midstream_error(self.small.name, exc) from exc
-            finally:
+        try:
+            for chunk in small.chunks:
+                yield self._outgoing(call, chunk)
+            if rest is not None:
+                gap = call.policy.latency_budget.small_ttft / 1000
+                async with aclosing(self._relay(call, small, rest, gap, self.small.name)) as out:
+                    async for chunk in out:
+                        yield chunk
+        finally:
+            if rest is not None:  # also when the client left before the held part was sent
                 await _aclose(rest)
                 self._small_done(call, small)
+        if rest is not None:
             call.usage.add(small.usage, self.small.name)
-        if store:
-            self._remember(call, small.cached(self.small.name))
-        self._learn(call)
+        self._answered(call, small.cached(self.small.name) if store else None)
         if call.include_usage:
             yield self._usage_chunk(call, small.model or self.small.name, call.usage)
 
@@ -304,23 +269,36 @@ class CascadeEngine:
         try:
             if first.get("choices"):
                 yield self._outgoing(call, first, model)
+            async with aclosing(self._relay(call, answer, chunks, gap, backend.name,
+                                            model)) as out:
+                async for chunk in out:
+                    yield chunk
+        finally:
+            await _aclose(chunks)
+            call.timings.add("frontier", (time.monotonic() - answer.started) * 1000)
+            genai.finish_answer(answer, call.policy.telemetry.record_content)
+        call.usage.add(answer.usage, backend.name)
+        call.frontier_model, call.frontier_text = model, "".join(answer.text)
+        self._answered(call, answer.cached(model))
+        if call.include_usage:
+            yield self._usage_chunk(call, model, call.usage)
+
+    async def _relay(
+        self, call: Call, answer: Assembly, chunks: AsyncIterator[dict[str, Any]], gap: float,
+        backend: str, model: str | None = None,
+    ) -> AsyncIterator[dict[str, Any]]:
+        """A model's remaining chunks, assembled into `answer` and passed on; a stall past
+        `gap` or a failure after the first byte becomes an in-band error."""
+        try:
             async for chunk in _with_gap_deadline(chunks, gap):
                 answer.absorb(chunk)
                 if chunk.get("choices"):
                     yield self._outgoing(call, chunk, model)
         except (BackendFailure, TimeoutError) as exc:
             genai.record_error(answer.span, exc)
-            raise _midstream_error(backend.name, exc) from exc
+            raise _midstream_error(backend, exc) from exc
         finally:
             await _aclose(chunks)
-            call.timings.add("frontier", (time.monotonic() - answer.started) * 1000)
-            genai.finish_answer(answer, call.policy.telemetry.record_content)
-        call.usage.add(answer.usage, backend.name)
-        self._remember(call, answer.cached(model))
-        call.frontier_model, call.frontier_text = model, "".join(answer.text)
-        self._learn(call)
-        if call.include_usage:
-            yield self._usage_chunk(call, model, call.usage)
 
     def _outgoing(
         self, call: Call, chunk: dict[str, Any], model: str | None = None
@@ -346,6 +324,25 @@ class CascadeEngine:
 
     # ---- shared steps -------------------------------------------------------------------
 
+    async def _escalate(self, call: Call, decision: Decision, esc: Escalate, small: Assembly,
+                        frontier: Callable[[], Awaitable[T]], small_answer: Callable[[], T]) -> T:
+        """After the small attempt failed to satisfy: the frontier's answer, or the small one
+        when no frontier can give one and the small answer is complete."""
+        usable = esc.failure is None and small.finish_reason is not None
+        if not self.frontiers:
+            if usable:
+                decision.note = "frontier_unavailable"
+                return small_answer()
+            raise to_gateway_error(esc.failure or BackendFailure(self.small.name, esc.reason))
+        decision.route, decision.escalation = Route.ESCALATED, esc.reason
+        try:
+            return await frontier()
+        except GatewayError:
+            if not usable:
+                raise
+            decision.route, decision.note = Route.SMALL, "frontier_failed"
+            return small_answer()
+
     async def _lookup(self, call: Call, decision: Decision) -> CacheHit | None:
         if self.cache is None or not call.read_cache or not call.cacheable:
             return None
@@ -356,10 +353,6 @@ class CascadeEngine:
             decision.route = Route.CACHE_EXACT if hit.kind == "exact" else Route.CACHE_SEMANTIC
             call.served_from_cache = hit.answer.usage
         return hit
-
-    def _learn(self, call: Call) -> None:
-        if self.learner is not None:
-            self.learner.observe(call)
 
     async def ask_frontier(self, params: dict[str, Any]) -> tuple[str, str]:
         """One answer from the first frontier that gives one (for shadow calls): model, text."""
@@ -374,8 +367,11 @@ class CascadeEngine:
             return response.get("model") or backend.name, message.get("content") or ""
         raise last or UpstreamError("No frontier model is configured.")
 
-    def _remember(self, call: Call, answer: CachedAnswer | None) -> None:
-        """Write a complete answer to the cache after the response, off the request path."""
+    def _answered(self, call: Call, answer: CachedAnswer | None) -> None:
+        """The end of every answer, streamed or not: the traffic learner sees it, and a complete
+        answer the policy stands behind (`answer`) is cached, off the request path."""
+        if self.learner is not None:
+            self.learner.observe(call)
         if answer is None or self.cache is None or not call.write_cache or not call.cacheable:
             return
         task = asyncio.create_task(self.cache.store(call.cache_request(), answer))
