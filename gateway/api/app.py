@@ -16,13 +16,12 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from opentelemetry import context as otel_context
-from opentelemetry import trace
-from opentelemetry.trace import SpanKind
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.api import sse
 from gateway.api.auth import Tenant
+from gateway.api.lifecycle import RequestLife
 from gateway.api.openai_types import ChatCompletionRequest, CompletionRequest, parse
 from gateway.errors import (
     ClientDisconnected,
@@ -34,7 +33,6 @@ from gateway.errors import (
 )
 from gateway.service import Gateway
 from gateway.shapes import as_text_chunk, as_text_completion
-from gateway.telemetry.tracing import incoming_context
 from gateway.timing import Timings
 from gateway.types import Call, Decision
 
@@ -254,21 +252,9 @@ def _install_routes(app: FastAPI, gateway: Gateway) -> None:
         return JSONResponse(gateway.policies.status(), status_code=200 if ok else 422)
 
 
-def _request_timings(request: Request, gateway: Gateway) -> Timings:
-    """The request's timings and, when tracing, its server span (child of a `traceparent`)."""
-    timings = Timings(gateway.tracer)
-    if gateway.tracer is not None:
-        span = gateway.tracer.start_span(
-            f"POST {request.url.path}", context=incoming_context(request.headers),
-            kind=SpanKind.SERVER,
-            attributes={"http.request.method": "POST", "url.path": request.url.path},
-        )
-        timings.root_span, timings.parent = span, trace.set_span_in_context(span)
-    return timings
-
-
 async def _handle(request: Request, gateway: Gateway, *, legacy: bool) -> Response:
-    timings = _request_timings(request, gateway)
+    life = RequestLife(request, gateway)
+    timings = life.timings
     token = otel_context.attach(timings.parent) if timings.parent is not None else None
     try:
         with timings.measure("auth"):
@@ -276,11 +262,12 @@ async def _handle(request: Request, gateway: Gateway, *, legacy: bool) -> Respon
         raw = await read_json(request)
         body = parse(CompletionRequest, raw).as_chat() if legacy else parse(
             ChatCompletionRequest, raw)
-        return await _serve(request, gateway, body, timings, tenant.name, legacy=legacy)
+        return await _serve(request, gateway, body, life, tenant.name, legacy=legacy)
     except GatewayError as exc:
-        if timings.root_span is not None and timings.root_span.is_recording():
-            timings.root_span.set_attribute("http.response.status_code", exc.status_code)
-            timings.root_span.end()
+        life.end(exc.status_code, error=exc.code or exc.error_type)
+        raise
+    except BaseException:
+        life.end(500, error="internal")
         raise
     finally:
         if token is not None:
@@ -291,11 +278,12 @@ async def _serve(
     request: Request,
     gateway: Gateway,
     body: ChatCompletionRequest,
-    timings: Timings,
+    life: RequestLife,
     tenant: str,
     *,
     legacy: bool,
 ) -> Response:
+    timings = life.timings
     with timings.measure("policy"):
         policy, direct = gateway.resolve(body.model, request.headers.get("x-smallfirst-policy"))
     cache_control = request.headers.get("cache-control", "").lower()
@@ -310,47 +298,33 @@ async def _serve(
         write_cache="no-store" not in cache_control,
         timings=timings,
     )
-    gateway.begin()
-    try:
-        if not body.stream:
-            response, decision = await until_disconnect(request, gateway.engine.complete(call))
-            if legacy:
-                response = as_text_completion(response)
-            timings.mark_first_byte()
-            headers = decision_headers(decision, timings)
-            gateway.finish(call, decision, 200, stream=False, tenant=tenant)
-            return JSONResponse(response, headers=headers)
-        chunks, decision = await until_disconnect(request, gateway.engine.stream(call))
-    except GatewayError as exc:
-        # The engine's decision so far (call.decision) labels the failure with its route.
-        gateway.finish(call, call.decision, exc.status_code, stream=body.stream, tenant=tenant,
-                       error=exc.code or exc.error_type)
-        timings.root_span = None
-        raise
-    except BaseException:
-        gateway.finish(call, call.decision, 500, stream=body.stream, tenant=tenant,
-                       error="internal")
-        timings.root_span = None
-        raise
+    life.admit(call, stream=body.stream)
+    if not body.stream:
+        response, decision = await until_disconnect(request, gateway.engine.complete(call))
+        if legacy:
+            response = as_text_completion(response)
+        timings.mark_first_byte()
+        headers = decision_headers(decision, timings)
+        life.end(200, decision)
+        return JSONResponse(response, headers=headers)
+    chunks, decision = await until_disconnect(request, gateway.engine.stream(call))
     return StreamingResponse(
-        _sse(gateway, call, decision, tenant, chunks, legacy),
+        _sse(life, decision, chunks, legacy),
         media_type="text/event-stream",
         headers={**decision_headers(decision, timings), "cache-control": "no-cache"},
     )
 
 
 async def _sse(
-    gateway: Gateway,
-    call: Call,
+    life: RequestLife,
     decision: Decision,
-    tenant: str,
     chunks: AsyncIterator[dict[str, Any]],
     legacy: bool,
 ) -> AsyncIterator[bytes]:
     status, error = 200, None
     try:
         async for chunk in chunks:
-            call.timings.mark_first_byte()
+            life.timings.mark_first_byte()
             yield sse.event(as_text_chunk(chunk) if legacy else chunk)
         yield sse.DONE
     except GatewayError as exc:
@@ -367,7 +341,7 @@ async def _sse(
         try:
             await _close(chunks)
         finally:
-            gateway.finish(call, decision, status, stream=True, tenant=tenant, error=error)
+            life.end(status, decision, error)
 
 
 async def _close(chunks: Any) -> None:
