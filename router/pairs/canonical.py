@@ -5,7 +5,8 @@ October 2025", "C sharp" and "C#", "How much is 5 EUR in USD?" and "5 euros to U
 ask the same thing; the verifier should see the same tokens and keep its vetoes for real
 differences (another unit, another date). Canonical names are lower case, so they never
 look like a named entity. Typos in the new question are aligned
-with the cached one's words first, so "Siwss feancs" still reads as "Swiss francs".
+with the cached one's words first, so "Siwss feancs" still reads as "Swiss francs"; place
+names never are ("Iraq" is not a typo of "Iran", nor "Slovakia" of "Slovenia").
 """
 
 from __future__ import annotations
@@ -130,6 +131,26 @@ LANGUAGE_ALIASES: dict[str, tuple[str, ...]] = {
     "javascript": ("js",),
     "objc": ("objective-c", "objective c"),
 }
+# Countries by their words (lower case, as `canonical` leaves them), so a name written in
+# lower case or opening a sentence is still a name: "iraq" is never a typo of "iran". Left out:
+# words that are as often something else (turkey, chad, guinea, china, jordan, georgia).
+COUNTRIES = frozenset("""
+afghanistan albania algeria andorra angola antigua argentina armenia australia austria
+azerbaijan bahamas bahrain bangladesh barbados belarus belgium belize benin bhutan bolivia
+bosnia botswana brazil brunei bulgaria burkina burundi cambodia cameroon canada chile
+colombia comoros congo croatia cuba cyprus czechia denmark djibouti dominica ecuador egypt
+eritrea estonia eswatini ethiopia fiji finland france gabon gambia germany ghana greece
+grenada guatemala guyana haiti honduras hungary iceland india indonesia iran iraq ireland
+israel italy jamaica japan kazakhstan kenya kiribati korea kosovo kuwait kyrgyzstan laos
+latvia lebanon lesotho liberia libya liechtenstein lithuania luxembourg madagascar malawi
+malaysia maldives mali malta mauritania mauritius mexico micronesia moldova monaco mongolia
+montenegro morocco mozambique myanmar namibia nauru nepal netherlands nicaragua niger
+nigeria norway oman pakistan palau palestine panama paraguay peru philippines poland
+portugal qatar romania russia rwanda samoa senegal serbia seychelles singapore slovakia
+slovenia somalia spain sudan suriname sweden switzerland syria taiwan tajikistan tanzania
+thailand togo tonga trinidad tunisia turkmenistan tuvalu uganda ukraine uruguay uzbekistan
+vanuatu vatican venezuela vietnam yemen zambia zimbabwe uk usa uae
+""".split())
 SMALL_NUMBERS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen "
                  "fourteen fifteen sixteen seventeen eighteen nineteen twenty").split()
 # Number words the verifier reads as digits.
@@ -222,12 +243,16 @@ def _month_number(name: str) -> int:
 
 
 _WORD = re.compile(r"[A-Za-z]{4,}")
+# Place names (countries and their other names): one is never a typo of another.
+PLACES = COUNTRIES | frozenset(
+    alias for aliases in PLACE_ALIASES.values() for alias in aliases if _WORD.fullmatch(alias))
 
 
 def align_typos(cached: str, new: str, is_variant: Callable[[str, str], bool]
                 ) -> tuple[str, int]:
     """`new` with each word that is a spelling variant of a word of `cached` (and not a word
-    `cached` has) replaced by that word, and how many were replaced."""
+    `cached` has) replaced by that word, and how many were replaced. Two place names are
+    never aligned ("Iraq" / "Iran", "Slovakia" / "Slovenia", "Zambia" / "Gambia")."""
     words = {w.lower() for w in _WORD.findall(cached)}
     new_words = {w.lower() for w in _WORD.findall(new)}
     candidates = sorted(words - new_words)
@@ -235,7 +260,7 @@ def align_typos(cached: str, new: str, is_variant: Callable[[str, str], bool]
     for word in sorted(new_words - words):
         best = max(candidates, key=lambda w: difflib.SequenceMatcher(None, word, w).ratio(),
                    default=None)
-        if best is not None and is_variant(word, best):
+        if best is not None and not {word, best} <= PLACES and is_variant(word, best):
             fixes[word] = best
             candidates.remove(best)
     if not fixes:

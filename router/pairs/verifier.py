@@ -3,10 +3,10 @@
 Cosine similarity alone cannot tell "5 km" from "50 km", "ascending" from "descending" or two
 long prompts that differ in one detail. The verifier looks at what differs between the cached
 question and the new one (numbers, negations, opposite words, units, entities, programming
-languages, which words changed and where, the embedding of the changed parts) and a small
-gradient-boosted model turns those features into the probability that the cached answer is
-right for the new question. Its threshold comes from a target false-hit rate, through a
-calibration table measured on families the model was not fitted on.
+languages, two things trading places, which words changed and where, the embedding of the
+changed parts) and a small gradient-boosted model turns those features into the probability
+that the cached answer is right for the new question. Its threshold comes from a target
+false-hit rate, through a calibration table measured on families the model was not fitted on.
 
 The model ships as JSON (trees and calibration, with a SHA-256 of its content): no pickle is
 ever loaded. `features` is the one code path used both in training and when serving.
@@ -19,6 +19,7 @@ import hashlib
 import json
 import re
 import unicodedata
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
@@ -28,7 +29,13 @@ from typing import Any
 import numpy as np
 
 from router.models import TreeEnsemble
-from router.pairs.canonical import NUMBER_WORDS, UNIT_ALIASES, align_typos, canonical
+from router.pairs.canonical import (
+    COUNTRIES,
+    NUMBER_WORDS,
+    UNIT_ALIASES,
+    align_typos,
+    canonical,
+)
 from router.pairs.vectors import Embed, cache_vectors
 
 MODEL_PATH = Path(__file__).parent / "verifier_model" / "verifier.json"
@@ -42,12 +49,15 @@ FEATURES = [
     "languages_changed", "wh_changed", "len_ratio", "log_len", "diff_ops", "diff_span",
     "first_diff", "last_diff", "one_side_empty", "last_line_changed", "inserted_content",
     "context_changed",
+    # Veto only, after the model's columns: the shipped trees index columns by position and
+    # never split on it (vetoed rows are left out of training), so it needs no retraining.
+    "swapped_roles",
 ]
 # A difference of these kinds changes the answer whatever the model says: rejected outright.
 VETOES = [
     "numbers_changed", "numbers_reordered", "negation_flip", "opposites", "direction_changes",
     "units_changed", "quantities_changed", "unit_order_changed", "months_changed",
-    "entities_changed", "languages_changed", "context_changed",
+    "entities_changed", "languages_changed", "context_changed", "swapped_roles",
 ]
 # The probability may only fall as these grow (+1: only rise); keeps the model sane on
 # families it never saw.
@@ -156,12 +166,19 @@ def _content(words: list[str]) -> list[str]:
 
 
 def _entities(text: str) -> set[str]:
-    """Capitalised words that do not open a sentence or a line (names, places, products)."""
+    """Capitalised words that do not open a sentence or a line (names, places, products), and
+    countries wherever they stand ("capital of iran")."""
     found = set()
     for sentence in _SENTENCE_END.split(text):
         words = _NAME.findall(sentence)
         found |= {w.lower() for w in words[1:] if w[0].isupper()}
+    found |= {w.lower() for w in _NAME.findall(text)} & COUNTRIES
     return found - STOPWORDS
+
+
+def _bare(words: set[str]) -> set[str]:
+    """The words without a possessive ending ("iran's" -> "iran")."""
+    return {w[:-2] if w.endswith("'s") else w for w in words}
 
 
 def _stem(word: str) -> str:
@@ -275,6 +292,116 @@ def _role_changes(ta: list[str], tb: list[str], named: set[str]) -> tuple[int, i
     return len(changed), direction
 
 
+# Words that join two things without ordering them ("A and B", "A or B", "A vs B"; a comma
+# or slash reads as "and"), and words that make the relation itself symmetric ("is A the same
+# as B", "how does A differ from B", "compare A with B").
+COORDINATORS = frozenset("and or nor vs versus v".split())
+SYMMETRIC = frozenset("""
+same similar similarity similarities equal equals equivalent identical alike different
+difference differences differ differs compare comparing comparison related
+""".split())
+# Words that give the two sides of a relation different roles ("A than B", "A to B", "A of B").
+RELATIONS = (ROLE_WORDS - COORDINATORS) | frozenset("""
+of before after over under above below with for on at against toward towards without
+""".split())
+_ARTICLES = frozenset({"the", "a", "an"})
+_MARKS = re.compile(r"(?<!\d),|,(?!\d)|[/&;]")
+_MAX_SWAP_CHANGES = 2  # content words one side has and the other lacks, at most (both sides)
+_MAX_SWAP_SPAN = 30  # shared content words between the first and the last out of order
+_MAX_SWAP_LEFT = 3  # tokens of either side still unaligned once the two runs are exchanged
+
+
+def _marked(text: str) -> list[str]:
+    """`tokens`, with a comma, slash, ampersand or semicolon read as "and", without articles
+    ("an elephant" / "a hippo") or possessive endings ("the seller's agent")."""
+    return [w[:-2] if w.endswith("'s") else w for w in tokens(_MARKS.sub(" and ", text))
+            if w not in _ARTICLES]
+
+
+def _matched(a: list[str], b: list[str]) -> int:
+    """Tokens in the longest-common-block alignment of `a` and `b`."""
+    blocks = difflib.SequenceMatcher(None, a, b, autojunk=False).get_matching_blocks()
+    return sum(block.size for block in blocks)
+
+
+def _kind(word: str) -> str:
+    """What a word stands for, as far as trading places goes: a number, a unit or a thing."""
+    if _is_number(word):
+        return "number"
+    return "unit" if word in UNITS else "thing"
+
+
+def _swapped_roles(text_a: str, text_b: str) -> int:
+    """1 when two things trade places across a relation that is not symmetric ("Is A older
+    than B?" / "Is B older than A?", "the time in Tokyo when it is noon in New York" / "...
+    in New York when ... in Tokyo", "all squares rectangles" / "all rectangles squares").
+
+    The two questions must have the same content words (but for `_MAX_SWAP_CHANGES`), and
+    those they share must come in the same order once two runs of them of the same kinds are
+    exchanged, with the same words between them on both sides ("issues with social justice" /
+    "social justice issues" has not). The exchange must also make the whole new question line
+    up with the cached one better than it does, and all but a few tokens (`_MAX_SWAP_LEFT`):
+    a moved clause ("In Python, how ...?" / "How ... in Python?") keeps its neighbours and
+    does not. Nor do two things trading places in "A and B", "A vs B", "between A and B" or
+    "is A the same as B" (`_symmetric`).
+    """
+    ma, mb = _marked(text_a), _marked(text_b)
+    ca, cb = Counter(_content(ma)), Counter(_content(mb))
+    if sum(((ca - cb) + (cb - ca)).values()) > _MAX_SWAP_CHANGES:
+        return 0
+    shared = {w for w in ca & cb if w not in COORDINATORS | SYMMETRIC}
+    at_a = [i for i, w in enumerate(ma) if w in shared]
+    order_a = [ma[i] for i in at_a]
+    at_b = [j for j, w in enumerate(mb) if w in shared]
+    order_b = [mb[j] for j in at_b]
+    if order_a == order_b or len(order_a) != len(order_b):
+        return 0
+    start = next(k for k, (x, y) in enumerate(zip(order_a, order_b, strict=True)) if x != y)
+    end = len(order_a) - next(k for k, (x, y) in enumerate(
+        zip(order_a[::-1], order_b[::-1], strict=True)) if x != y)
+    run_a, run_b = order_a[start:end], order_b[start:end]
+    if len(run_a) > _MAX_SWAP_SPAN:
+        return 0
+    n = len(run_a)
+    for first in range(1, n):
+        for last in range(1, n - first + 1):
+            x, middle, y = run_a[:first], run_a[first:n - last], run_a[n - last:]
+            if (run_b != y + middle + x
+                    or {_kind(w) for w in x} != {_kind(w) for w in y}):
+                continue
+            # the token spans of y and x in the new question (y first), and what joins them
+            y0, y1 = at_b[start], at_b[start + last - 1] + 1
+            x0, x1 = at_b[start + n - first], at_b[start + n - 1] + 1
+            joined_a = ma[at_a[start + first - 1] + 1:at_a[start + n - last]]
+            if _bare_gap(mb[y1:x0]) != _bare_gap(joined_a):  # "issues with X" / "X issues"
+                continue
+            back = mb[:y0] + mb[x0:x1] + mb[y1:x0] + mb[y0:y1] + mb[x1:]
+            matched = _matched(ma, back)
+            if (matched > _matched(ma, mb) and len(ma) + len(mb) - 2 * matched <= _MAX_SWAP_LEFT
+                    and not _symmetric(mb, y0, y1, x0)):
+                return 1
+    return 0
+
+
+def _bare_gap(words: list[str]) -> list[str]:
+    """The words between two things, but single letters ("World War I")."""
+    return [w for w in words if len(w) > 1]
+
+
+def _symmetric(words: list[str], first: int, gap_start: int, gap_end: int) -> bool:
+    """Whether the thing starting at `words[first]` and the one after `words[gap_start:
+    gap_end]` are joined by a symmetric relation: a coordinator or a symmetric word between
+    them (or a symmetric word right before the first: "compare A with B"), and no relation
+    word between them but one right after a symmetric word ("similar to", "same as")."""
+    gap = words[gap_start:gap_end]
+    before = words[max(0, first - 1):first]
+    if not any(w in COORDINATORS | SYMMETRIC for w in gap + before):
+        return False
+    joined = before + gap
+    return all(w not in RELATIONS or (k > 0 and joined[k - 1] in SYMMETRIC)
+               for k, w in enumerate(joined) if k >= len(before))
+
+
 def _last_line(text: str) -> list[str]:
     lines = [line for line in text.strip().splitlines() if line.strip()]
     return _content(tokens(lines[-1])) if lines else []
@@ -354,7 +481,9 @@ def features_of(diff: PairDiff, cosine: float, diff_cosine: float) -> np.ndarray
     rest_a, rest_b = set(_content(list(set(only_a) - sb))), set(_content(list(set(only_b) - sa)))
     nums_a = [t for t in ta if _is_number(t)]
     nums_b = [t for t in tb if _is_number(t)]
-    entities = (_entities(a) - sb) | (_entities(b) - sa)
+    # "Iran's" names Iran: a name is compared without its possessive
+    bare_a, bare_b = _bare(sa), _bare(sb)
+    entities = (_entities(a) - bare_b) | (_entities(b) - bare_a)
     named = UNITS | LANGUAGES | _entities(a) | _entities(b)
     roles, direction = _role_changes(ta, tb, named)
     (pairs_a, order_a), (pairs_b, order_b) = _quantities(ta), _quantities(tb)
@@ -385,7 +514,7 @@ def features_of(diff: PairDiff, cosine: float, diff_cosine: float) -> np.ndarray
         "unit_order_changed": float(set(order_a) == set(order_b) and order_a != order_b
                                     and not (pairs_a and sorted(pairs_a) == sorted(pairs_b))),
         "months_changed": len((sa ^ sb) & MONTHS),
-        "entities_changed": len(entities & (rest_a | rest_b)),
+        "entities_changed": len(entities & _bare(rest_a | rest_b)),
         "languages_changed": float((sa & LANGUAGES) != (sb & LANGUAGES)),
         "wh_changed": float((sa & WH_WORDS) != (sb & WH_WORDS)),
         "len_ratio": min(len(a), len(b)) / max(len(a), len(b), 1),
@@ -398,6 +527,7 @@ def features_of(diff: PairDiff, cosine: float, diff_cosine: float) -> np.ndarray
         "last_line_changed": float(_last_line(a) != _last_line(b)),
         "inserted_content": len(_content(diff.inserted())),
         "context_changed": float(_context_changed(a, b)),
+        "swapped_roles": _swapped_roles(a, b),
     }
     return np.array([values[name] for name in FEATURES], dtype=np.float64)
 
@@ -468,7 +598,10 @@ class PairVerifier:
     """Gradient-boosted trees over `features`, loaded from JSON, with a calibration table."""
 
     def __init__(self, data: dict[str, Any]) -> None:
-        if data.get("features") != FEATURES:
+        trained_on = data.get("features") or []
+        # a model fitted before a veto-only column was added reads the columns it knows
+        if trained_on != FEATURES[:len(trained_on)] or not set(FEATURES[len(trained_on):]) <= \
+                set(VETOES) - set(MONOTONE):
             raise VerifierError("the verifier was trained on another feature set; rebuild it")
         self.data = data
         self.trees = _ensemble(data["trees"], float(data["init"]), float(data["learning_rate"]))
