@@ -22,6 +22,7 @@ from opentelemetry.trace import Span
 from gateway.backends import Backend, BackendFailure
 from gateway.cache.base import ResponseCache
 from gateway.config import RetryConfig
+from gateway.deadlines import FirstTokenTimes, SmallDeadlines, small_deadlines
 from gateway.embedding import Embed
 from gateway.errors import GatewayError, InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
 from gateway.learning import TrafficLearner
@@ -56,6 +57,9 @@ T = TypeVar("T")
 
 
 SHADOW_TIMEOUT_S = 60.0
+# The small model refused the request itself (tools, context length, a response format it
+# cannot honour): a frontier may serve it; without one, the client gets the 4xx.
+UNSUPPORTED_STATUS = (400, 404, 413, 422)
 
 
 class Escalate(Exception):
@@ -103,6 +107,7 @@ class CascadeEngine:
         self.frontiers = frontiers
         self.retry = retry
         self.difficulty = difficulty or {k: cls() for k, cls in DIFFICULTY_SCORERS.items()}
+        self.first_tokens = FirstTokenTimes()  # fits the small model's deadlines to the machine
         self.confidence = confidence or {k: cls() for k, cls in CONFIDENCE_SCORERS.items()}
 
     @property
@@ -219,7 +224,7 @@ class CascadeEngine:
             for chunk in small.chunks:
                 yield self._outgoing(call, chunk)
             if rest is not None:
-                gap = call.policy.latency_budget.small_ttft / 1000
+                gap = self._small_deadlines(call).gap_s
                 async with aclosing(self._relay(call, small, rest, gap, self.small.name)) as out:
                     async for chunk in out:
                         yield chunk
@@ -327,13 +332,8 @@ class CascadeEngine:
     async def _escalate(self, call: Call, decision: Decision, esc: Escalate, small: Assembly,
                         frontier: Callable[[], Awaitable[T]], small_answer: Callable[[], T]) -> T:
         """After the small attempt failed to satisfy: the frontier's answer, or the small one
-        when no frontier can give one and the small answer is complete."""
+        when every frontier failed and the small answer is complete."""
         usable = esc.failure is None and small.finish_reason is not None
-        if not self.frontiers:
-            if usable:
-                decision.note = "frontier_unavailable"
-                return small_answer()
-            raise to_gateway_error(esc.failure or BackendFailure(self.small.name, esc.reason))
         decision.route, decision.escalation = Route.ESCALATED, esc.reason
         try:
             return await frontier()
@@ -440,7 +440,12 @@ class CascadeEngine:
             return None
 
     def _escalation_enabled(self, call: Call) -> bool:
-        return call.direct is None and call.policy.route == "cascade"
+        """Whether a frontier could take over this request from the small model."""
+        return call.direct is None and call.policy.route == "cascade" and bool(self.frontiers)
+
+    def _small_deadlines(self, call: Call) -> SmallDeadlines:
+        return small_deadlines(call.policy.latency_budget, self._escalation_enabled(call),
+                               self.first_tokens)
 
     async def _run_small(
         self, call: Call, decision: Decision, small: Assembly, *, holdback: bool
@@ -452,7 +457,7 @@ class CascadeEngine:
         """
         policy = call.policy
         streaming = policy.streaming
-        budget = policy.latency_budget
+        deadlines = self._small_deadlines(call)
         may_escalate = self._escalation_enabled(call)
         chunks: AsyncIterator[dict[str, Any]] | None = None
         params = {**call.params, "logprobs": True}
@@ -465,12 +470,12 @@ class CascadeEngine:
         try:
             with trace.use_span(small.span, end_on_exit=False):
                 chunks = await self.small.stream(
-                    params, timeout=budget.small_ttft / 1000, headers=outgoing_headers()
+                    params, timeout=deadlines.ttft_s, headers=outgoing_headers()
                 )
                 prefix_done = await _read_small(
                     chunks, small,
-                    ttft=budget.small_ttft / 1000,
-                    total=budget.small_total_ms / 1000,
+                    ttft=deadlines.ttft_s,
+                    total=deadlines.total_s,
                     hold_tokens=streaming.holdback_tokens if holdback else None,
                     hold_s=streaming.holdback_ms / 1000 if holdback else None,
                     direct=holdback and streaming.mode == StreamMode.DIRECT,
@@ -483,7 +488,8 @@ class CascadeEngine:
             genai.record_error(small.span, failure)
             self._small_done(call, small)
             call.usage.add(small.usage, self.small.name)
-            reason = "deadline" if failure.timeout else "error"
+            reason = ("deadline" if failure.timeout else
+                      "unsupported" if failure.status in UNSUPPORTED_STATUS else "error")
             if not (may_escalate and policy.escalate_on_small_error):
                 raise to_gateway_error(failure) from exc
             raise Escalate(reason, failure) from exc
@@ -518,7 +524,7 @@ class CascadeEngine:
                   if key not in ("logprobs", "top_logprobs", "stream", "stream_options")}
         params.update(n=k, temperature=call.policy.confidence.samples_temperature)
         return asyncio.create_task(self.small.complete(
-            params, timeout=call.policy.latency_budget.small_total_ms / 1000,
+            params, timeout=self._small_deadlines(call).total_s,
             headers=outgoing_headers()))
 
     async def _samples(self, call: Call, task: asyncio.Task | None) -> list[str] | None:
@@ -527,7 +533,7 @@ class CascadeEngine:
         if task is None:
             return None
         started = call.small_answer.started if call.small_answer else time.monotonic()
-        left = call.policy.latency_budget.small_total_ms / 1000 - (time.monotonic() - started)
+        left = self._small_deadlines(call).total_s - (time.monotonic() - started)
         try:
             async with asyncio.timeout(max(left, 0.0)):
                 response = await asyncio.shield(task)
@@ -543,6 +549,8 @@ class CascadeEngine:
         ended = time.monotonic()
         first = small.first_token_at or ended
         call.timings.add("small_ttft", (first - small.started) * 1000)
+        if small.first_token_at is not None:
+            self.first_tokens.observe((first - small.started) * 1000)
         if small.first_token_at is not None:
             call.timings.add("small_generation", (ended - first) * 1000)
         genai.finish_answer(small, call.policy.telemetry.record_content)
@@ -564,12 +572,13 @@ class CascadeEngine:
         with call.timings.measure("confidence"):
             scorer = await self._confidence_scorer(policy)
             decision.confidence = await scorer.score(self._prompt(call), answer)
-        if not may_escalate:
-            return True
-        if decision.confidence is None or decision.confidence < policy.confidence.threshold:
-            return False
         floor = policy.confidence.min_token_logprob
-        return floor is None or all(lp >= floor for lp in answer.token_logprobs)
+        confident = (decision.confidence is not None
+                     and decision.confidence >= policy.confidence.threshold
+                     and (floor is None or all(lp >= floor for lp in answer.token_logprobs)))
+        if not confident and not may_escalate:
+            decision.note = "low_confidence_served"  # nowhere better to send it
+        return confident or not may_escalate
 
     async def _over_frontiers(
         self, call: Call, attempt: Callable[[Backend], Awaitable[Any]]

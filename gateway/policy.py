@@ -28,7 +28,8 @@ class LatencyBudget(_Strict):
 
     The engine derives its deadlines from these allocations, so the budget is the one source
     of the numbers: the small model must show a first token within `small_ttft` and finish
-    within `small_ttft + small_generation`; a frontier attempt gets `escalation`.
+    within `small_ttft + small_generation` (fitted to the machine: see `gateway.deadlines`);
+    a frontier attempt gets `escalation`.
     """
 
     p99_ms: float = Field(default=3000, gt=0, description="End-to-end p99 target.")
@@ -41,6 +42,16 @@ class LatencyBudget(_Strict):
         default=4000, gt=0, description="Small model time after the first token."
     )
     escalation: float = Field(default=30000, gt=0, description="One frontier attempt, in full.")
+    small_timeout: float = Field(
+        default=60000, gt=0,
+        description="How long the small model may take when there is nowhere to escalate "
+        "(no frontier, small_only, a model named directly), and the cap of an adapted "
+        "deadline; past it the request fails with 504.")
+    small_deadline: Literal["adaptive", "fixed"] = Field(
+        default="adaptive",
+        description="adaptive: stretch small_ttft and small_generation to 1.5x the small "
+        "model's recent p95 first-token time when the machine is slower than the policy "
+        "assumes; fixed: the numbers as written.")
 
     @property
     def small_total_ms(self) -> float:

@@ -36,8 +36,8 @@ class Decision:
     route: Route = Route.SMALL
     difficulty: float | None = None
     confidence: float | None = None
-    escalation: str | None = None  # difficulty | low_confidence | error | deadline
-    note: str | None = None  # e.g. frontier_unavailable: the small answer was served anyway
+    escalation: str | None = None  # difficulty | low_confidence | error | deadline | unsupported
+    note: str | None = None  # low_confidence_served | frontier_failed: the small answer was served
     cache: str | None = None  # exact | semantic | miss; None when the cache was not consulted
 
 

@@ -173,14 +173,6 @@ async def test_frontier_deadline_is_a_504(upstream: str) -> None:
         await engine_for(upstream).complete(call("hi" + script(ttft_ms=1500), pol))
 
 
-async def test_without_frontier_an_unsure_answer_is_served_and_flagged(upstream: str) -> None:
-    engine = engine_for(upstream, frontiers=0)
-    response, decision = await engine.complete(call("hi" + script(text="eh", logprob=-3)))
-    assert decision.route == Route.SMALL
-    assert decision.note == "frontier_unavailable"
-    assert text_of(response) == "eh"
-
-
 async def test_difficulty_below_skip_threshold_goes_to_frontier(upstream: str) -> None:
     pol = policy(difficulty={"skip_threshold": 1.0})  # always_small scores 1.0: not below
     _, decision = await engine_for(upstream).complete(call("hi", pol))

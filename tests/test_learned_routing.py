@@ -40,7 +40,9 @@ def learned_engine(upstream: str, root: Path, embed: CountingEmbed | None = None
 
 
 async def test_a_low_difficulty_score_skips_the_small_model(upstream: str, tmp_path) -> None:
-    pol = policy(difficulty={"scorer": "learned", "skip_threshold": 1.0})
+    # A generous embedding allocation: on a busy machine the worker thread may start late.
+    pol = policy(difficulty={"scorer": "learned", "skip_threshold": 1.0},
+                 latency_budget={"embedding": 2000})
     engine = learned_engine(upstream, tmp_path)
     _, decision = await engine.complete(call("Prove the Riemann hypothesis." + script(), pol))
     assert 0.0 < decision.difficulty < 1.0
