@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, Field, SecretStr, field_validator
+from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_SMALL_MODEL = "hosted_vllm/smollm2-135m-instruct"
@@ -18,6 +18,26 @@ DEFAULT_SMALL_MODEL = "hosted_vllm/smollm2-135m-instruct"
 
 class ConfigError(Exception):
     """The configuration file or environment is invalid."""
+
+
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's content, or a ConfigError naming the file, the line and the fix."""
+    try:
+        return yaml.safe_load(Path(path).read_text())
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read the {what} ({exc.strerror or exc})") from exc
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "not valid YAML"
+        raise ConfigError(f"{path}{where}: {problem} in the {what}; fix the YAML there") \
+            from exc
+
+
+def validation_message(exc: ValidationError) -> str:
+    """A pydantic error as `key: message; ...`, without pydantic's links and input echo."""
+    return "; ".join(f"{'.'.join(str(p) for p in error['loc']) or 'top level'}: {error['msg']}"
+                     for error in exc.errors())
 
 
 class BackendConfig(BaseModel):
@@ -162,10 +182,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
     """Build settings from an optional YAML file, the environment, then explicit overrides."""
     file_values: dict[str, Any] = {}
     if config_file is not None:
-        try:
-            file_values = yaml.safe_load(Path(config_file).read_text()) or {}
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"cannot read config file {config_file}: {exc}") from exc
+        file_values = read_yaml(config_file, "config file") or {}
         if not isinstance(file_values, dict):
             raise ConfigError(f"{config_file}: expected a mapping at the top level")
         base = Path(config_file).parent
@@ -174,6 +191,10 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
                 file_values[key] = str((base / file_values[key]).resolve())
     try:
         settings = Settings(**file_values)
+    except ValidationError as exc:
+        source = config_file or "the environment"
+        raise ConfigError(f"{source}: {validation_message(exc)} (README: Configuration lists "
+                          "the keys)") from exc
     except ValueError as exc:
         raise ConfigError(f"invalid configuration: {exc}") from exc
     explicit = {k: v for k, v in overrides.items() if v is not None}

@@ -38,6 +38,7 @@ class GatewayError(Exception):
         if code is not None:
             self.code = code
         self.retry_after = retry_after
+        self.routing_headers: dict[str, str] = {}  # how the request was routed, when it was
 
     def body(self) -> dict[str, Any]:
         return {
@@ -51,8 +52,8 @@ class GatewayError(Exception):
 
     def headers(self) -> dict[str, str]:
         if self.retry_after is None:
-            return {}
-        return {"Retry-After": str(max(1, round(self.retry_after)))}
+            return dict(self.routing_headers)
+        return {**self.routing_headers, "Retry-After": str(max(1, round(self.retry_after)))}
 
 
 class InvalidRequest(GatewayError):

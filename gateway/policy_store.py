@@ -102,7 +102,9 @@ def policy_files(directory: Path) -> list[Path]:
 def load_policy_dir(directory: Path) -> PolicySet:
     """Validate every policy file in `directory`; all problems are reported together."""
     if not directory.is_dir():
-        raise PolicyError([f"{directory}: not a directory"])
+        raise PolicyError([f"{directory}: not a directory (resolved to {directory.resolve()}); "
+                           "pass --policies DIR, or run from the repository, whose policies/ "
+                           "holds the shipped ones"])
     policies, problems, owner = [], [], {}
     for path in policy_files(directory):
         try:

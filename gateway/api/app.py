@@ -264,6 +264,8 @@ async def _handle(request: Request, gateway: Gateway, *, legacy: bool) -> Respon
             ChatCompletionRequest, raw)
         return await _serve(request, gateway, body, life, tenant.name, legacy=legacy)
     except GatewayError as exc:
+        if life.call is not None and life.call.decision is not None:
+            exc.routing_headers = decision_headers(life.call.decision, timings)
         life.end(exc.status_code, error=exc.code or exc.error_type)
         raise
     except BaseException:

@@ -15,9 +15,9 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from gateway.config import ConfigError, read_yaml, validation_message
 from gateway.errors import AuthenticationError
 
 OPEN_TENANT = "local"
@@ -53,18 +53,20 @@ class KeyStore:
 
     @classmethod
     def from_file(cls, path: Path) -> KeyStore:
+        raw = read_yaml(path, "API keys file") or {}
         try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
             parsed = _KeysFile.model_validate(raw)
-        except (OSError, yaml.YAMLError, ValidationError) as exc:
-            raise ValueError(f"invalid API keys file {path}: {exc}") from exc
+        except ValidationError as exc:
+            raise ConfigError(f"{path}: {validation_message(exc)} (expected tenants: NAME: "
+                              "{keys: [...]} or {key_hashes: [...]}; see README)") from exc
         by_hash: dict[str, Tenant] = {}
         for name, entry in parsed.tenants.items():
             tenant = Tenant(name, entry.admin)
             hashes = [hash_key(k) for k in entry.keys] + [h.lower() for h in entry.key_hashes]
             for digest in hashes:
                 if not digest.startswith("sha256:") or len(digest) != 71:
-                    raise ValueError(f"{path}: tenant {name!r}: bad key hash {digest[:16]}...")
+                    raise ConfigError(f"{path}: tenant {name!r}: bad key hash {digest[:16]}..."
+                                      " (expected sha256:<64 hex>; `smallfirst keys hash KEY`)")
                 by_hash[digest] = tenant
         return cls(by_hash)
 
