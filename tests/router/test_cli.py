@@ -2,7 +2,7 @@ import argparse
 import json
 
 from router.cli import main, register
-from tests.router.conftest import FIXTURE_FILES
+from tests.router.conftest import FIXTURE_FILES, SMALL_RECIPE
 
 METRICS = {"roc_auc", "calibration_error", "apgr", "cpt_50", "cpt_80", "small_share_at_95",
            "cost_at_95", "price_ratio"}
@@ -20,6 +20,8 @@ def test_train_writes_a_verified_bundle(trained_bundle):
     assert meta["version"] == "test"
     assert set(meta["training"]["data"]) == {p.name for p in FIXTURE_FILES}
     assert (trained_bundle / "MANIFEST.sha256").read_text().count("\n") == 2
+    assert meta["training"]["config"]["tolerance"] == 0.05  # the CLI's config, as trained
+    assert SMALL_RECIPE.items() <= meta["training"]["config"].items()
 
 
 def test_eval_bundle_report_and_plots(trained_bundle, fake_embedder, tmp_path):
@@ -36,7 +38,7 @@ def test_eval_bundle_report_and_plots(trained_bundle, fake_embedder, tmp_path):
     assert (report_dir / "outcomes_routellm_gsm8k.png").stat().st_size > 1000
 
 
-def test_eval_cross_fit_has_the_baseline(fake_embedder, tmp_path):
+def test_eval_cross_fit_has_the_baseline(fake_embedder, small_recipe, tmp_path):
     args = ["eval", "--cross-fit", "2", "--data", str(FIXTURE_FILES[-1]), "--report",
             str(tmp_path)]
     assert main(args) == 0
@@ -61,7 +63,7 @@ def test_bad_input_is_a_clean_error(tmp_path, capsys):
     assert "router: error" in capsys.readouterr().err
 
 
-def test_train_from_the_gateway_decision_log(fake_embedder, tmp_path):
+def test_train_from_the_gateway_decision_log(fake_embedder, small_recipe, tmp_path):
     import pandas as pd
 
     gsm = next(p for p in FIXTURE_FILES if "gsm8k" in p.name)

@@ -119,7 +119,7 @@ def test_one_request_reads_its_prompt_once(trained_bundle, monkeypatch):
         own.confidence(PROMPT, "#### 9", None, emb)
 
 
-def test_bundle_trained_with_peer_samples_uses_them(fake_embedder, tmp_path):
+def test_bundle_trained_with_peer_samples_uses_them(fake_embedder, small_recipe, tmp_path):
     import pandas as pd
 
     from router.cli import main
