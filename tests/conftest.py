@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import textwrap
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -241,3 +242,18 @@ def redis_url(redis_server: RedisServer) -> str:
 def embed() -> SharedEmbedding:
     """The prompt embedder, built once for the session as the gateway builds it at start-up."""
     return SharedEmbedding()
+
+
+def write(path: Path, text: str) -> Path:
+    """Write dedented `text` (a leading newline dropped) to `path`."""
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    return path
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """No SMALLFIRST_* variable from the developer's shell leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith("SMALLFIRST_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
