@@ -60,16 +60,52 @@ class TreeEnsemble:
 
     @classmethod
     def from_sklearn(cls, model) -> TreeEnsemble:
-        """Export a fitted binary `HistGradientBoostingClassifier` (numerical features only)."""
-        trees = [predictors[0].nodes for predictors in model._predictors]
-        nodes = np.concatenate(trees)
-        return cls.from_nodes(
-            sizes=[len(t) for t in trees], leaf=nodes["is_leaf"].astype(bool),
-            feature=nodes["feature_idx"], threshold=nodes["num_threshold"],
-            left=nodes["left"], right=nodes["right"],
-            missing_left=nodes["missing_go_to_left"], value=nodes["value"],
-            baseline=float(np.ravel(model._baseline_prediction)[0]),
-            depth=int(max(t["depth"].max() for t in trees)))
+        """Export a fitted binary `HistGradientBoostingClassifier` (numerical features only)
+        through treelite's model import (training only)."""
+        import treelite.sklearn
+
+        return cls.from_treelite(treelite.sklearn.import_model(model))
+
+    @classmethod
+    def from_treelite(cls, model) -> TreeEnsemble:
+        """Trees from a `treelite.Model`, read through its field accessors (the fields of
+        treelite's serialization format v4). Its JSON dump is not used: it writes an empty
+        value for the +inf threshold of scikit-learn's splits on missing values alone. Only
+        what the walk reproduces exactly is accepted: binary log-odds, float64
+        `x <= threshold` splits, one value per leaf; anything else raises ValueError."""
+        header = model.get_header_accessor()
+        found = {name: np.asarray(header.get_field(name)).tolist() for name in _TREELITE_HEADER}
+        for name, want in _TREELITE_HEADER.items():
+            if found[name] != want:
+                raise ValueError(f"tree model: {name} is {found[name]!r}, not {want!r}")
+        base_scores = header.get_field("base_scores")
+        if header.get_field("postprocessor") != "sigmoid" or base_scores.shape != (1,):
+            raise ValueError("tree model: not one sigmoid-linked raw score")
+        trees = [_treelite_tree(model.get_tree_accessor(i), i) for i in range(model.num_tree)]
+        if not trees:
+            raise ValueError("tree model: no trees")
+        columns = {key: np.concatenate([tree[key] for tree, _ in trees]) for key in trees[0][0]}
+        return cls.from_nodes(sizes=[len(tree["leaf"]) for tree, _ in trees], **columns,
+                              baseline=float(base_scores[0]),
+                              depth=max(depth for _, depth in trees))
+
+    def per_tree(self) -> list[dict[str, np.ndarray]]:
+        """Each tree's nodes, children indexed within the tree (-1 at leaves), as `from_nodes`
+        takes them; `threshold` is 0 at leaves."""
+        ends = [*self.roots[1:], len(self.feature)]
+        trees = []
+        for start, end in zip(self.roots, ends, strict=True):
+            own = np.arange(start, end)
+            leaf = self.left[start:end] == own
+            trees.append({
+                "feature": self.feature[start:end],
+                "threshold": np.where(leaf, 0.0, self.threshold[start:end]),
+                "left": np.where(leaf, -1, self.left[start:end] - start),
+                "right": np.where(leaf, -1, self.right[start:end] - start),
+                "missing_left": self.missing_left[start:end],
+                "value": self.value[start:end],
+            })
+        return trees
 
     @classmethod
     def from_nodes(cls, sizes: list[int], leaf: np.ndarray, feature: np.ndarray,
@@ -150,6 +186,45 @@ class TreeEnsemble:
                 raise ValueError(f"tree {name} index out of range")
         return cls(**parts, baseline=float(baseline), depth=int(depth))
 
+
+# What `TreeEnsemble.from_treelite` accepts (treelite's serialization format v4 enums):
+# binary classification (task 0), float64 thresholds and leaves (type 3), one output per tree.
+_TREELITE_HEADER = {"major_ver": [4], "task_type": [0], "threshold_type": [3],
+                    "leaf_output_type": [3], "num_target": [1], "num_class": [1],
+                    "leaf_vector_shape": [1, 1], "average_tree_output": [0]}
+_LEAF, _NUMERICAL, _LESS_EQUAL = 0, 1, 3  # node types and the `<=` comparison
+
+
+def _treelite_tree(tree, number: int) -> tuple[dict[str, np.ndarray], int]:
+    """One tree's `from_nodes` columns and its depth; anything else fails loudly."""
+    kind = tree.get_field("node_type")
+    leaf = kind == _LEAF
+    where = f"tree model: tree {number}"
+    if tree.get_field("has_categorical_split")[0] or not np.isin(kind, (_LEAF, _NUMERICAL)).all():
+        raise ValueError(f"{where} has categorical splits")
+    if (tree.get_field("cmp")[~leaf] != _LESS_EQUAL).any():
+        raise ValueError(f"{where} has a split other than x <= threshold")
+    if tree.get_field("leaf_vector").size:
+        raise ValueError(f"{where} has vector leaves")
+    left, right = tree.get_field("cleft"), tree.get_field("cright")
+    children = np.concatenate([left[~leaf], right[~leaf]])
+    if (children <= 0).any() or (children >= len(kind)).any() or \
+            len(set(children.tolist())) != len(children):
+        raise ValueError(f"{where} is not a tree rooted at node 0")
+    depth, level, seen = 0, np.array([0]), 1
+    while True:
+        splits = level[~leaf[level]]
+        level = np.concatenate([left[splits], right[splits]])
+        if not len(level):
+            break
+        depth, seen = depth + 1, seen + len(level)
+    if seen != len(kind):
+        raise ValueError(f"{where} is not a tree rooted at node 0")
+    return {"leaf": leaf, "feature": tree.get_field("split_index"),
+            "threshold": tree.get_field("threshold").astype(np.float64),
+            "left": left, "right": right,
+            "missing_left": tree.get_field("default_left").astype(bool),
+            "value": tree.get_field("leaf_value").astype(np.float64)}, depth
 
 @dataclass(frozen=True)
 class PlattCalibrator:

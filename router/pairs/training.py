@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from router.models import TreeEnsemble
 from router.pairs.vectors import Embed, cache_vectors
 from router.pairs.verifier import (
     FEATURES,
@@ -171,20 +172,14 @@ def predict(model: Any, x: np.ndarray) -> np.ndarray:
 
 
 def export(model: Any) -> dict[str, Any]:
-    """The fitted trees as plain JSON-able lists (leaves have left = -1)."""
-    trees = []
-    for (predictor,) in model._predictors:
-        nodes = predictor.nodes
-        leaf = nodes["is_leaf"].astype(bool)
-        trees.append({
-            "feature": nodes["feature_idx"].tolist(),
-            "threshold": [float(t) for t in nodes["num_threshold"]],
-            "left": np.where(leaf, -1, nodes["left"].astype(np.int64)).tolist(),
-            "right": np.where(leaf, -1, nodes["right"].astype(np.int64)).tolist(),
-            "value": [float(v) for v in nodes["value"]],
-        })
-    return {"features": FEATURES, "init": float(np.ravel(model._baseline_prediction)[0]),
-            "learning_rate": 1.0, "trees": trees}
+    """The fitted trees as plain JSON-able lists (leaves have left = -1), read through
+    `TreeEnsemble.from_sklearn`. The layout has no missing side: the loader sends NaN right
+    at every split."""
+    trees = TreeEnsemble.from_sklearn(model)
+    return {"features": FEATURES, "init": trees.baseline, "learning_rate": 1.0,
+            "trees": [{key: tree[key].tolist() for key in
+                       ("feature", "threshold", "left", "right", "value")}
+                      for tree in trees.per_tree()]}
 
 
 def calibration(prob: np.ndarray, y: np.ndarray, kinds: np.ndarray) -> list[list[float]]:
