@@ -281,6 +281,133 @@ def test_command_line(tmp_path: Path) -> None:
     assert server.api_base == "http://0.0.0.0:8123/v1"
 
 
+def test_serving_options_of_the_shipped_model(tmp_path: Path) -> None:
+    cmd = VLLMServer(tmp_path / "m", port=8123, python="/v/bin/python").command()
+    template = cmd[cmd.index("--chat-template") + 1]
+    assert cmd[cmd.index("--tool-call-parser") + 1] == "hermes"
+    assert "--enable-auto-tool-choice" in cmd and "--reasoning-parser" not in cmd
+    assert Path(template) == smallmodel.TEMPLATES / "smollm2-tools.jinja"
+    assert Path(template).is_file()
+
+
+def test_serving_options_are_overridable(tmp_path: Path) -> None:
+    def command(**kwargs) -> list[str]:
+        return VLLMServer(tmp_path / "m", port=1, python="/p", **kwargs).command()
+
+    cmd = command(tool_call_parser="llama3_json", chat_template=tmp_path / "t.jinja",
+                  reasoning_parser="deepseek_r1")
+    tail = cmd[cmd.index("--enforce-eager") + 1:]
+    assert tail == ["--enable-auto-tool-choice", "--tool-call-parser", "llama3_json",
+                    "--chat-template", str(tmp_path / "t.jinja"),
+                    "--reasoning-parser", "deepseek_r1"]
+    off = command(tool_call_parser=None, chat_template=None)
+    assert off[-1] == "--enforce-eager"  # nothing for tools, the model folder's own template
+    # Options given in extra_args win, in either spelling, and appear once.
+    cmd = command(extra_args=["--tool-call-parser=pythonic", "--chat-template", "x.jinja"])
+    assert cmd[cmd.index("--enforce-eager") + 1:] == [
+        "--enable-auto-tool-choice", "--tool-call-parser=pythonic", "--chat-template", "x.jinja"]
+    # Another served model has no entry in the table: vLLM's defaults.
+    other = VLLMServer(tmp_path / "m", port=1, python="/p", served_name="other").command()
+    assert other[-1] == "--enforce-eager"
+
+
+def test_small_model_cli_serving_options() -> None:
+    from tooling import cli
+
+    def options(*argv: str) -> dict[str, object]:
+        return cli._serving_options(cli.build_parser().parse_args(["small-model", "serve", *argv]))
+
+    assert options() == {}
+    assert options("--tool-call-parser", "none", "--chat-template", "t.jinja") == {
+        "tool_call_parser": None, "chat_template": "t.jinja"}
+    assert options("--reasoning-parser", "qwen3") == {"reasoning_parser": "qwen3"}
+
+
+# --- the shipped chat template (rendered as vLLM renders it: transformers' Jinja settings) -----
+
+
+def _render(template: str, **context: object) -> str:
+    pytest.importorskip("jinja2")
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                        extensions=[loopcontrols])
+    env.filters["tojson"] = lambda x: json.dumps(x, ensure_ascii=False)
+    return env.from_string(template).render(**context)
+
+
+TOOLS_TEMPLATE = (smallmodel.TEMPLATES / "smollm2-tools.jinja").read_text()
+WEATHER = {"type": "function", "function": {
+    "name": "get_weather", "description": "Current weather of a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                   "required": ["city"]}}}
+
+
+@pytest.mark.parametrize("messages", [
+    [{"role": "user", "content": "Hi"}],
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
+     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Bye"}],
+    [],
+])
+@pytest.mark.parametrize("generation_prompt", [True, False])
+def test_template_without_tools_is_the_models_chatml(messages, generation_prompt) -> None:
+    from tooling import _convert_gguf as conv
+
+    context = {"messages": messages, "add_generation_prompt": generation_prompt}
+    assert _render(TOOLS_TEMPLATE, **context) == _render(conv.CHATML, **context)
+
+
+def test_template_lists_tools_in_the_system_turn() -> None:
+    text = _render(TOOLS_TEMPLATE, tools=[WEATHER], add_generation_prompt=True,
+                   messages=[{"role": "user", "content": "Weather in Paris?"}])
+    system, rest = text.split("<|im_end|>\n", 1)
+    assert system.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    listed = system.split("<tools>\n", 1)[1].split("\n</tools>", 1)[0]
+    assert json.loads(listed) == WEATHER
+    assert "<tool_call>" in system and "</tool_call>" in system
+    assert rest == "<|im_start|>user\nWeather in Paris?<|im_end|>\n<|im_start|>assistant\n"
+    custom = _render(TOOLS_TEMPLATE, tools=[WEATHER],
+                     messages=[{"role": "system", "content": "Be brief."}])
+    assert custom.startswith("<|im_start|>system\nBe brief.\n\n# Tools\n")
+
+
+def test_template_renders_tool_calls_and_results() -> None:
+    messages = [
+        {"role": "user", "content": "Weather in Paris and Rome?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "a", "type": "function",
+             "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"id": "b", "type": "function",  # arguments as the OpenAI wire has them: a string
+             "function": {"name": "get_weather", "arguments": '{"city": "Rome"}'}}]},
+        {"role": "tool", "tool_call_id": "a", "content": "18 C"},
+        {"role": "tool", "tool_call_id": "b", "content": None},
+        {"role": "assistant", "content": "Mild."},
+    ]
+    text = _render(TOOLS_TEMPLATE, tools=[WEATHER], messages=messages)
+    turns = text.split("<|im_end|>\n")[1:]
+    assert turns[1] == (
+        '<|im_start|>assistant\n<tool_call>\n{"name": "get_weather", "arguments": '
+        '{"city": "Paris"}}\n</tool_call>\n<tool_call>\n{"name": "get_weather", '
+        '"arguments": {"city": "Rome"}}\n</tool_call>')
+    assert turns[2] == ("<|im_start|>tool\n<tool_response>\n18 C\n</tool_response>\n"
+                        "<tool_response>\n\n</tool_response>")
+    assert turns[3:] == ["<|im_start|>assistant\nMild.", ""]
+
+
+def test_template_tool_calls_match_the_hermes_parser() -> None:
+    """The calls the template writes are what vLLM's hermes parser extracts (its regex)."""
+    import re
+
+    text = _render(TOOLS_TEMPLATE, messages=[{"role": "assistant", "content": "Checking.",
+                   "tool_calls": [{"function": {"name": "get_weather",
+                                                "arguments": {"city": "Oslo"}}}]}])
+    calls = re.findall(r"<tool_call>(.*?)</tool_call>", text, re.DOTALL)
+    assert [json.loads(c) for c in calls] == [
+        {"name": "get_weather", "arguments": {"city": "Oslo"}}]
+    assert "<|im_start|>assistant\nChecking.\n<tool_call>" in text
+
+
 def test_default_python_and_log_live_in_cache(tmp_path: Path) -> None:
     server = VLLMServer(tmp_path / "m", port=9000, cache=tmp_path, extra_args=["--seed", "1"])
     assert server.python == tmp_path / "vllm-venv" / "bin" / "python"

@@ -89,13 +89,23 @@ def cmd_small_model(args: argparse.Namespace) -> int:
     if args.action == "setup":
         print(f"vLLM: {python}\nmodel: {model_dir}")
         return 0
-    server = smallmodel.VLLMServer(model_dir, port=args.port, python=python)
+    server = smallmodel.VLLMServer(
+        model_dir, port=args.port, python=python, **_serving_options(args)
+    )
     smallmodel.exit_on_sigterm()
     with server:
         server.wait_ready(timeout=300)
         print(f"small model serving at {server.api_base} (Ctrl-C to stop)", flush=True)
         while True:
             time.sleep(3600)
+
+
+def _serving_options(args: argparse.Namespace) -> dict[str, object]:
+    """The serving options given on the command line ("none" turns one off); the others keep
+    the model's defaults."""
+    names = ("tool_call_parser", "chat_template", "reasoning_parser")
+    given = {name: getattr(args, name) for name in names if getattr(args, name) is not None}
+    return {name: None if value.lower() == "none" else value for name, value in given.items()}
 
 
 def cmd_budget(args: argparse.Namespace) -> int:
@@ -150,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
     small = sub.add_parser("small-model", help="install, convert and serve the local small model")
     small.add_argument("action", choices=["setup", "serve"])
     small.add_argument("--port", type=int, default=8100)
+    small.add_argument("--tool-call-parser", metavar="NAME",
+                       help="vLLM tool-call parser (default: the model's, hermes for SmolLM2; "
+                            "none: no tool calls)")
+    small.add_argument("--chat-template", metavar="FILE",
+                       help="chat template file (default: the one shipped for the model, with "
+                            "tools; none: the model folder's own)")
+    small.add_argument("--reasoning-parser", metavar="NAME",
+                       help="vLLM reasoning parser (default: the model's; SmolLM2 has none)")
     small.set_defaults(func=cmd_small_model)
 
     budget = sub.add_parser("budget", help="latency spend vs allocation, per policy")

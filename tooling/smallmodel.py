@@ -23,6 +23,7 @@ import urllib.error
 import urllib.request
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -37,6 +38,36 @@ READY_MARKER = ".smallfirst-ready"
 MODEL_MARKER = ".smallfirst-model"
 MODEL_FORMAT = "1"  # bump when _convert_gguf.py changes its output
 CONVERTER = Path(__file__).with_name("_convert_gguf.py")
+TEMPLATES = Path(__file__).with_name("templates")
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What vLLM needs to serve a model's chat features: the parser that turns its tool-call
+    text into OpenAI ``tool_calls``, a chat template that can render tools, calls and results
+    (None: the model's own), and the parser that splits off its reasoning (None: it has none)."""
+
+    tool_call_parser: str | None = None
+    chat_template: Path | None = None
+    reasoning_parser: str | None = None
+
+
+# By served model name. SmolLM2 has no tool format of its own: the shipped template teaches it
+# the Hermes one (<tool_call>{"name": ..., "arguments": ...}</tool_call>).
+SERVING: dict[str, Serving] = {
+    MODEL_NAME: Serving(tool_call_parser="hermes",
+                        chat_template=TEMPLATES / "smollm2-tools.jinja"),
+}
+
+
+class _FromTable:
+    """Default of a VLLMServer serving option: the ``SERVING`` entry of the served model."""
+
+    def __repr__(self) -> str:
+        return "FROM_TABLE"
+
+
+FROM_TABLE = _FromTable()
 
 
 def cache_dir() -> Path:
@@ -251,6 +282,10 @@ class VLLMServer:
 
     ``with VLLMServer(dir, port=free_port()) as server: server.wait_ready()`` starts it, waits
     until it answers, and stops it (process group included) on exit.
+
+    ``tool_call_parser``, ``chat_template`` and ``reasoning_parser`` default to the served
+    model's ``SERVING`` entry; None turns one off. A tool-call parser also enables vLLM's
+    automatic tool choice. An option also given in ``extra_args`` is left to ``extra_args``.
     """
 
     def __init__(
@@ -266,6 +301,9 @@ class VLLMServer:
         dtype: str = "bfloat16",
         max_model_len: int = 2048,
         extra_args: Sequence[str] = (),
+        tool_call_parser: str | None | _FromTable = FROM_TABLE,
+        chat_template: str | os.PathLike[str] | None | _FromTable = FROM_TABLE,
+        reasoning_parser: str | None | _FromTable = FROM_TABLE,
     ) -> None:
         self.model_dir = Path(model_dir)
         self.port = port
@@ -278,6 +316,15 @@ class VLLMServer:
         self.dtype = dtype
         self.max_model_len = max_model_len
         self.extra_args = list(extra_args)
+        table = SERVING.get(served_name, Serving())
+        self.tool_call_parser = (
+            table.tool_call_parser if isinstance(tool_call_parser, _FromTable) else tool_call_parser
+        )
+        template = table.chat_template if isinstance(chat_template, _FromTable) else chat_template
+        self.chat_template = Path(template) if template is not None else None
+        self.reasoning_parser = (
+            table.reasoning_parser if isinstance(reasoning_parser, _FromTable) else reasoning_parser
+        )
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -301,8 +348,28 @@ class VLLMServer:
             "--dtype", self.dtype,
             "--max-model-len", str(self.max_model_len),
             "--enforce-eager",
+            *self.serving_args(),
             *self.extra_args,
         ]  # fmt: skip
+
+    def serving_args(self) -> list[str]:
+        """vLLM options for tool calls, chat template and reasoning, less those in extra_args."""
+        given = {arg.split("=", 1)[0] for arg in self.extra_args if arg.startswith("--")}
+        args: list[str] = []
+
+        def add(option: str, *value: str) -> None:
+            negated = "--no-" + option.removeprefix("--")
+            if option not in given and negated not in given:
+                args.extend((option, *value))
+
+        if self.tool_call_parser:
+            add("--enable-auto-tool-choice")
+            add("--tool-call-parser", self.tool_call_parser)
+        if self.chat_template is not None:
+            add("--chat-template", str(self.chat_template))
+        if self.reasoning_parser:
+            add("--reasoning-parser", self.reasoning_parser)
+        return args
 
     def environment(self, base: dict[str, str] | None = None) -> dict[str, str]:
         """Process environment: ``base`` (default ``os.environ``) plus vLLM's offline settings."""
