@@ -9,6 +9,7 @@ first token can be held to the policy's latency budget.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -503,15 +504,15 @@ class CascadeEngine:
             self._small_done(call, small)
         if streaming.mode == StreamMode.DIRECT and holdback:
             return chunks if prefix_done else None
-        accepted = await self._judge(call, decision, small, may_escalate,
+        rejected = await self._judge(call, decision, small, may_escalate,
                                      await self._samples(call, samples))
-        if not accepted:
+        if rejected is not None:
             await _aclose(chunks)
             if prefix_done:
                 spent = small.usage or {"completion_tokens": small.tokens}
                 call.usage.add(spent, self.small.name)
                 self._small_done(call, small)
-            raise Escalate("low_confidence")
+            raise Escalate(rejected)
         return chunks if prefix_done else None
 
     def _start_samples(self, call: Call, holdback: bool) -> asyncio.Task | None:
@@ -566,7 +567,9 @@ class CascadeEngine:
     async def _judge(
         self, call: Call, decision: Decision, small: Assembly, may_escalate: bool,
         samples: list[str] | None = None,
-    ) -> bool:
+    ) -> str | None:
+        """Why the small answer is not good enough (`low_confidence`, `invalid_tool_call`), or
+        None to serve it; with nowhere to escalate it is served anyway, and flagged."""
         policy = call.policy
         answer = replace(small.answer(), samples=samples)
         with call.timings.measure("confidence"):
@@ -576,9 +579,12 @@ class CascadeEngine:
         confident = (decision.confidence is not None
                      and decision.confidence >= policy.confidence.threshold
                      and (floor is None or all(lp >= floor for lp in answer.token_logprobs)))
-        if not confident and not may_escalate:
-            decision.note = "low_confidence_served"  # nowhere better to send it
-        return confident or not may_escalate
+        rejected = (None if confident else "low_confidence") if _tool_calls_parse(small) \
+            else "invalid_tool_call"
+        if rejected is not None and not may_escalate:
+            decision.note = f"{rejected}_served"  # nowhere better to send it
+            return None
+        return rejected
 
     async def _over_frontiers(
         self, call: Call, attempt: Callable[[Backend], Awaitable[Any]]
@@ -659,6 +665,20 @@ async def _read_small(
             ):
                 return small.finish_reason is None
     return False
+
+
+def _tool_calls_parse(small: Assembly) -> bool:
+    """Whether every complete tool call's arguments are a JSON object (a call still streaming
+    in a held prefix is judged when it ends)."""
+    if small.finish_reason is None:
+        return True
+    for call in small.tool_calls.values():
+        try:
+            if not isinstance(json.loads(call["function"]["arguments"] or "{}"), dict):
+                return False
+        except ValueError:
+            return False
+    return True
 
 
 def _loop_time(monotonic_instant: float) -> float:

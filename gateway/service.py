@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import time
 from dataclasses import dataclass, field
 
 from opentelemetry.trace import Tracer
@@ -28,6 +29,9 @@ from gateway.telemetry.tracing import setup_tracing
 from gateway.types import Call, Decision
 
 log = logging.getLogger("smallfirst")
+_IMPORTED = time.monotonic()
+WARM_UP_PROMPT = "Say hello."
+WARM_UP_TIMEOUT_S = 60.0
 
 
 @dataclass
@@ -39,7 +43,9 @@ class Gateway:
     observer: Observer
     tracer: Tracer | None = None
     cache: LayeredCache | None = None
+    embed: SharedEmbedding | None = None
     in_flight: int = 0
+    warmed_up: bool = False  # the models answered a warm-up: /readyz may say ready
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
     @classmethod
@@ -79,7 +85,7 @@ class Gateway:
             BudgetTracker(settings.budget_window),
             _pricing(settings),
         )
-        return cls(settings, store, engine, access, observer, setup_tracing(), cache)
+        return cls(settings, store, engine, access, observer, setup_tracing(), cache, embed)
 
     def begin(self) -> None:
         """Admit one more request, or refuse it with a 429 when at capacity."""
@@ -125,28 +131,61 @@ class Gateway:
         return sorted(self.policies.current.by_name) + self.engine.backend_names
 
     async def start(self) -> None:
-        """The cache (search index, embedder), then background duties: policy hot reload on
+        """The cache's search index, then background duties: the warm-up, policy hot reload on
         file change and on SIGHUP."""
         if self.cache is not None:
             await self.cache.start()
-        await asyncio.to_thread(self._load_router)
+        self._tasks.append(asyncio.create_task(self._warm_up()))
         if self.settings.watch_policies:
             self._tasks.append(asyncio.create_task(self.policies.watch()))
         with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):
             asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.policies.reload)
 
-    def _load_router(self) -> None:
-        """Load the bundles and the embedder that policies' learned scorers name now, rather
-        than on the first request (a broken bundle is logged here and scored without)."""
+    async def _warm_up(self) -> None:
+        """Load and run every model a request may need, so that none loads on a request:
+        the embedder, the router bundles the policies name, the cache's verifier, then one
+        token from the small model (retried until it answers: vLLM may still be loading).
+        `/readyz` says ready from then on."""
+        began = time.monotonic()
+        await asyncio.to_thread(self._warm_local_models)
+        attempts = 0
+        while not await self._warm_small_model():
+            attempts += 1
+            if attempts == 1:
+                log.warning("warm-up: the small model at %s does not answer yet; retrying "
+                            "every second (/readyz says not ready)", self.settings.small_api_base)
+            await asyncio.sleep(1.0)
+        self.warmed_up = True
+        now = time.monotonic()
+        log.info("ready: warmed up in %.1f s, %.1f s after the gateway module was imported",
+                 now - began, now - _IMPORTED)
+
+    def _warm_local_models(self) -> None:
         learned = [section.bundle for p in self.policies.current.policies
                    for section in (p.difficulty, p.confidence) if section.scorer == "learned"]
+        semantic = self.cache is not None and self.cache.semantic is not None
+        vector = None
+        if self.embed is not None and (learned or semantic):
+            vector = self.embed([WARM_UP_PROMPT])[0]
         for name in dict.fromkeys(learned):
-            try:
-                self.engine.bundles.get(name)
+            try:  # a broken bundle is logged here and scored without
+                self.engine.bundles.get(name).difficulty(WARM_UP_PROMPT, vector)
             except Exception as exc:
                 log.error("router bundle %r cannot be loaded: %s", name, exc)
-        if learned and isinstance(self.engine.embed, SharedEmbedding):
-            self.engine.embed.warm()
+        if semantic and self.cache.verifier is not None:
+            self.cache.verifier.probability(WARM_UP_PROMPT, WARM_UP_PROMPT.lower(), 1.0, 1.0)
+
+    async def _warm_small_model(self) -> bool:
+        """One token from the small model; its time seeds the adaptive first-token deadline."""
+        began = time.monotonic()
+        try:
+            await self.engine.small.complete(
+                {"messages": [{"role": "user", "content": WARM_UP_PROMPT}], "max_tokens": 1},
+                timeout=WARM_UP_TIMEOUT_S)
+        except Exception:
+            return False
+        self.engine.first_tokens.observe((time.monotonic() - began) * 1000)
+        return True
 
     async def stop(self) -> None:
         for task in self._tasks:

@@ -93,6 +93,18 @@ def vllm_api_base() -> Iterator[str]:
         server.stop()
 
 
+def wait_warmed_up(base: str, timeout: float = 60) -> None:
+    """Until the gateway's warm-up is over (its models loaded and run once), or until it is
+    clear the small model is not there to answer one (tests of an absent small model)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        checks = httpx.get(base + "/readyz", timeout=10).json()["checks"]
+        if checks["warmed_up"] or not checks["small_model"]:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{base} did not warm up within {timeout}s")
+
+
 class GatewayRunner:
     """Starts `smallfirst serve` processes with a given config; stops them all at teardown."""
 
@@ -122,6 +134,7 @@ class GatewayRunner:
         self.processes.append(process)
         base = f"http://127.0.0.1:{port}"
         wait_http(base + "/healthz", process.proc, process.log)
+        wait_warmed_up(base)
         self.last_policy_dir = policy_dir
         self.last_process = process
         return base

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from gateway.api.auth import KeyStore, OpenAccess, hash_key
+from gateway.config import ConfigError
 from gateway.errors import AuthenticationError
 
 
@@ -61,7 +62,7 @@ def test_bad_credentials_are_rejected(key_store: KeyStore, header: str | None, s
 def test_malformed_keys_files_are_refused(tmp_path: Path, tenants: dict[str, Any]) -> None:
     path = tmp_path / "keys.yaml"
     path.write_text(yaml.safe_dump({"tenants": tenants}))
-    with pytest.raises(ValueError):
+    with pytest.raises(ConfigError, match=str(path)):  # one line naming the file
         KeyStore.from_file(path)
 
 

@@ -226,7 +226,8 @@ def _send_load(gateway: str, round_no: int) -> tuple[int, set[str]]:
         for content, model, extra in requests:
             response = chat(content, model, **extra)
             sent += 1
-            routes.add(response.headers.get("x-smallfirst-route", f"error {response.status_code}"))
+            routes.add(f"error {response.status_code}" if response.status_code >= 400
+                       else response.headers["x-smallfirst-route"])
     return sent, routes
 
 

@@ -94,3 +94,21 @@ async def test_a_request_the_small_model_refuses_is_escalated_as_unsupported(
     with pytest.raises(InvalidRequest):  # nowhere to send it: the client hears why
         await engine_for(upstream, frontiers=0).complete(
             call("hi" + script(status=400, fail_times=1, key="unsupported-2")))
+
+
+def test_a_tool_call_whose_arguments_are_not_json_is_not_served_as_good() -> None:
+    from gateway.engine import _tool_calls_parse
+    from gateway.types import Assembly
+
+    def answer(arguments: str, finished: bool = True) -> Assembly:
+        small = Assembly()
+        small.absorb({"choices": [{"index": 0, "delta": {"tool_calls": [
+            {"index": 0, "id": "c1", "function": {"name": "get_weather",
+                                                  "arguments": arguments}}]},
+            "finish_reason": "tool_calls" if finished else None}]})
+        return small
+
+    assert _tool_calls_parse(answer('{"city": "Paris"}'))
+    assert not _tool_calls_parse(answer('{"city": Paris'))
+    assert not _tool_calls_parse(answer('["Paris"]'))
+    assert _tool_calls_parse(answer('{"city": "Pa', finished=False))  # judged when complete

@@ -40,6 +40,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from gateway.service import Gateway
 
     settings = _serve_settings(args)
+    _check_port_free(settings.host, settings.port)
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s %(message)s"
     )
@@ -47,6 +48,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                 access_log=False)
     return 0
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Fail before loading anything when another process holds the port."""
+    import socket
+
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror}); stop what "
+                              "holds the port or pass --port") from exc
 
 
 def cmd_policy_check(args: argparse.Namespace) -> int:
@@ -187,10 +201,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from gateway.policy_store import PolicyError
+
     try:
         return args.func(args)
     except ConfigError as exc:
         print(f"smallfirst: {exc}", file=sys.stderr)
+        return 2
+    except PolicyError as exc:
+        for problem in exc.problems:
+            print(f"smallfirst: {problem}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130

@@ -70,7 +70,7 @@ class LayeredCache:
     # ---- life cycle ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Create the search index (QueryEngineMissing if impossible) and load the embedder.
+        """Create the search index (QueryEngineMissing if impossible).
 
         An unreachable Redis is not fatal: the gateway serves misses until it answers.
         """
@@ -83,7 +83,6 @@ class LayeredCache:
                 self._index_ready = True
             except (Unreachable, TooSlow, OSError) as exc:
                 log.warning("cache: Redis unreachable at start (%s); serving misses", exc)
-            await asyncio.to_thread(getattr(self._embed, "warm", lambda: None))
         self._spawn(self._flush_counts_forever())
 
     async def close(self) -> None:
