@@ -9,8 +9,11 @@ stream of escalations or 504s. So:
   only way to an answer, and a hung server still fails, with a 504, after that long;
 - with a frontier, `small_deadline: adaptive` (the default) stretches the first-token
   allocation to `ADAPT` times the p95 of the small model's recent first tokens when the
-  machine runs slower than the policy assumed (capped at `small_timeout`), and the
-  generation allocation by the same factor; `fixed` keeps the policy's numbers as they are.
+  machine runs slower than the policy assumed, and the generation allocation by the same
+  factor, at most `MAX_STRETCH` times (and never past `small_timeout`), so a stalled model
+  is still caught; `fixed` keeps the policy's numbers as they are. A first token that missed
+  its deadline counts as having taken that long: a machine on which every request misses
+  stretches the deadline step by step until its first tokens fit.
   `smallfirst budget` keeps reporting spend against the policy's own allocation, so a
   machine that needs the stretch shows up there as OVER.
 """
@@ -24,6 +27,7 @@ from dataclasses import dataclass
 from gateway.policy import LatencyBudget
 
 ADAPT = 1.5  # a deadline at 1.5x the recent p95 catches a stall, not a slow machine
+MAX_STRETCH = 4.0  # past 4x the policy's allocation the small model is stalled, not slow
 MIN_SAMPLES = 8  # fewer first tokens than this: the policy's numbers stand
 WINDOW = 256
 
@@ -63,7 +67,7 @@ def small_deadlines(budget: LatencyBudget, can_escalate: bool,
     stretch = 1.0
     p95 = first_tokens.p95() if budget.small_deadline == "adaptive" else None
     if p95 is not None and ADAPT * p95 > budget.small_ttft:
-        stretch = ADAPT * p95 / budget.small_ttft
+        stretch = min(ADAPT * p95 / budget.small_ttft, MAX_STRETCH)
     ttft = min(budget.small_ttft * stretch / 1000, cap)
     total = min(budget.small_total_ms * stretch / 1000, cap)
     return SmallDeadlines(ttft, total, ttft)

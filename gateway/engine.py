@@ -486,6 +486,8 @@ class CascadeEngine:
             _cancel(samples)
             failure = exc if isinstance(exc, BackendFailure) else BackendFailure(
                 self.small.name, "deadline passed", timeout=True)
+            if failure.timeout and small.first_token_at is None:  # at least this long
+                self.first_tokens.observe((time.monotonic() - small.started) * 1000)
             genai.record_error(small.span, failure)
             self._small_done(call, small)
             call.usage.add(small.usage, self.small.name)
@@ -568,8 +570,9 @@ class CascadeEngine:
         self, call: Call, decision: Decision, small: Assembly, may_escalate: bool,
         samples: list[str] | None = None,
     ) -> str | None:
-        """Why the small answer is not good enough (`low_confidence`, `invalid_tool_call`), or
-        None to serve it; with nowhere to escalate it is served anyway, and flagged."""
+        """Why the small answer is not good enough (`invalid_tool_call`, `invalid_json`,
+        `low_confidence`), or None to serve it; with nowhere to escalate it is served anyway,
+        and flagged."""
         policy = call.policy
         answer = replace(small.answer(), samples=samples)
         with call.timings.measure("confidence"):
@@ -579,8 +582,9 @@ class CascadeEngine:
         confident = (decision.confidence is not None
                      and decision.confidence >= policy.confidence.threshold
                      and (floor is None or all(lp >= floor for lp in answer.token_logprobs)))
-        rejected = (None if confident else "low_confidence") if _tool_calls_parse(small) \
-            else "invalid_tool_call"
+        rejected = ("invalid_tool_call" if not _tool_calls_parse(small) else
+                    "invalid_json" if not _json_parses(call, small) else
+                    None if confident else "low_confidence")
         if rejected is not None and not may_escalate:
             decision.note = f"{rejected}_served"  # nowhere better to send it
             return None
@@ -678,6 +682,20 @@ def _tool_calls_parse(small: Assembly) -> bool:
                 return False
         except ValueError:
             return False
+    return True
+
+
+def _json_parses(call: Call, small: Assembly) -> bool:
+    """Whether a complete answer to a JSON-mode request (`response_format` json_object or
+    json_schema) is JSON; a model cut off by max_tokens mid-object is not."""
+    wanted = (call.params.get("response_format") or {}).get("type")
+    if wanted not in ("json_object", "json_schema") or small.finish_reason is None \
+            or small.tool_calls:
+        return True
+    try:
+        json.loads("".join(small.text))
+    except ValueError:
+        return False
     return True
 
 

@@ -23,10 +23,10 @@ def test_adaptive_deadline_follows_the_recent_first_tokens() -> None:
     times = FirstTokenTimes()
     assert small_deadlines(budget, True, times).ttft_s == 0.1  # no history: as written
     for _ in range(20):
-        times.observe(300.0)
+        times.observe(200.0)
     adapted = small_deadlines(budget, True, times)
-    assert adapted.ttft_s == pytest.approx(ADAPT * 0.3)
-    assert adapted.total_s == pytest.approx(0.5 * ADAPT * 3)  # generation stretched alike
+    assert adapted.ttft_s == pytest.approx(ADAPT * 0.2)
+    assert adapted.total_s == pytest.approx(0.5 * ADAPT * 2)  # generation stretched alike
     fixed = policy(latency_budget={"small_ttft": 100, "small_deadline": "fixed"}).latency_budget
     assert small_deadlines(fixed, True, times).ttft_s == 0.1
     fast = FirstTokenTimes()
@@ -112,3 +112,36 @@ def test_a_tool_call_whose_arguments_are_not_json_is_not_served_as_good() -> Non
     assert not _tool_calls_parse(answer('{"city": Paris'))
     assert not _tool_calls_parse(answer('["Paris"]'))
     assert _tool_calls_parse(answer('{"city": "Pa', finished=False))  # judged when complete
+
+
+async def test_a_json_mode_answer_that_is_not_json_is_escalated_or_flagged(upstream: str) -> None:
+    cut = "hi" + script(text='{"capital": "Par', finish_reason="stop")
+    json_mode = {"response_format": {"type": "json_object"}}
+    _, decision = await engine_for(upstream).complete(call(cut, **json_mode))
+    assert (decision.route, decision.escalation) == (Route.ESCALATED, "invalid_json")
+    response, decision = await engine_for(upstream, frontiers=0).complete(call(cut, **json_mode))
+    assert (decision.route, decision.note) == (Route.SMALL, "invalid_json_served")
+    whole = "hi" + script(text='{"capital": "Paris"}')
+    _, decision = await engine_for(upstream).complete(call(whole, **json_mode))
+    assert decision.route == Route.SMALL
+
+
+def test_the_stretch_is_capped_so_a_stalled_model_is_still_caught() -> None:
+    from gateway.deadlines import MAX_STRETCH
+
+    budget = policy(latency_budget={"small_ttft": 100}).latency_budget
+    stalled = FirstTokenTimes()
+    for _ in range(20):
+        stalled.observe(50_000.0)
+    assert small_deadlines(budget, True, stalled).ttft_s == pytest.approx(0.1 * MAX_STRETCH)
+
+
+async def test_missed_first_tokens_stretch_the_deadline_until_they_fit(upstream: str) -> None:
+    engine = engine_for(upstream)
+    pol = policy(latency_budget={"small_ttft": 100})
+    routes = []
+    for n in range(14):
+        _, decision = await engine.complete(call(f"slow {n}" + script(ttft_ms=250), pol))
+        routes.append(decision.route)
+    assert routes[0] == Route.ESCALATED  # the policy's 100 ms, as written
+    assert routes[-1] == Route.SMALL  # once measured, 250 ms first tokens fit

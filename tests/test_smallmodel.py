@@ -298,14 +298,17 @@ def test_serving_options_are_overridable(tmp_path: Path) -> None:
                   reasoning_parser="deepseek_r1")
     tail = cmd[cmd.index("--enforce-eager") + 1:]
     assert tail == ["--enable-auto-tool-choice", "--tool-call-parser", "llama3_json",
+                    "--tool-strict-level", "parameter",  # SmolLM2's arguments held to schema
                     "--chat-template", str(tmp_path / "t.jinja"),
                     "--reasoning-parser", "deepseek_r1"]
     off = command(tool_call_parser=None, chat_template=None)
     assert off[-1] == "--enforce-eager"  # nothing for tools, the model folder's own template
     # Options given in extra_args win, in either spelling, and appear once.
-    cmd = command(extra_args=["--tool-call-parser=pythonic", "--chat-template", "x.jinja"])
+    cmd = command(extra_args=["--tool-call-parser=pythonic", "--chat-template", "x.jinja",
+                              "--tool-strict-level", "auto"])
     assert cmd[cmd.index("--enforce-eager") + 1:] == [
-        "--enable-auto-tool-choice", "--tool-call-parser=pythonic", "--chat-template", "x.jinja"]
+        "--enable-auto-tool-choice", "--tool-call-parser=pythonic", "--chat-template", "x.jinja",
+        "--tool-strict-level", "auto"]
     # Another served model has no entry in the table: vLLM's defaults.
     other = VLLMServer(tmp_path / "m", port=1, python="/p", served_name="other").command()
     assert other[-1] == "--enforce-eager"

@@ -45,18 +45,23 @@ TEMPLATES = Path(__file__).with_name("templates")
 class Serving:
     """What vLLM needs to serve a model's chat features: the parser that turns its tool-call
     text into OpenAI ``tool_calls``, a chat template that can render tools, calls and results
-    (None: the model's own), and the parser that splits off its reasoning (None: it has none)."""
+    (None: the model's own), the parser that splits off its reasoning (None: it has none), and
+    how strictly vLLM holds tool calls to their schemas (`parameter`: arguments always follow
+    the tool's JSON schema, as with `strict: true`; None: vLLM's default)."""
 
     tool_call_parser: str | None = None
     chat_template: Path | None = None
     reasoning_parser: str | None = None
+    tool_strict_level: str | None = None
 
 
 # By served model name. SmolLM2 has no tool format of its own: the shipped template teaches it
 # the Hermes one (<tool_call>{"name": ..., "arguments": ...}</tool_call>).
 SERVING: dict[str, Serving] = {
+    # A 135M model does not write valid JSON arguments on its own: decoding holds it to them.
     MODEL_NAME: Serving(tool_call_parser="hermes",
-                        chat_template=TEMPLATES / "smollm2-tools.jinja"),
+                        chat_template=TEMPLATES / "smollm2-tools.jinja",
+                        tool_strict_level="parameter"),
 }
 
 
@@ -325,6 +330,7 @@ class VLLMServer:
         self.reasoning_parser = (
             table.reasoning_parser if isinstance(reasoning_parser, _FromTable) else reasoning_parser
         )
+        self.tool_strict_level = table.tool_strict_level
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -365,6 +371,8 @@ class VLLMServer:
         if self.tool_call_parser:
             add("--enable-auto-tool-choice")
             add("--tool-call-parser", self.tool_call_parser)
+            if self.tool_strict_level:
+                add("--tool-strict-level", self.tool_strict_level)
         if self.chat_template is not None:
             add("--chat-template", str(self.chat_template))
         if self.reasoning_parser:
