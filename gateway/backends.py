@@ -296,12 +296,17 @@ class OpenAIWireBackend(Backend):
         return self._chunks(response)
 
     async def _chunks(self, response: httpx.Response) -> AsyncIterator[dict]:
+        lines = response.aiter_lines()
         try:
-            async for line in response.aiter_lines():
+            async for line in lines:
                 if not line.startswith("data:"):
                     continue
                 data = line[5:].strip()
                 if data == "[DONE]":
+                    # Read the body to its end: a response closed unread takes its connection
+                    # out of the pool, and the next request would open a new one.
+                    async for _ in lines:
+                        pass
                     return
                 chunk = json.loads(data)
                 if "error" in chunk:
