@@ -8,7 +8,7 @@ success, connections cut mid-stream, tool calls and logprobs.
 
 Run it as its own process::
 
-    python -m load.upstream --host 127.0.0.1 --port 9100 [--model-name NAME]
+    python -m load.upstream --host 127.0.0.1 --port 9100 [--model-name NAME] [--stand-in-note]
 
 or in-process with ``create_app()``. Endpoints: ``POST /v1/chat/completions``,
 ``POST /v1/completions``, ``POST /v1/messages`` (Anthropic wire format), ``GET /v1/models``,
@@ -50,6 +50,7 @@ ATTEMPT_HEADER = "x-upstream-attempt"
 DIRECTIVE = "<<script"
 DEFAULT_MODEL_NAME = "upstream-model"
 DEFAULT_KEY = "default"
+STAND_IN_NOTE = "[stand-in frontier, not a real model] "
 TOOL_ARGUMENT_PIECE_CHARS = 8
 
 JSON = dict[str, Any]
@@ -271,7 +272,8 @@ def default_answer(prompt_text: str, n: int) -> tuple[str, ...]:
     return ("Answer:", *(" " + rng.choice(_WORDS) for _ in range(n - 1)))
 
 
-def plan_reply(script: Script, call: Call) -> Reply:
+def plan_reply(script: Script, call: Call, note: str = "") -> Reply:
+    """The answer to `call`; `note` (if any) opens every default answer (not scripted text)."""
     model = script.model or call.model
     prompt_tokens = len(call.prompt_text.split())
     if script.tool_call and call.tool_names:
@@ -282,7 +284,7 @@ def plan_reply(script: Script, call: Call) -> Reply:
     pieces = (
         split_text(script.text)
         if script.text is not None
-        else default_answer(call.prompt_text, script.output_tokens)
+        else (*split_text(note), *default_answer(call.prompt_text, script.output_tokens))
     )
     finish = "stop"
     if call.max_tokens is not None and len(pieces) > call.max_tokens:
@@ -849,7 +851,7 @@ def endpoint(fmt: WireFormat) -> Callable[[Request], Awaitable[Response]]:
                 headers["retry-after"] = _retry_after(script.retry_after)
             message = f"scripted upstream failure: status {status}, attempt {attempt}"
             return fmt.error(status, message, headers)
-        reply = plan_reply(script, call)
+        reply = plan_reply(script, call, state.stand_in_note)
         if call.stream:
             events = _counting_cancels(fmt.events(script, call, reply), state.stats, script.key)
             headers["cache-control"] = "no-cache"
@@ -862,6 +864,7 @@ def endpoint(fmt: WireFormat) -> Callable[[Request], Awaitable[Response]]:
 @dataclass
 class UpstreamState:
     model_name: str
+    stand_in_note: str = ""  # prefix of every default answer (see --stand-in-note)
     stats: Stats = field(default_factory=Stats)
 
 
@@ -884,8 +887,9 @@ async def stats_reset(request: Request) -> Response:
     return JSONResponse({"reset": True})
 
 
-def create_app(model_name: str = DEFAULT_MODEL_NAME) -> Starlette:
-    """The scripted upstream as an ASGI app; each app keeps its own counters."""
+def create_app(model_name: str = DEFAULT_MODEL_NAME, stand_in_note: str = "") -> Starlette:
+    """The scripted upstream as an ASGI app; each app keeps its own counters. A
+    `stand_in_note` opens every default answer, so a reader cannot take it for a model's."""
     routes = [
         Route("/v1/chat/completions", endpoint(OPENAI_CHAT), methods=["POST"]),
         Route("/v1/completions", endpoint(OPENAI_COMPLETIONS), methods=["POST"]),
@@ -896,7 +900,7 @@ def create_app(model_name: str = DEFAULT_MODEL_NAME) -> Starlette:
         Route("/stats/reset", stats_reset, methods=["POST"]),
     ]
     app = Starlette(routes=routes)
-    app.state.upstream = UpstreamState(model_name)
+    app.state.upstream = UpstreamState(model_name, stand_in_note)
     return app
 
 
@@ -925,9 +929,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=9100)
     parser.add_argument("--model-name", default=DEFAULT_MODEL_NAME)
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument(
+        "--stand-in-note", nargs="?", const=STAND_IN_NOTE, default="", metavar="TEXT",
+        help=f"open every default answer with TEXT (without TEXT: {STAND_IN_NOTE!r}), so "
+        "nobody takes the stand-in's answers for a model's; scripted text is left as it is")
     args = parser.parse_args(argv)
+    note = args.stand_in_note
+    if note and not note.endswith((" ", "\n")):
+        note += " "
     config = uvicorn.Config(
-        create_app(args.model_name),
+        create_app(args.model_name, note),
         host=args.host,
         port=args.port,
         log_level=args.log_level,

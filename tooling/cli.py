@@ -141,6 +141,12 @@ def cmd_budget(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_redis(args: argparse.Namespace) -> int:
+    from tooling.redis_local import serve
+
+    return serve(port=args.port, directory=args.dir)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from tooling.demo import run_demo
 
@@ -189,6 +195,13 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--api-key", default=os.environ.get("SMALLFIRST_API_KEY"))
     budget.add_argument("--json", action="store_true")
     budget.set_defaults(func=cmd_budget)
+
+    redis = sub.add_parser("redis", help="a local Redis with the query engine (dev extra)")
+    redis_serve = redis.add_subparsers(required=True).add_parser(
+        "serve", help="run Valkey with the search module until Ctrl-C")
+    redis_serve.add_argument("--port", type=int, default=6379)
+    redis_serve.add_argument("--dir", type=Path, help="working folder (default: a temporary one)")
+    redis_serve.set_defaults(func=cmd_redis)
 
     demo = sub.add_parser("demo", help="start the small model and the gateway, and show it work")
     demo.add_argument("--port", type=int, default=8000)
