@@ -86,7 +86,13 @@ def _matrices(args, paths: list[Path]):
     from router.data import load_outcomes
     from router.train import build_matrices
 
-    frame = load_outcomes(paths)
+    try:
+        frame = load_outcomes(paths)
+    except (OSError, ValueError) as exc:  # a missing file, a column, or no usable row
+        raise SystemExit(f"router: {exc}") from exc
+    for name, count in frame.attrs["left_out"].items():
+        print(f"router: {name}: {count} rows left out (no prompt, or a score missing)",
+              file=sys.stderr)
     if getattr(args, "peer_samples", False):
         from router.data import add_peer_samples
 

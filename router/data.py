@@ -32,15 +32,25 @@ OPTIONAL_COLUMNS = (
 
 
 def load_outcomes(paths: Sequence[str | Path]):
-    """Read one or more outcome parquet files into one DataFrame (needs pandas + pyarrow)."""
+    """Read one or more outcome parquet files into one DataFrame (needs pandas + pyarrow).
+
+    Rows that cannot be used (no prompt, or a missing or non-finite score) are left out and
+    counted in `frame.attrs["left_out"]` by file; a file with no usable row is an error.
+    """
     import pandas as pd
 
-    frames = []
+    frames, left_out = [], {}
     for path in paths:
         frame = pd.read_parquet(path)
         missing = [c for c in REQUIRED_COLUMNS if c not in frame.columns]
         if missing:
             raise ValueError(f"{path}: missing columns {missing}")
+        usable = _usable(frame)
+        if not usable.any():
+            raise ValueError(f"{path}: no row has a prompt and both scores")
+        if not usable.all():
+            left_out[Path(path).name] = int((~usable).sum())
+            frame = frame[usable].reset_index(drop=True)
         for column in OPTIONAL_COLUMNS:
             if column not in frame.columns:
                 frame[column] = None
@@ -53,7 +63,17 @@ def load_outcomes(paths: Sequence[str | Path]):
     data["small_response"] = data["small_response"].astype(object).where(
         data["small_response"].notna(), None
     )
+    data.attrs["left_out"] = left_out
     return data
+
+
+def _usable(frame):
+    """Rows with a non-empty prompt and finite small and large scores."""
+    import pandas as pd
+
+    prompt = frame["prompt"].map(lambda p: isinstance(p, str) and bool(p.strip()))
+    scores = [pd.to_numeric(frame[c], errors="coerce") for c in ("small_score", "large_score")]
+    return prompt & np.isfinite(scores[0]) & np.isfinite(scores[1])
 
 
 def add_peer_samples(frame):
