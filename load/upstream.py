@@ -4,7 +4,9 @@ This is NOT a model and NOT a real provider. It is a small OpenAI-compatible (an
 Messages-compatible) HTTP server whose every answer, delay and fault is chosen per request by a
 script, so tests and benchmarks can play the frontier model (and sometimes the small model) without
 a paid API: slow first tokens, slow streams, stalls, 429s with Retry-After, N failures then
-success, connections cut mid-stream, tool calls and logprobs.
+success, connections cut mid-stream, tool calls and logprobs. Unscripted, it answers a
+request whose ``tool_choice`` names a tool (or is ``required``) with a call to that tool, and a
+JSON-mode request (``response_format``) with a JSON object, as a real provider would.
 
 Run it as its own process::
 
@@ -210,6 +212,8 @@ class Call:
     top_logprobs: int = 0
     tool_names: tuple[str, ...] = ()
     n: int = 1  # choices in a non-streamed answer (all alike: the answer is scripted)
+    forced_tool: str | None = None  # tool_choice named a function (or said "required")
+    json_mode: bool = False  # response_format asked for JSON
 
 
 @dataclass(frozen=True)
@@ -276,8 +280,9 @@ def plan_reply(script: Script, call: Call, note: str = "") -> Reply:
     """The answer to `call`; `note` (if any) opens every default answer (not scripted text)."""
     model = script.model or call.model
     prompt_tokens = len(call.prompt_text.split())
-    if script.tool_call and call.tool_names:
-        tool = _tool_call(script.tool_call, call.tool_names[0])
+    if (script.tool_call or call.forced_tool) and call.tool_names:
+        tool = _tool_call(script.tool_call or {"name": call.forced_tool},
+                          call.forced_tool or call.tool_names[0])
         pieces = _argument_pieces(tool.arguments)
         finish = script.finish_reason or "tool_calls"
         return Reply(model, pieces, (script.logprob,) * len(pieces), finish, prompt_tokens, tool)
@@ -286,6 +291,8 @@ def plan_reply(script: Script, call: Call, note: str = "") -> Reply:
         if script.text is not None
         else (*split_text(note), *default_answer(call.prompt_text, script.output_tokens))
     )
+    if call.json_mode and script.text is None:  # a JSON-mode client gets a JSON object
+        pieces = split_text(json.dumps({"answer": "".join(pieces).strip()}))
     finish = "stop"
     if call.max_tokens is not None and len(pieces) > call.max_tokens:
         pieces, finish = pieces[: call.max_tokens], "length"
@@ -468,7 +475,21 @@ def parse_chat(body: JSON, default_model: str) -> Call:
         top_logprobs=_int_or_none(body.get("top_logprobs"), "top_logprobs") or 0,
         tool_names=names,
         n=max(1, _int_or_none(body.get("n"), "n") or 1),
+        forced_tool=_forced_tool(body.get("tool_choice"), names),
+        json_mode=_json_mode(body.get("response_format")),
     )
+
+
+def _json_mode(response_format: object) -> bool:
+    return isinstance(response_format, dict) and response_format.get("type") in (
+        "json_object", "json_schema")
+
+
+def _forced_tool(choice: object, names: tuple[str, ...]) -> str | None:
+    """The tool a chat request's tool_choice insists on, if it insists."""
+    if isinstance(choice, dict) and isinstance(choice.get("function"), dict):
+        return str(choice["function"].get("name") or "") or None
+    return names[0] if choice == "required" and names else None
 
 
 def _chat_logprobs(call: Call, reply: Reply, start: int, stop: int) -> JSON | None:

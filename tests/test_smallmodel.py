@@ -276,7 +276,7 @@ def test_command_line(tmp_path: Path) -> None:
     assert opt("--model") == str(tmp_path / "m")
     assert opt("--served-model-name") == "smollm2-135m-instruct"
     assert (opt("--host"), opt("--port")) == ("0.0.0.0", "8123")
-    assert (opt("--dtype"), opt("--max-model-len")) == ("bfloat16", "2048")
+    assert (opt("--dtype"), opt("--max-model-len")) == ("float32", "2048")
     assert "--enforce-eager" in cmd
     assert server.api_base == "http://0.0.0.0:8123/v1"
 

@@ -35,3 +35,27 @@ def test_not_ready_while_the_small_model_is_away(session_gateways: GatewayRunner
     assert checks["warmed_up"] is False and checks["small_model"] is False
     assert httpx.get(f"{base}/healthz", timeout=10).status_code == 200  # alive all the same
     assert "does not answer yet" in session_gateways.last_process.log.read_text()
+
+
+def test_the_first_repeat_after_start_is_an_exact_hit_at_the_default_deadline(
+        session_gateways: GatewayRunner, upstream: str, redis_url: str) -> None:
+    """Models load before /readyz says ready, and the exact entry is written without waiting
+    for the embedding: the shipped 10 ms lookup deadline serves the first repeat."""
+    import uuid
+
+    from tests.conftest import script
+
+    base = session_gateways.start(upstream_config(
+        upstream, redis_url=redis_url, cache_prefix=f"warm-{uuid.uuid4().hex[:6]}"))
+    body = {"model": "auto", "messages": [
+        {"role": "user", "content": "What is the capital of Chile?" + script(text="Santiago.")}]}
+    first = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=30)
+    assert first.headers["x-smallfirst-route"] == "small"
+    routes = []
+    for _ in range(50):  # the write lands just after the first response
+        routes.append(httpx.post(f"{base}/v1/chat/completions", json=body,
+                                 timeout=30).headers["x-smallfirst-route"])
+        if routes[-1] == "cache_exact":
+            break
+        time.sleep(0.05)
+    assert routes[-1] == "cache_exact", routes

@@ -55,6 +55,11 @@ class Serving:
     tool_strict_level: str | None = None
 
 
+# A 135M model fits in memory either way; on a CPU without native bfloat16 (AVX2 only) vLLM's
+# bfloat16 path was 3-5x slower to a first token than float32, and float32 is the same on
+# every CPU.
+DTYPE = "float32"
+
 # By served model name. SmolLM2 has no tool format of its own: the shipped template teaches it
 # the Hermes one (<tool_call>{"name": ..., "arguments": ...}</tool_call>).
 SERVING: dict[str, Serving] = {
@@ -303,7 +308,7 @@ class VLLMServer:
         python: str | os.PathLike[str] | None = None,
         log_path: str | os.PathLike[str] | None = None,
         cache: Path | None = None,
-        dtype: str = "bfloat16",
+        dtype: str = DTYPE,
         max_model_len: int = 2048,
         extra_args: Sequence[str] = (),
         tool_call_parser: str | None | _FromTable = FROM_TABLE,

@@ -262,6 +262,26 @@ async def test_tool_call_streamed_in_pieces(client: httpx.AsyncClient) -> None:
     assert chunks[-1]["choices"][0]["finish_reason"] == "tool_calls"
 
 
+async def test_a_named_tool_choice_is_answered_with_that_tool(client: httpx.AsyncClient) -> None:
+    named = {"type": "function", "function": {"name": "get_weather"}}
+    for choice in (named, "required"):
+        reply = await client.post("/v1/chat/completions",
+                                  json=chat("Weather?", tools=TOOLS, tool_choice=choice))
+        call = reply.json()["choices"][0]["message"]["tool_calls"][0]
+        assert call["function"]["name"] == "get_weather"
+        assert isinstance(json.loads(call["function"]["arguments"]), dict)
+    auto = await client.post("/v1/chat/completions", json=chat("Weather?", tools=TOOLS))
+    assert auto.json()["choices"][0]["message"]["content"].startswith("Answer:")
+
+
+async def test_json_mode_is_answered_with_a_json_object(client: httpx.AsyncClient) -> None:
+    for kind in ("json_object", "json_schema"):
+        reply = await client.post("/v1/chat/completions", json=chat(
+            "Capital of France?", response_format={"type": kind}))
+        answer = json.loads(reply.json()["choices"][0]["message"]["content"])
+        assert answer["answer"].startswith("Answer:")
+
+
 # ---------------------------------------------------------------------- errors and retries
 
 
