@@ -262,8 +262,8 @@ async def _tour(client: httpx.AsyncClient, root: str, cached: bool, tools: bool)
           "rest streams as it is generated)")
     await _ask_streamed(client, "chat", STREAMED)
     print(f"6. A tool call: get_weather(city), named in tool_choice, then the tool's result "
-          f"goes back for the final answer. The model is named directly ({SMALL}): the "
-          "stand-in frontier cannot call tools, so escalating would not show one")
+          f"goes back for the final answer. The model is named directly ({SMALL}), so the "
+          "small model's own call is shown rather than the stand-in frontier's")
     await _tool_call(client, tools)
     print("7. Where the time went: `smallfirst budget` against this gateway")
     await _budget(client, root)
