@@ -3,6 +3,7 @@
     smallfirst cache stats [--config FILE]
     smallfirst cache purge --tenant T [--policy P] [--config FILE]
     smallfirst cache eval --pairs FILE [--report FILE.json] [--plot FILE.png]
+    smallfirst cache eval --by-template-holdout [--pairs FILE] [--trees N] [--report FILE.json]
     smallfirst cache train [--pairs FILE]
 """
 
@@ -34,8 +35,9 @@ def register(subparsers: Any) -> None:
     purge.set_defaults(func=cmd_purge)
 
     evaluate = cache.add_parser("eval", help="the semantic verifier on labelled pairs")
-    evaluate.add_argument("--pairs", type=Path, required=True,
-                          help="parquet/CSV/JSON lines with q1, q2, same_answer, kind")
+    evaluate.add_argument("--pairs", type=Path, default=None,
+                          help="parquet/CSV/JSON lines with q1, q2, same_answer, kind "
+                          "(required, except with --by-template-holdout: the training pairs)")
     evaluate.add_argument("--report", type=Path, help="write the figures as JSON")
     evaluate.add_argument("--plot", type=Path, help="trade-off plot (default: beside the "
                           "report, or cache-eval.png)")
@@ -43,6 +45,18 @@ def register(subparsers: Any) -> None:
     evaluate.add_argument("--policy", default="auto", help="whose threshold to evaluate")
     evaluate.add_argument("--include-trained", action="store_true",
                           help="also count rows the shipped verifier was fitted on")
+    evaluate.add_argument("--by-template-holdout", action="store_true",
+                          help="leave each kind of pair out of training in turn, retrain on "
+                          "the others and score the kind the verifier never saw")
+    evaluate.add_argument("--trees", type=int, default=None,
+                          help="with --by-template-holdout: trees per model (default: the "
+                          "training recipe's)")
+    evaluate.add_argument("--calibration-repeats", type=int, default=None,
+                          help="with --by-template-holdout: cross-fitting repeats for the "
+                          "calibration table (default: the training recipe's)")
+    evaluate.add_argument("--min-kind-rows", type=int, default=100,
+                          help="with --by-template-holdout: smaller kinds are left out with "
+                          "the kinds that share their name's first word")
     evaluate.set_defaults(func=cmd_eval)
 
     train = cache.add_parser("train", help="rebuild the shipped pair verifier")
@@ -99,6 +113,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from router.pairs.verifier import PairVerifier
 
     settings = _policy_settings(args.policies, args.policy)
+    if args.by_template_holdout:
+        return _holdout(args, settings)
+    if args.pairs is None:
+        print("smallfirst: --pairs FILE is required", file=sys.stderr)
+        return 2
     plot = args.plot or (args.report.with_suffix(".png") if args.report else
                          Path("cache-eval.png"))
     report = evaluate(
@@ -108,10 +127,63 @@ def cmd_eval(args: argparse.Namespace) -> int:
         include_trained=args.include_trained, plot=plot,
     )
     _print_report(report)
-    if args.report:
-        args.report.parent.mkdir(parents=True, exist_ok=True)
-        args.report.write_text(json.dumps(report, indent=2) + "\n")
+    _write(args.report, report)
     return 0
+
+
+def _write(path: Path | None, report: dict[str, Any]) -> None:
+    if path:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _holdout(args: argparse.Namespace, settings: Any) -> int:
+    from router import Embedder
+    from router.pairs.evaluate import holdout_by_kind
+    from router.pairs.training import CALIBRATION_REPEATS, DEFAULT_PAIRS
+
+    pairs = args.pairs or DEFAULT_PAIRS
+    if not pairs.is_file():
+        print(f"smallfirst: no labelled pairs at {pairs}", file=sys.stderr)
+        return 2
+
+    def progress(fold: dict[str, Any]) -> None:
+        print(f"  left out {fold['left_out']}: threshold {fold['threshold']:.4f} "
+              f"({fold['elapsed_s']:.0f} s)", file=sys.stderr, flush=True)
+
+    report = holdout_by_kind(
+        pairs, Embedder(), max_false_hit_rate=settings.semantic_max_false_hit_rate,
+        min_cosine=settings.semantic_min_cosine, min_rows=args.min_kind_rows,
+        trees=args.trees, repeats=args.calibration_repeats or CALIBRATION_REPEATS,
+        progress=progress)
+    _print_holdout(report)
+    _write(args.report, report)
+    return 0
+
+
+def _percent(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def _print_holdout(report: dict[str, Any]) -> None:
+    print(f"{report['rows']} pairs, each kind scored by a verifier trained without it "
+          f"({report['trees']} trees, {report['calibration_repeats']} calibration repeats, "
+          f"target {report['max_false_hit_rate']:.0%} false hits; {report['seconds']:.0f} s)")
+    print(f"  {'kind':26s} {'rows':>5s}  {'measures':15s} {'rate':>6s}  95% interval"
+          f"    threshold")
+    for kind, row in report["by_kind"].items():
+        print(f"  {kind:26s} {row['rows']:5d}  {row['means']:15s} {_percent(row['rate']):>6s}"
+              f"  [{_percent(row['lower_95'])}, {_percent(row['upper_95'])}]"
+              f"  {row['threshold']:.4f}")
+    low, high = report["hit_rate_95"] or (None, None)
+    print(f"hit rate (paraphrases served):  {_percent(report['hit_rate'])} "
+          f"[{_percent(low)}, {_percent(high)}]")
+    print(f"false-hit rate (wrong answers): {_percent(report['false_hit_rate'])} "
+          f"(upper 95% {_percent(report['false_hit_rate_upper_95'])})")
+    worst = report["worst_negative_kind"]
+    print(f"worst negative kind:            {worst['kind']} {_percent(worst['rate'])} "
+          f"(upper 95% {_percent(worst['upper_95'])})")
+    print(f"targets met: {report['targets_met']}")
 
 
 def _print_report(report: dict[str, Any]) -> None:
@@ -119,13 +191,16 @@ def _print_report(report: dict[str, Any]) -> None:
           f"; threshold {report['threshold']:.4f}")
     print(f"hit rate (paraphrases served):      {report['hit_rate']}")
     print(f"false-hit rate (wrong answers):     {report['false_hit_rate']}")
+    print(f"false hits, upper 95% bound:        {report['false_hit_rate_upper_95']}")
     worst = report["worst_negative_kind"]
-    print(f"worst negative kind:                {worst['kind']} {worst['rate']}")
+    print(f"worst negative kind:                {worst['kind']} {worst['rate']}"
+          f" (upper 95% {worst['upper_95']})")
     cosine = report["cosine_only"]
     print(f"cosine alone at the same target:    hit rate {cosine['hit_rate_at_target_overall']}"
           f" (overall), {cosine['hit_rate_at_target_worst_kind']} (every kind)")
     for kind, row in report["by_kind"].items():
-        print(f"  {kind:26s} {row['means']:15s} {row['rate']:.4f}  (n={row['rows']})")
+        print(f"  {kind:26s} {row['means']:15s} {row['rate']:.4f}  (n={row['rows']}, "
+              f"95% [{row['lower_95']:.4f}, {row['upper_95']:.4f}])")
     print(f"targets met: {report['targets_met']}; plot: {report.get('plot')}")
 
 
