@@ -41,6 +41,7 @@ from gateway.scoring import (
 )
 from gateway.shapes import cached_from_response, replay_chunks, replay_response
 from gateway.telemetry import genai
+from gateway.telemetry.metrics import record_cache_audit
 from gateway.telemetry.tracing import outgoing_headers
 from gateway.types import (
     Assembly,
@@ -353,7 +354,22 @@ class CascadeEngine:
         if hit is not None:
             decision.route = Route.CACHE_EXACT if hit.kind == "exact" else Route.CACHE_SEMANTIC
             call.served_from_cache = hit.answer.usage
+            if hit.kind == "semantic":
+                self._audit(call, hit)
         return hit
+
+    def _audit(self, call: Call, hit: CacheHit) -> None:
+        """The cache's guard may have the small model answer a semantic hit's question in the
+        background (gateway.cache.guard); its tokens are a background call's, not the client's."""
+        guard = getattr(self.cache, "guard", None)
+        if guard is None:
+            return
+        params = {k: v for k, v in call.params.items() if k not in ("stream", "stream_options")}
+        timeout, policy = call.policy.latency_budget.small_timeout / 1000, call.policy.name
+        guard.after_hit(
+            hit, policy, call.policy.cache,
+            lambda: self.small.complete(params, timeout=timeout, headers=outgoing_headers()),
+            lambda result, response: record_cache_audit(policy, result, self.small.name, response))
 
     async def ask_frontier(self, params: dict[str, Any]) -> tuple[str, str]:
         """One answer from the first frontier that gives one (for shadow calls): model, text."""

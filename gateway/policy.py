@@ -148,6 +148,18 @@ class CacheSettings(_Strict):
         description="Entries kept per tenant under this policy; past it the entries closest "
         "to expiry (memory: least recently used) are evicted.",
     )
+    semantic_audit_rate: float = Field(
+        default=0.05, ge=0, le=1,
+        description="Share of semantic hits audited: after the cached answer is sent, the "
+        "small model answers the new question in the background and the two answers are "
+        "compared. An entry the audit disagrees with serves only pairs the verifier rates "
+        "above that hit's probability; after two disagreements it serves exact repeats only.",
+    )
+    semantic_audits_per_minute: float = Field(
+        default=30, ge=0,
+        description="Most audits a minute, per gateway process (sampled hits past it are "
+        "counted as skipped_budget).",
+    )
 
 
 class TelemetrySettings(_Strict):

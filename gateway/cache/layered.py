@@ -6,6 +6,11 @@ nearest candidates must pass the pair verifier. The whole lookup runs under the 
 deadline: past it, or on any Redis error, the request proceeds as a miss. After an error the
 cache stays out of the way for `retry_after_s`, then tries again, so a dead Redis costs
 nothing and a returning one is used at once.
+
+With a semantic index the cache has a `guard` (`gateway.cache.guard`): the engine hands it
+each semantic hit, a sample of which the small model re-answers in the background. A
+candidate the audits stopped (two disagreements) is skipped, and one with a raised bar must
+be rated above it; both read from the search's own reply.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections import Counter, OrderedDict
 from collections.abc import Callable
@@ -23,8 +29,9 @@ import numpy as np
 
 from gateway.cache.base import ExactStore
 from gateway.cache.fingerprint import context_hash, exact_key, final_user_text, is_multi_turn
+from gateway.cache.guard import STOP_AFTER, CacheGuard, SemanticHit
 from gateway.cache.memory import MemoryExactStore
-from gateway.cache.redis_exact import RedisExactStore
+from gateway.cache.redis_exact import RedisExactStore, audit_summary
 from gateway.cache.semantic import Candidate, SemanticIndex
 from gateway.policy import CacheSettings
 from gateway.types import CachedAnswer, CacheHit, CacheRequest
@@ -66,6 +73,7 @@ class LayeredCache:
         self._index_ready = False
         self._vectors: OrderedDict[str, asyncio.Future] = OrderedDict()
         self._tasks: set[asyncio.Task] = set()
+        self.guard = CacheGuard(self._audited, self.counts) if self.semantic is not None else None
 
     # ---- life cycle ------------------------------------------------------------------------
 
@@ -86,6 +94,8 @@ class LayeredCache:
         self._spawn(self._flush_counts_forever())
 
     async def close(self) -> None:
+        if self.guard is not None:
+            await self.guard.close()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -143,6 +153,10 @@ class LayeredCache:
             request.tenant, request.policy, semantic.context, await asyncio.shield(vector),
             k=settings.semantic_candidates)
         candidates = [c for c in candidates if c.cosine >= settings.semantic_min_cosine]
+        stopped = sum(c.disagreements >= STOP_AFTER for c in candidates)
+        if stopped:  # audits disagreed with these twice: exact repeats only
+            self.counts["audit_withheld"] += stopped
+            candidates = [c for c in candidates if c.disagreements < STOP_AFTER]
         if not candidates:
             return None
         threshold = settings.semantic_threshold
@@ -153,21 +167,54 @@ class LayeredCache:
         if best is None:
             self.counts["semantic_rejected"] += 1
             return None
-        return CacheHit("semantic", best[0].answer, similarity=best[1])
+        found, probability = best
+        return SemanticHit("semantic", found.answer, similarity=probability, entry=found.entry,
+                           cached_text=found.text, text=semantic.text, cosine=found.cosine)
 
     def _verify(self, text: str, candidates: list[Candidate], threshold: float
                 ) -> tuple[Candidate, float] | None:
-        """The first candidate (nearest first) the verifier accepts, if any."""
+        """The first candidate (nearest first) the verifier accepts, if any; one whose bar
+        an audit raised must be rated above it."""
         verifier = self.verifier
         assert verifier is not None
         for candidate in candidates:
             diff = PairDiff.of(candidate.text, text)
+            bar = threshold
+            if candidate.min_probability >= threshold:
+                bar = math.nextafter(candidate.min_probability, math.inf)
             probability = verifier.accept(
-                diff, candidate.cosine, threshold,
+                diff, candidate.cosine, bar,
                 lambda diff=diff: float(changed_part_cosines(self._embed, [diff])[0]))
             if probability is not None:
                 return candidate, probability
         return None
+
+    # ---- audits ----------------------------------------------------------------------------
+
+    async def _audited(self, hit: SemanticHit, disagreed: bool) -> None:
+        """Keep an audit's outcome on its entry. A disagreement raises the entry's bar to the
+        pair's exact probability (the hit's may be a lower bound), computed here, off the
+        request path."""
+        assert self.semantic is not None
+        probability = hit.similarity or 0.0
+        if disagreed:
+            probability = max(probability, await asyncio.to_thread(self._probability, hit))
+        try:
+            disagreements = await self.semantic.audited(hit.entry, disagreed, probability)
+        except Exception as exc:
+            self._failed(exc)
+            return
+        if disagreed and disagreements == STOP_AFTER:
+            self.counts["audit_entries_stopped"] += 1
+            log.info("cache: entry %s stopped serving semantically after %d disagreeing "
+                     "audits", hit.entry, STOP_AFTER)
+
+    def _probability(self, hit: SemanticHit) -> float:
+        assert self.verifier is not None
+        diff = PairDiff.of(hit.cached_text, hit.text)
+        return self.verifier.probability(
+            hit.cached_text, hit.text, hit.cosine,
+            float(changed_part_cosines(self._embed, [diff])[0]))
 
     # ---- store -----------------------------------------------------------------------------
 
@@ -265,7 +312,10 @@ class LayeredCache:
         return await self.exact.purge(tenant, policy)
 
     async def stats(self) -> dict[str, Any]:
-        return {**await self.exact.stats(), "process_counters": dict(self.counts)}
+        stats = {**await self.exact.stats(), "process_counters": dict(self.counts)}
+        if self.guard is not None:
+            stats["process_audits"] = audit_summary(self.counts)
+        return stats
 
 
 def _consume(task: asyncio.Task) -> None:

@@ -4,7 +4,8 @@ Key layout (prefix `smallfirst` by default; tenant and policy names percent-enco
 name can reach into another's keys or glob patterns):
 
     <prefix>:x:<tenant>:<policy>:<fingerprint>   exact answer (JSON string, with TTL)
-    <prefix>:s:<tenant>:<policy>:<fingerprint>   semantic entry (hash, indexed, with TTL)
+    <prefix>:s:<tenant>:<policy>:<fingerprint>   semantic entry (hash, indexed, with TTL; its
+                                                 audit fields too: see gateway.cache.guard)
     <prefix>:n:<tenant>:<policy>                 sorted set of fingerprints by expiry time
     <prefix>:idx                                 the semantic search index
     <prefix>:stats                               hit/miss counters
@@ -109,9 +110,10 @@ class RedisExactStore:
             tenant, policy = _text(name).split(":n:", 1)[1].split(":", 1)
             scopes[f"{unquote(tenant)}/{unquote(policy)}"] = await self.client.zcard(name)
         info = await self.client.info("memory")
+        counts = {_text(k): int(v) for k, v in counters.items()}
         return {"backend": "redis", "entries_by_scope": scopes,
-                "entries": sum(scopes.values()),
-                "counters": {_text(k): int(v) for k, v in counters.items()},
+                "entries": sum(scopes.values()), "counters": counts,
+                "semantic_audits": audit_summary(counts),
                 "used_memory": info.get("used_memory_human")}
 
     async def add_counts(self, counts: dict[str, int]) -> None:
@@ -140,6 +142,16 @@ async def track(client: Any, keys: Keys, pipe: Any, tenant: str, policy: str, ke
         names = [k for member, _ in evicted for k in keys.of_entry(tenant, policy, _text(member))]
         if names:
             await client.delete(*names)
+
+
+def audit_summary(counters: dict[str, int]) -> dict[str, int]:
+    """The semantic-hit audits (`gateway.cache.guard`) in the shared counters, all replicas."""
+    agree, disagree = counters.get("audit_agree", 0), counters.get("audit_disagree", 0)
+    return {"audits": agree + disagree, "agreements": agree, "disagreements": disagree,
+            "skipped_budget": counters.get("audit_skipped_budget", 0),
+            "failed": counters.get("audit_failed", 0),
+            "entries_stopped": counters.get("audit_entries_stopped", 0),
+            "candidates_withheld": counters.get("audit_withheld", 0)}
 
 
 def _text(value: Any) -> str:

@@ -4,6 +4,11 @@ One hash per entry under `<prefix>:s:`, indexed with TAG fields for tenant, poli
 context hash (everything but the final user turn) and an HNSW cosine VECTOR field. Every
 search filters by all three tags; the tenant filter is not optional (an empty tenant is an
 error), and each returned document's stored tenant is checked again before it is used.
+
+What audits found about an entry (`gateway.cache.guard`) lives on the same hash, as plain
+fields the search returns with each candidate (no extra round trip): `audits`,
+`disagreements` and `min_probability` (the entry serves only pairs rated above it). They go
+when the entry goes (TTL, eviction, purge).
 """
 
 from __future__ import annotations
@@ -25,11 +30,29 @@ class QueryEngineMissing(ConfigError):
     """The Redis server has no FT.* commands (no Redis Query Engine / RediSearch)."""
 
 
+# One audit's outcome, atomically (replicas share the entry): count it, raise the entry's bar
+# to the disagreeing pair's probability (never lower it), and return the disagreements so far.
+# A hash that expired meanwhile is left alone (no field would bring it back without a TTL).
+AUDITED = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+redis.call('HINCRBY', KEYS[1], 'audits', 1)
+if ARGV[1] ~= '1' then
+  return tonumber(redis.call('HGET', KEYS[1], 'disagreements') or '0')
+end
+local bar = tonumber(redis.call('HGET', KEYS[1], 'min_probability') or '0')
+if tonumber(ARGV[2]) > bar then redis.call('HSET', KEYS[1], 'min_probability', ARGV[2]) end
+return redis.call('HINCRBY', KEYS[1], 'disagreements', 1)
+"""
+
+
 @dataclass(frozen=True)
 class Candidate:
     text: str  # the cached request's final user turn
     answer: CachedAnswer
     cosine: float
+    entry: str = ""  # the entry's key
+    disagreements: int = 0  # audits that disagreed with its answer
+    min_probability: float = 0.0  # serves only pairs the verifier rates above this
 
 
 class SemanticIndex:
@@ -37,6 +60,7 @@ class SemanticIndex:
         self.client = client
         self.keys = keys
         self.ef_runtime = ef_runtime
+        self._audited = client.register_script(AUDITED)
 
     async def ensure(self) -> None:
         """Create the index if it is missing; QueryEngineMissing if the server cannot."""
@@ -89,29 +113,42 @@ class SemanticIndex:
         reply = await self.client.execute_command(
             "FT.SEARCH", self.keys.index, query,
             "PARAMS", "2", "vec", np.asarray(vector, dtype=np.float32).tobytes(),
-            "SORTBY", "dist", "RETURN", "4", "dist", "owner", "text", "answer",
+            "SORTBY", "dist", "RETURN", "6", "dist", "owner", "text", "answer",
+            "disagreements", "min_probability",
             "LIMIT", "0", str(int(k)), "DIALECT", "2",
         )
-        return [c for c in (_candidate(fields, tenant) for fields in _documents(reply)) if c]
+        return [c for c in (_candidate(name, fields, tenant) for name, fields in _documents(reply))
+                if c]
+
+    async def audited(self, entry: str, disagreed: bool, probability: float) -> int | None:
+        """Record an audit of `entry`; its disagreements so far, or None if it is gone."""
+        if not entry.startswith(self.keys.semantic_prefix):
+            raise ValueError(f"not a semantic entry: {entry!r}")
+        count = await self._audited(keys=[entry],
+                                    args=["1" if disagreed else "0", repr(float(probability))])
+        return None if int(count) < 0 else int(count)
 
     async def drop(self) -> None:
         await self.client.execute_command("FT.DROPINDEX", self.keys.index)
 
 
-def _documents(reply: Any) -> list[dict[str, bytes]]:
-    """FT.SEARCH's RESP2 reply [total, id, [field, value, ...], ...] as field dicts."""
+def _documents(reply: Any) -> list[tuple[str, dict[str, bytes]]]:
+    """FT.SEARCH's RESP2 reply [total, id, [field, value, ...], ...] as (id, fields)."""
     docs = []
-    for fields in reply[2::2]:
-        docs.append({_s(fields[i]): fields[i + 1] for i in range(0, len(fields) - 1, 2)})
+    for name, fields in zip(reply[1::2], reply[2::2], strict=False):
+        docs.append((_s(name), {_s(fields[i]): fields[i + 1]
+                                for i in range(0, len(fields) - 1, 2)}))
     return docs
 
 
-def _candidate(fields: dict[str, Any], tenant: str) -> Candidate | None:
+def _candidate(name: str, fields: dict[str, Any], tenant: str) -> Candidate | None:
     if _s(fields.get("owner", b"")) != tenant:
         return None  # defence in depth: never serve another tenant's entry
     try:
         answer = CachedAnswer.from_json(json.loads(fields["answer"]))
-        return Candidate(_s(fields["text"]), answer, 1.0 - float(fields["dist"]))
+        return Candidate(_s(fields["text"]), answer, 1.0 - float(fields["dist"]), name,
+                         int(fields.get("disagreements") or 0),
+                         float(fields.get("min_probability") or 0.0))
     except (KeyError, ValueError, TypeError):
         return None
 
