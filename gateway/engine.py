@@ -41,7 +41,6 @@ from gateway.scoring import (
 )
 from gateway.shapes import cached_from_response, replay_chunks, replay_response
 from gateway.telemetry import genai
-from gateway.telemetry.metrics import record_cache_audit
 from gateway.telemetry.tracing import outgoing_headers
 from gateway.types import (
     Assembly,
@@ -102,6 +101,8 @@ class CascadeEngine:
     ) -> None:
         self.small = small
         self.learner: TrafficLearner | None = None  # when a decision log is configured
+        # Where cache-audit results go (the metrics, when on): policy, result, model, response.
+        self.audited: Callable[[str, str, str, Any], None] = lambda *outcome: None
         self.bundles = bundles
         self.embed = embed
         self.cache = cache
@@ -369,7 +370,7 @@ class CascadeEngine:
         guard.after_hit(
             hit, policy, call.policy.cache,
             lambda: self.small.complete(params, timeout=timeout, headers=outgoing_headers()),
-            lambda result, response: record_cache_audit(policy, result, self.small.name, response))
+            lambda result, response: self.audited(policy, result, self.small.name, response))
 
     async def ask_frontier(self, params: dict[str, Any]) -> tuple[str, str]:
         """One answer from the first frontier that gives one (for shadow calls): model, text."""

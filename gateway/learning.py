@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from gateway.ratelimit import TokenBucket
 from gateway.types import Call, Route
 
 log = logging.getLogger("smallfirst.learning")
@@ -31,25 +32,6 @@ JUDGE_PROMPT = (
     "Candidate answer:\n{candidate}\n\nIs the candidate answer correct and complete enough "
     "to give to the user? Reply with one word: yes or no."
 )
-
-
-class TokenBucket:
-    """At most `per_minute` takes a minute, smoothly refilled."""
-
-    def __init__(self, per_minute: float) -> None:
-        self.per_minute = per_minute
-        self.tokens = per_minute
-        self.updated = time.monotonic()
-
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.per_minute,
-                          self.tokens + (now - self.updated) * self.per_minute / 60)
-        self.updated = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
 
 
 class TrafficLearner:

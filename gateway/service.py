@@ -85,6 +85,8 @@ class Gateway:
             BudgetTracker(settings.budget_window),
             _pricing(settings),
         )
+        if observer.metrics is not None:
+            engine.audited = observer.metrics.record_cache_audit
         return cls(settings, store, engine, access, observer, setup_tracing(), cache, embed)
 
     def begin(self) -> None:

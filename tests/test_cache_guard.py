@@ -11,7 +11,7 @@ from gateway.backends import BackendFailure
 from gateway.cache.guard import CacheGuard, SemanticHit, answer_text, disagrees
 from gateway.cache.redis_exact import audit_summary
 from gateway.policy import CacheSettings
-from gateway.telemetry.metrics import Metrics, record_cache_audit
+from gateway.telemetry.metrics import Metrics
 from gateway.types import CachedAnswer, CacheHit
 
 
@@ -157,9 +157,9 @@ def samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
 def test_audit_results_reach_the_metrics() -> None:
     metrics = Metrics(env={})
     try:
-        record_cache_audit("pol", "disagree", "small", {"usage": {"prompt_tokens": 7,
-                                                                  "completion_tokens": 2}})
-        record_cache_audit("pol", "skipped_budget")
+        metrics.record_cache_audit("pol", "disagree", "small",
+                                   {"usage": {"prompt_tokens": 7, "completion_tokens": 2}})
+        metrics.record_cache_audit("pol", "skipped_budget")
         text = metrics.prometheus_text().decode()
     finally:
         metrics.shutdown()

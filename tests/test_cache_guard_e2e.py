@@ -90,6 +90,7 @@ async def test_a_disagreeing_entry_raises_its_bar_then_stops(
     cache = await guarded_cache(redis_url, embed, pol)
     eng = scripted(upstream, cache)
     metrics = Metrics(env={})
+    eng.audited = metrics.record_cache_audit  # as the gateway wires it
     try:
         await plant(cache, pol, CACHED, "Lyon.")  # a wrong answer: the audit says Paris
         started = time.monotonic()
@@ -198,6 +199,7 @@ async def test_real_small_model_audits_and_stops_false_hits(
     small = OpenAIWireBackend(BackendConfig(model=f"hosted_vllm/{SMALL}", api_base=vllm_api_base))
     eng = CascadeEngine(small, [], RetryConfig(max_attempts=1), cache=cache)
     metrics = Metrics(env={})
+    eng.audited = metrics.record_cache_audit  # as the gateway wires it
     params = {"temperature": 0, "max_tokens": 24}
     started = time.monotonic()
     try:

@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gateway.policy import CacheSettings
+from gateway.ratelimit import TokenBucket
 from gateway.types import CacheHit
 from router import answer_agreement
 
@@ -74,26 +75,6 @@ def disagrees(cached: str, fresh: str) -> bool:
     return answer_agreement(cached, fresh) < AGREEMENT
 
 
-class Budget:
-    """At most `per_minute` audits a minute, smoothly refilled (a token bucket)."""
-
-    def __init__(self, per_minute: float, clock: Callable[[], float]) -> None:
-        self.per_minute = per_minute
-        self.clock = clock
-        self.tokens = per_minute
-        self.updated = clock()
-
-    def take(self) -> bool:
-        now = self.clock()
-        self.tokens = min(self.per_minute,
-                          self.tokens + (now - self.updated) * self.per_minute / 60)
-        self.updated = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-
-
 class CacheGuard:
     """Samples semantic hits, runs their audits in the background, and hands each outcome to
     `keep` (the cache writes it onto the entry). Results are counted in `counts` as
@@ -106,7 +87,7 @@ class CacheGuard:
         self.counts: Counter[str] = Counter() if counts is None else counts
         self.rng = rng
         self.clock = clock
-        self._budgets: dict[str, Budget] = {}
+        self._budgets: dict[str, TokenBucket] = {}
         self._tasks: set[asyncio.Task] = set()
 
     def sample(self, policy: str, settings: CacheSettings) -> str | None:
@@ -117,7 +98,7 @@ class CacheGuard:
             return None
         budget = self._budgets.get(policy)
         if budget is None or budget.per_minute != settings.semantic_audits_per_minute:
-            budget = Budget(settings.semantic_audits_per_minute, self.clock)
+            budget = TokenBucket(settings.semantic_audits_per_minute, self.clock)
             self._budgets[policy] = budget
         return "audit" if budget.take() else "skipped_budget"
 

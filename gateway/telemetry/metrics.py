@@ -7,7 +7,6 @@ tenants, users or prompts.
 from __future__ import annotations
 
 import os
-import weakref
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +25,6 @@ BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 
              10.0, 20.0, 30.0, 60.0)
 
 BudgetSource = Callable[[], Mapping[str, LatencyBudget]]
-_LIVE: weakref.WeakSet[Metrics] = weakref.WeakSet()  # this process's gateways' instruments
 
 
 @dataclass(frozen=True)
@@ -112,7 +110,6 @@ class Metrics:
             meter.create_observable_gauge(
                 "smallfirst.budget.allocation", callbacks=[self._allocations], unit="s",
                 description="Each policy's latency-budget allocation (total: the p99 target)")
-        _LIVE.add(self)
 
     def _allocations(self, options: CallbackOptions) -> Iterable[Observation]:
         assert self._budgets is not None
@@ -124,24 +121,20 @@ class Metrics:
     def prometheus_text(self) -> bytes:
         return generate_latest(self.registry)
 
-    def shutdown(self) -> None:
-        _LIVE.discard(self)
-        self.provider.shutdown()
-
-
-def record_cache_audit(policy: str, result: str, model: str | None = None,
-                       response: Mapping[str, Any] | None = None) -> None:
-    """A semantic-hit audit's result, and the small model's tokens it spent, counted as a
-    background call's (never the client's usage). Audits end after their request has been
-    reported, so they reach this process's instruments here rather than through the
-    request's Observer."""
-    usage = (response or {}).get("usage") or {}
-    for metrics in list(_LIVE):
-        metrics.cache_audits.add(1, {"policy": policy, "result": result})
+    def record_cache_audit(self, policy: str, result: str, model: str | None = None,
+                           response: Mapping[str, Any] | None = None) -> None:
+        """A semantic-hit audit's result, and the small model's tokens it spent, counted as a
+        background call's (never the client's usage). Audits end after their request has been
+        reported, so they come here from the engine rather than through the Observer."""
+        usage = (response or {}).get("usage") or {}
+        self.cache_audits.add(1, {"policy": policy, "result": result})
         if model and usage:
-            metrics.tokens.add(usage.get("prompt_tokens") or 0, {"model": model, "type": "input"})
-            metrics.tokens.add(usage.get("completion_tokens") or 0,
-                               {"model": model, "type": "output"})
+            self.tokens.add(usage.get("prompt_tokens") or 0, {"model": model, "type": "input"})
+            self.tokens.add(usage.get("completion_tokens") or 0,
+                            {"model": model, "type": "output"})
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()
 
 
 def _otlp_reader(protocol: str) -> Any:
