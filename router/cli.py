@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import functools
 import json
 import sys
 from dataclasses import asdict
@@ -49,7 +50,7 @@ def add_commands(sub) -> None:
     train.add_argument("--metrics", type=Path, default=None,
                        help="a report.json (from eval --cross-fit) to record in the bundle")
     train.add_argument("--model-card", type=Path, default=None, help="MODEL_CARD.md to include")
-    train.set_defaults(func=cmd_train)
+    train.set_defaults(func=_clean_errors(cmd_train))
 
     evaluate = sub.add_parser("eval", help="evaluate a bundle or a cross-fitted recipe")
     _data_args(evaluate)
@@ -62,7 +63,7 @@ def add_commands(sub) -> None:
     evaluate.add_argument("--tolerance", type=float, default=0.05)
     evaluate.add_argument("--price-ratio", type=float, default=DEFAULT_PRICE_RATIO,
                           help="large/small price per call when the data has no USD costs")
-    evaluate.set_defaults(func=cmd_eval)
+    evaluate.set_defaults(func=_clean_errors(cmd_eval))
 
     calibrate = sub.add_parser("calibrate", help="choose thresholds and write them to a policy")
     _data_args(calibrate)
@@ -73,7 +74,7 @@ def add_commands(sub) -> None:
     calibrate.add_argument("--policy", type=Path, required=True, help="policy YAML to update")
     calibrate.add_argument("--bundle-ref", default=None,
                            help="bundle path to write into the policy (default: --model as given)")
-    calibrate.set_defaults(func=cmd_calibrate)
+    calibrate.set_defaults(func=_clean_errors(cmd_calibrate))
 
 
 def register(subparsers) -> None:
@@ -86,10 +87,7 @@ def _matrices(args, paths: list[Path]):
     from router.data import load_outcomes
     from router.train import build_matrices
 
-    try:
-        frame = load_outcomes(paths)
-    except (OSError, ValueError) as exc:  # a missing file, a column, or no usable row
-        raise SystemExit(f"router: {exc}") from exc
+    frame = load_outcomes(paths)
     for name, count in frame.attrs["left_out"].items():
         print(f"router: {name}: {count} rows left out (no prompt, or a score missing)",
               file=sys.stderr)
@@ -253,15 +251,26 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def _clean_errors(command):
+    """Bad input (a missing file or column, no usable row) is one line and exit code 2, however
+    the command is reached (`router ...` or `smallfirst router ...`)."""
+
+    @functools.wraps(command)
+    def run(args) -> int:
+        try:
+            return command(args)
+        except (ValueError, OSError) as exc:
+            print(f"router: error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="router", description=__doc__.splitlines()[0])
     add_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except (ValueError, OSError) as exc:
-        print(f"router: error: {exc}", file=sys.stderr)
-        return 2
+    return args.func(args)
 
 
 if __name__ == "__main__":
