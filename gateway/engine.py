@@ -26,7 +26,7 @@ from gateway.config import RetryConfig
 from gateway.deadlines import FirstTokenTimes, SmallDeadlines, small_deadlines
 from gateway.embedding import Embed
 from gateway.errors import GatewayError, InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
-from gateway.learning import TrafficLearner
+from gateway.learning import TrafficLearner, quality_segment
 from gateway.policy import Policy, StreamMode
 from gateway.retry import call_with_retry
 from gateway.scoring import (
@@ -52,6 +52,7 @@ from gateway.types import (
     Route,
     Usage,
 )
+from router import QualityTargets
 
 log = logging.getLogger("smallfirst.engine")
 T = TypeVar("T")
@@ -100,7 +101,8 @@ class CascadeEngine:
         embed: Embed | None = None,
     ) -> None:
         self.small = small
-        self.learner: TrafficLearner | None = None  # when a decision log is configured
+        self.learner: TrafficLearner | None = None  # with a decision log or a frontier
+        self.quality = QualityTargets()  # thresholds of the policies with a quality target
         # Where cache-audit results go (the metrics, when on): policy, result, model, response.
         self.audited: Callable[[str, str, str, Any], None] = lambda *outcome: None
         self.bundles = bundles
@@ -597,7 +599,7 @@ class CascadeEngine:
             decision.confidence = await scorer.score(self._prompt(call), answer)
         floor = policy.confidence.min_token_logprob
         confident = (decision.confidence is not None
-                     and decision.confidence >= policy.confidence.threshold
+                     and decision.confidence >= self._acceptance_threshold(call)
                      and (floor is None or all(lp >= floor for lp in answer.token_logprobs)))
         rejected = ("invalid_tool_call" if not _tool_calls_parse(small) else
                     "invalid_json" if not _json_parses(call, small) else
@@ -606,6 +608,14 @@ class CascadeEngine:
             decision.note = f"{rejected}_served"  # nowhere better to send it
             return None
         return rejected
+
+    def _acceptance_threshold(self, call: Call) -> float:
+        """The policy's static threshold, or the one its quality target holds (which starts
+        by escalating everything until labels say otherwise)."""
+        spec = call.policy.quality_target
+        if spec is None or not self.frontiers:
+            return call.policy.confidence.threshold
+        return self.quality.threshold(call.policy.name, quality_segment(call), spec)
 
     async def _over_frontiers(
         self, call: Call, attempt: Callable[[Backend], Awaitable[Any]]

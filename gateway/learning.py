@@ -1,11 +1,17 @@
-"""Learning from traffic: a sampled decision log, labelled by escalations and shadow calls.
+"""Learning from traffic: labels from escalations and shadow calls, for a policy's quality
+target and for a sampled decision log.
 
 A request the small model answered can be labelled when the frontier answers the same
 prompt: on every escalation (free), or by a shadow call made in the background for a
 budgeted sample of requests the small model kept. The label is agreement between the two
-answers (`router.agreement`), or, with `judge: true`, the frontier's own verdict. Rows go to
-a JSON-lines file; `smallfirst router train --from-log FILE` turns them into training rows.
-Prompt and answer text are written only where the policy's `learning.log_text` allows.
+answers (`router.agreement`), or, with `judge: true`, the frontier's own verdict.
+
+- A policy with a quality target (`quality.target`) feeds every scored request and its label
+  to its calibrator (`router.QualityTargets`), which draws the shadow sample itself and sets
+  the threshold the engine accepts answers at.
+- With a decision log, rows go to a JSON-lines file; `smallfirst router train --from-log
+  FILE` turns them into training rows. Prompt and answer text are written only where the
+  policy's `learning.log_text` allows.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from typing import Any
 
 from gateway.ratelimit import TokenBucket
 from gateway.types import Call, Route
+from router import QualityCalibrator, QualityTargets
 
 log = logging.getLogger("smallfirst.learning")
 
@@ -34,14 +41,20 @@ JUDGE_PROMPT = (
 )
 
 
+def quality_segment(call: Call) -> str:
+    """The traffic segment whose labels set this request's acceptance threshold."""
+    return call.tenant if call.policy.quality.segment_by == "tenant" else "all"
+
+
 class TrafficLearner:
     def __init__(
-        self, path: Path, ask_frontier: AskFrontier | None,
-        rng: Callable[[], float] = random.random,
+        self, path: Path | None, ask_frontier: AskFrontier | None,
+        rng: Callable[[], float] = random.random, quality: QualityTargets | None = None,
     ) -> None:
-        self.path = path
+        self.path = path  # the decision log, if any
         self.ask_frontier = ask_frontier
         self.rng = rng
+        self.quality = quality or QualityTargets(rng=rng)
         self._buckets: dict[str, TokenBucket] = {}
         self._tasks: set[asyncio.Task] = set()
         self._lock = threading.Lock()
@@ -52,6 +65,8 @@ class TrafficLearner:
         decision, small = call.decision, call.small_answer
         if decision is None or small is None or not small.text:
             return
+        if self._calibrate(call) or self.path is None:
+            return
         if call.frontier_text is not None:
             if settings.log_escalations or self.rng() < settings.log_sample_rate:
                 self._spawn(self._write(call, call.frontier_text, "escalation"))
@@ -59,6 +74,42 @@ class TrafficLearner:
             self._spawn(self._shadow(call))
         elif self.rng() < settings.log_sample_rate:
             self._spawn(self._write(call, None, None))
+
+    def _calibrate(self, call: Call) -> bool:
+        """Feed a quality-target policy's calibrator; True when it took the request (its
+        label, if any, also goes to the decision log)."""
+        spec, decision = call.policy.quality_target, call.decision
+        if (spec is None or self.ask_frontier is None or decision.confidence is None
+                or decision.escalation not in (None, "low_confidence")):
+            return False  # other escalations go to the frontier whatever the threshold
+        calibrator = self.quality.calibrator(call.policy.name, quality_segment(call), spec)
+        escalated = decision.escalation == "low_confidence"
+        entry, shadow = calibrator.record(decision.confidence, escalated)
+        if escalated:
+            self._spawn(self._label(call, calibrator, entry, call.frontier_text, "escalation"))
+        elif shadow:
+            self._spawn(self._shadow(call, calibrator, entry))
+        return True
+
+    async def _label(self, call: Call, calibrator: QualityCalibrator, entry,
+                     frontier_text: str | None, source: str, verdict: float | None = None,
+                     ) -> None:
+        """Label the calibrator's entry (a missing frontier answer counts as the worst
+        case), and log the row where the policy logs such rows."""
+        if frontier_text is None:
+            await asyncio.to_thread(calibrator.lose, entry)
+            return
+        small = verdict
+        if small is None:
+            from router import answer_agreement
+
+            small = await asyncio.to_thread(answer_agreement, "".join(call.small_answer.text),
+                                            frontier_text)
+        await asyncio.to_thread(calibrator.label, entry, small, 1.0, source != "escalation")
+        settings = call.policy.learning
+        if self.path is not None and (source != "escalation" or settings.log_escalations
+                                      or self.rng() < settings.log_sample_rate):
+            await self._write(call, frontier_text, source, verdict)
 
     def _shadow_allowed(self, call: Call) -> bool:
         settings = call.policy.learning
@@ -69,15 +120,22 @@ class TrafficLearner:
             bucket = self._buckets[call.policy.name] = TokenBucket(settings.shadow_per_minute)
         return bucket.take()
 
-    async def _shadow(self, call: Call) -> None:
+    async def _shadow(self, call: Call, calibrator: QualityCalibrator | None = None,
+                      entry=None) -> None:
         assert self.ask_frontier is not None
         try:
             call.frontier_model, text = await self.ask_frontier(call.params)
             verdict = await self._judge(call, text) if call.policy.learning.judge else None
         except Exception as exc:  # a failed shadow call only loses one label
             log.warning("shadow call failed: %s", exc)
+            if calibrator is not None:
+                await asyncio.to_thread(calibrator.lose, entry)
             return
-        await self._write(call, text, "judge" if verdict is not None else "shadow", verdict)
+        source = "judge" if verdict is not None else "shadow"
+        if calibrator is not None:
+            await self._label(call, calibrator, entry, text, source, verdict)
+        else:
+            await self._write(call, text, source, verdict)
 
     async def _judge(self, call: Call, reference: str) -> float | None:
         assert self.ask_frontier is not None and call.prompt is not None
@@ -100,6 +158,7 @@ class TrafficLearner:
             log.warning("decision log write failed: %s", exc)
 
     def _append(self, line: str) -> None:
+        assert self.path is not None
         with self._lock, open(self.path, "a") as out:
             out.write(line + "\n")
 

@@ -8,9 +8,12 @@ by a test (`smallfirst policy schema > policies/schema.json`).
 from __future__ import annotations
 
 from enum import StrEnum
+from functools import cached_property
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from router import QualityTarget
 
 
 class StreamMode(StrEnum):
@@ -189,6 +192,30 @@ class LearningSettings(_Strict):
         "small answer (one more call) instead of comparing answers.")
 
 
+_QUALITY = QualityTarget()  # the calibrator's defaults, one source for both
+
+
+class QualitySettings(_Strict):
+    """A quality target held online (`router.quality`): the confidence threshold is set from
+    labels of this policy's own traffic instead of `confidence.threshold`."""
+
+    target: float | None = Field(
+        default=None, gt=0, lt=1,
+        description="Served answers keep at least this share of the quality the frontier "
+        "alone would give (e.g. 0.95); unset: the static confidence.threshold.")
+    confidence: float = Field(default=_QUALITY.confidence, ge=0.5, lt=1,
+                              description="One-sided confidence of the bound on the loss.")
+    window: int = Field(default=_QUALITY.window, ge=100, le=1_000_000,
+                        description="Scored requests remembered per segment (older ones drop "
+                        "out, so the threshold follows drifting traffic).")
+    min_labels: int = Field(default=_QUALITY.min_labels, ge=10,
+                            description="Below this many labels in the window, escalate all.")
+    refresh_every: int = Field(default=_QUALITY.refresh_every, ge=1,
+                               description="Labels between two threshold searches.")
+    segment_by: Literal["none", "tenant"] = Field(
+        default="none", description="One threshold per policy, or per policy and tenant.")
+
+
 class Policy(_Strict):
     """One routing policy. Clients pass `name` (or an alias) as the request's `model`."""
 
@@ -207,7 +234,24 @@ class Policy(_Strict):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     learning: LearningSettings = Field(default_factory=LearningSettings)
+    quality: QualitySettings = Field(default_factory=QualitySettings)
     escalate_on_small_error: bool = True
+
+    @model_validator(mode="after")
+    def _quality_needs_shadow_labels(self) -> Policy:
+        if self.quality.target is not None and self.learning.shadow_rate <= 0:
+            raise ValueError("quality.target needs learning.shadow_rate > 0: accepted answers "
+                             "are only labelled by shadow calls")
+        return self
+
+    @cached_property
+    def quality_target(self) -> QualityTarget | None:
+        """The calibrator's settings, or None where the static threshold applies."""
+        q, learning = self.quality, self.learning
+        if q.target is None:
+            return None
+        return QualityTarget(q.target, q.confidence, q.window, q.min_labels,
+                             learning.shadow_rate, learning.shadow_per_minute, q.refresh_every)
 
     @model_validator(mode="after")
     def _aliases_distinct(self) -> Policy:

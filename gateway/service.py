@@ -77,9 +77,10 @@ class Gateway:
             bundles=BundleRegistry(settings.policies),
             embed=embed,
         )
-        if settings.decision_log is not None:
+        if settings.decision_log is not None or engine.frontiers:
             engine.learner = TrafficLearner(settings.decision_log,
-                                            engine.ask_frontier if engine.frontiers else None)
+                                            engine.ask_frontier if engine.frontiers else None,
+                                            quality=engine.quality)
         observer = Observer(
             Metrics(budgets=lambda: _budgets(store)) if settings.metrics else None,
             BudgetTracker(settings.budget_window),

@@ -1,4 +1,4 @@
-"""`router train|eval|calibrate`: the command line of the learning package.
+"""`router train|eval|calibrate|replay`: the command line of the learning package.
 
 The gateway's `smallfirst` CLI calls `register(subparsers)` to mount these under `router`;
 `python -m router.cli train ...` runs them without the gateway.
@@ -37,7 +37,7 @@ def _model_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub) -> None:
-    """Add train, eval and calibrate to an argparse subparsers object."""
+    """Add train, eval, calibrate and replay to an argparse subparsers object."""
     train = sub.add_parser("train", help="train a bundle from outcome rows")
     _data_args(train, required=False)
     train.add_argument("--from-log", nargs="+", type=Path, default=[], metavar="LOG",
@@ -75,6 +75,24 @@ def add_commands(sub) -> None:
     calibrate.add_argument("--bundle-ref", default=None,
                            help="bundle path to write into the policy (default: --model as given)")
     calibrate.set_defaults(func=_clean_errors(cmd_calibrate))
+
+    replay = sub.add_parser("replay", help="replay outcomes through a policy's quality target")
+    _data_args(replay)
+    _model_arg(replay)
+    replay.add_argument("--policy", required=True,
+                        help="policy name (or alias) in --policies, or a policy YAML file")
+    replay.add_argument("--policies", type=Path, default=Path("policies"))
+    replay.add_argument("--shadow-rate", type=float, default=None,
+                        help="override the policy's learning.shadow_rate")
+    replay.add_argument("--seed", type=int, default=0, help="request order and shadow draws")
+    replay.add_argument("--rate", type=float, default=10.0,
+                        help="simulated requests a second (the shadow budget is per minute)")
+    replay.add_argument("--segment-by", choices=("none", "task"), default="none",
+                        help="one threshold per value of the file's `task` column")
+    replay.add_argument("--cross-fit", type=int, default=0, metavar="K",
+                        help="score rows out of fold (K-fold by prompt) instead of the bundle")
+    replay.add_argument("--report", type=Path, required=True, help="report JSON (a PNG beside)")
+    replay.set_defaults(func=_clean_errors(cmd_replay))
 
 
 def register(subparsers) -> None:
@@ -249,6 +267,60 @@ def cmd_calibrate(args) -> int:
                  f"{goal} on {', '.join(p.name for p in args.data)}")
     print(json.dumps({"policy": str(args.policy), "bundle": reference, **thresholds.as_dict()}))
     return 0
+
+
+def cmd_replay(args) -> int:
+    import numpy as np
+
+    from router import evaluate
+    from router.quality import quality_target
+    from router.replay import Stream, plot, replay
+    from router.train import TrainConfig
+
+    spec = quality_target(_policy_document(args.policy, args.policies), args.shadow_rate)
+    frame, m = _matrices(args, args.data)
+    if args.cross_fit:
+        p = evaluate.crossfit(m, TrainConfig(), args.cross_fit)
+        scoring = f"cross-fitted, {args.cross_fit} folds by prompt"
+    else:
+        bundle, loaded = _load_models(args)
+        p = evaluate.predict(loaded, m)
+        trained_on = set(bundle.metadata.get("training", {}).get("data", {}))
+        scoring = f"bundle {bundle.version}" + (
+            " (in sample: trained on this file)" if trained_on & {x.name for x in args.data}
+            else "")
+    answered = ~np.isnan(p.confidence)
+    scores = np.where(answered, p.confidence, p.difficulty)
+    segments = (frame["task"].astype(str).tolist() if args.segment_by == "task"
+                else ["all"] * len(frame))
+    report = replay(Stream(scores, m.small, m.large, segments), spec, args.seed, args.rate)
+    report["setup"].update(
+        data=[x.name for x in args.data], policy=args.policy, scoring=scoring,
+        score="confidence" if answered.all() else
+        "difficulty (no answers)" if not answered.any() else "confidence, else difficulty")
+    args.report.parent.mkdir(parents=True, exist_ok=True)
+    args.report.write_text(json.dumps(report, indent=2, default=_json) + "\n")
+    plot(report, f"{', '.join(x.stem for x in args.data)}: seed {args.seed}",
+         args.report.with_suffix(".png"))
+    keys = ("quality_rel_large", "min_window_quality_rel_large", "small_share", "label_share",
+            "hindsight_small_share", "hindsight_small_share_at_target")
+    print(json.dumps({k: round(report[k], 4) for k in keys}))
+    return 0
+
+
+def _policy_document(name: str, folder: Path) -> dict:
+    """A policy's YAML by file path, or by its name or an alias among the folder's files."""
+    import yaml
+
+    path = Path(name)
+    if path.suffix in (".yaml", ".yml") and path.is_file():
+        return yaml.safe_load(path.read_text()) or {}
+    for candidate in sorted(folder.glob("*.y*ml")):
+        document = yaml.safe_load(candidate.read_text()) or {}
+        if isinstance(document, dict) and name in (document.get("name"),
+                                                   *document.get("aliases", [])):
+            return document
+    raise ValueError(f"no policy named {name!r} in {folder}")
 
 
 def _clean_errors(command):

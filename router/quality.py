@@ -1,0 +1,272 @@
+"""Holding a quality target online: the acceptance threshold from the traffic's own labels.
+
+A policy with `quality.target: 0.95` promises that the answers it serves keep at least 95% of
+the quality the frontier alone would give. `QualityCalibrator` picks the lowest acceptance
+threshold on the confidence score for which that holds with the stated confidence, from
+labels the gateway collects itself:
+
+- every request escalated for low confidence is labelled (the frontier answered it anyway);
+- a sampled share of accepted requests is labelled by a shadow call to the frontier.
+
+Each scored request enters a sliding window with the probability it had of being labelled.
+Weighting each label by the inverse of that probability makes the estimated loss unbiased
+for every threshold, although only requests below the current one are fully labelled.
+Thresholds are tested from the strictest down, stopping at the first that fails
+(fixed-sequence testing needs no correction for the many thresholds tried), against an
+upper confidence bound on the loss, not a point estimate. With too few labels nothing
+passes and everything escalates: a cold start costs frontier calls, never quality. A label
+that was due and never came (a failed shadow call) counts as the worst case. The window
+forgets old requests, so the threshold follows drifting traffic; a rise is counted as drift.
+
+The gateway (through its traffic learner) and `smallfirst router replay` drive the same
+class, with the same calls, so an offline replay shows what the live gateway would do.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from statistics import NormalDist
+
+import numpy as np
+
+ESCALATE_ALL = math.inf  # no confidence reaches it
+
+
+@dataclass(frozen=True)
+class QualityTarget:
+    """What a policy asks for (the policy file's `quality` section, as plain numbers)."""
+
+    target: float = 0.95  # served quality / the frontier's quality, at least
+    confidence: float = 0.95  # one-sided confidence of the bound
+    window: int = 5000  # scored requests remembered per segment
+    min_labels: int = 100  # below this many labels in the window, escalate everything
+    shadow_rate: float = 0.1  # most share of accepted requests sent for a shadow label
+    shadow_per_minute: float = 30  # and at most this many a minute per segment
+    refresh_every: int = 20  # labels between two threshold searches
+
+
+@dataclass
+class Scored:
+    """One scored request in a segment's window; `label` fills in when its label arrives."""
+
+    confidence: float
+    probability: float  # the chance it had of being labelled (1 when escalated)
+    small: float | None = None  # the small answer's quality, when labelled
+    large: float | None = None  # the frontier answer's quality, when labelled
+    seq: int = 0  # its place in the segment's traffic
+
+    @property
+    def labelled(self) -> bool:
+        return self.small is not None
+
+
+@dataclass
+class Estimate:
+    threshold: float = ESCALATE_ALL
+    quality: float | None = None  # estimated served / frontier quality at the threshold
+    quality_bound: float | None = None  # its lower confidence bound
+    small_share: float = 0.0  # share of the window the threshold accepts
+
+
+@dataclass
+class QualityCalibrator:
+    """The threshold for one policy segment. Thread-safe: labels arrive from worker threads."""
+
+    spec: QualityTarget
+    rng: Callable[[], float] = random.random
+    clock: Callable[[], float] = time.monotonic
+    estimate: Estimate = field(default_factory=Estimate)
+    requests: int = 0
+    labels: int = 0
+    shadow_labels: int = 0
+    lost: int = 0
+    drifts: int = 0
+    _window: deque = field(default_factory=deque)
+    _samples: deque = field(default_factory=deque)  # labelled accepted requests, by label time
+    _accepted_times: deque = field(default_factory=deque)
+    _since_refresh: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def threshold(self) -> float:
+        return self.estimate.threshold
+
+    def record(self, confidence: float, escalated: bool) -> tuple[Scored, bool]:
+        """Enter a finished request; returns its window entry and whether to shadow-label it
+        (escalated requests are labelled with certainty, by the answer they were served)."""
+        with self._lock:
+            now = self.clock()
+            probability, shadow = 1.0, False
+            if not escalated:
+                probability = self._shadow_probability(now)
+                shadow = self.rng() < probability
+                self._accepted_times.append(now)
+            entry = Scored(confidence, probability, seq=self.requests)
+            self._window.append(entry)
+            if len(self._window) > self.spec.window:
+                self._window.popleft()
+            self.requests += 1
+            return entry, shadow
+
+    def label(self, entry: Scored, small: float, large: float, shadow: bool = False) -> None:
+        """The label of an entered request: both answers' quality in [0, 1]."""
+        with self._lock:
+            entry.small, entry.large = float(small), float(large)
+            if entry.probability < 1:
+                self._samples.append(entry)
+            self.labels += 1
+            self.shadow_labels += shadow
+            self._since_refresh += 1
+            if self._since_refresh >= self.spec.refresh_every:
+                self._refresh()
+
+    def lose(self, entry: Scored) -> None:
+        """A label that was due and never came counts as the worst case."""
+        self.lost += 1
+        self.label(entry, 0.0, 1.0)
+
+    def _shadow_probability(self, now: float) -> float:
+        """The sampling share that keeps the expected shadow calls within the per-minute
+        budget at the recent rate of accepted requests (known per request, so the weights
+        stay exact)."""
+        times = self._accepted_times
+        while times and times[0] < now - 60:
+            times.popleft()
+        span = max(now - times[0], 1.0) if times else 60.0  # seconds the count covers
+        per_minute = (len(times) + 1) * 60 / span
+        return min(self.spec.shadow_rate, self.spec.shadow_per_minute / per_minute)
+
+    def _refresh(self) -> None:
+        self._since_refresh = 0
+        # Shadow labels older than the window go, but the latest `min_labels` always stay:
+        # scarce labels then span a longer time instead of vanishing.
+        oldest = self._window[0].seq if self._window else self.requests
+        while len(self._samples) > self.spec.min_labels and self._samples[0].seq < oldest:
+            self._samples.popleft()
+        previous = self.estimate.threshold
+        self.estimate = search_threshold(list(self._window), list(self._samples), self.spec)
+        if previous != ESCALATE_ALL and self.estimate.threshold > previous:
+            self.drifts += 1
+
+    def snapshot(self) -> dict[str, float | int | None]:
+        with self._lock:
+            e = self.estimate
+            return {
+                "target": self.spec.target, "threshold": e.threshold if e.threshold != ESCALATE_ALL
+                else None, "estimated_quality": e.quality, "quality_bound": e.quality_bound,
+                "small_share": e.small_share, "requests": self.requests,
+                "window": len(self._window), "labels": self.labels,
+                "shadow_labels": self.shadow_labels, "lost_labels": self.lost,
+                "threshold_rises": self.drifts,
+            }
+
+
+def search_threshold(window: list[Scored], sample: list[Scored], spec: QualityTarget,
+                     ) -> Estimate:
+    """The lowest threshold whose quality bound holds the target, strictest first.
+
+    The window has two strata: escalated requests, every one labelled, and accepted ones, of
+    which `sample` (the latest labelled ones, over a longer time when labels are scarce) is
+    a weighted sample. Per request and candidate threshold, the statistic is the loss
+    accepting it would cost minus the loss the target allows; the accepted stratum's mean
+    comes from its sample (weighted by inverse sampling probability), with one imaginary
+    worst-case label added so that few shadow labels mean a wide bound, never a confident
+    one.
+    """
+    escalated = [s for s in window if s.probability >= 1 and s.labelled]
+    accepted = [s for s in window if s.probability < 1]
+    if len(escalated) + len(sample) < spec.min_labels:
+        return Estimate()
+    rows = escalated + sample
+    c = np.array([s.confidence for s in rows])
+    order = np.argsort(-c, kind="stable")
+    c = c[order]
+    small = np.array([s.small for s in rows])[order]
+    large = np.array([s.large for s in rows])[order]
+    in_sample = (np.arange(len(rows)) >= len(escalated))[order]
+    w = np.where(in_sample, 1 / np.array([s.probability for s in rows])[order], 0.0)
+    slack = (1 - spec.target) * large
+    kept, sent = (large - small) - slack, -slack  # the statistic, accepted or escalated
+
+    def above(values: np.ndarray) -> np.ndarray:
+        """Per candidate (the top k rows accepted): sum of `values` over all rows, taking
+        each row's accepted value above the cut and its escalated value below."""
+        v_kept, v_sent = values
+        return np.cumsum(v_kept) + (v_sent.sum() - np.cumsum(v_sent))
+
+    e = ~in_sample
+    sum_e, sq_e = above((kept * e, sent * e)), above((kept**2 * e, sent**2 * e))
+    pseudo_w = w[in_sample].mean() if in_sample.any() else 1.0
+    worst = spec.target  # an accepted answer worth nothing, against a frontier worth 1
+    weights = w.sum() + pseudo_w
+    mean_a = (above((w * kept, w * sent)) + pseudo_w * worst) / weights
+    spread_a = (above((w**2 * kept**2, w**2 * sent**2)) - 2 * mean_a * above((w**2 * kept,
+                w**2 * sent)) + mean_a**2 * (w**2).sum() + pseudo_w**2 * (worst - mean_a)**2)
+    n_e, n_a = len(escalated), len(accepted)
+    n = n_e + n_a
+    var_e = np.maximum(sq_e - sum_e**2 / max(n_e, 1), 0)
+    total = sum_e + n_a * mean_a
+    bound = (total + NormalDist().inv_cdf(spec.confidence)
+             * np.sqrt(var_e + n_a**2 * np.maximum(spread_a, 0) / weights**2)) / n
+    last_of_tie = np.r_[c[1:] != c[:-1], True]  # a threshold accepts every equal score
+    failed = np.flatnonzero((bound > 0) & last_of_tie)
+    k = (failed[0] if failed.size else len(c)) - 1  # the last index of the passing run
+    while k >= 0 and not last_of_tie[k]:
+        k -= 1
+    if k < 0:
+        return Estimate()
+    large_mean = (large[e].sum() + n_a * ((w * large).sum() + pseudo_w) / weights) / n
+    threshold = float(c[k])
+    return Estimate(
+        threshold=threshold,
+        quality=1 - float(total[k] / n / large_mean + (1 - spec.target)),
+        quality_bound=float(spec.target - bound[k] / large_mean),
+        small_share=sum(s.confidence >= threshold for s in window) / len(window),
+    )
+
+
+class QualityTargets:
+    """Every policy segment's calibrator, created on first use (the policy may reload)."""
+
+    def __init__(self, rng: Callable[[], float] = random.random,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rng, self.clock = rng, clock
+        self._calibrators: dict[tuple[str, str], QualityCalibrator] = {}
+        self._lock = threading.Lock()
+
+    def calibrator(self, policy: str, segment: str, spec: QualityTarget) -> QualityCalibrator:
+        key = (policy, segment)
+        with self._lock:
+            found = self._calibrators.get(key)
+            if found is None or found.spec != spec:  # a changed policy starts afresh
+                found = self._calibrators[key] = QualityCalibrator(spec, self.rng, self.clock)
+            return found
+
+    def threshold(self, policy: str, segment: str, spec: QualityTarget) -> float:
+        return self.calibrator(policy, segment, spec).threshold
+
+    def snapshot(self) -> list[dict]:
+        with self._lock:
+            items = list(self._calibrators.items())
+        return [{"policy": p, "segment": s, **c.snapshot()} for (p, s), c in items]
+
+
+def quality_target(policy: dict, shadow_rate: float | None = None) -> QualityTarget:
+    """What a policy document (its `quality` and `learning` sections) asks for."""
+    quality = {k: v for k, v in (policy.get("quality") or {}).items() if k != "segment_by"}
+    if quality.get("target") is None:
+        raise ValueError(f"policy {policy.get('name')!r} sets no quality.target")
+    learning = policy.get("learning") or {}
+    shadow = {k: learning[k] for k in ("shadow_rate", "shadow_per_minute") if k in learning}
+    if shadow_rate is not None:
+        shadow["shadow_rate"] = shadow_rate
+    try:
+        return QualityTarget(**quality, **shadow)
+    except TypeError as exc:
+        raise ValueError(f"policy {policy.get('name')!r}: {exc}") from exc
