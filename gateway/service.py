@@ -82,7 +82,8 @@ class Gateway:
                                             engine.ask_frontier if engine.frontiers else None,
                                             quality=engine.quality)
         observer = Observer(
-            Metrics(budgets=lambda: _budgets(store)) if settings.metrics else None,
+            Metrics(budgets=lambda: _budgets(store), quality=engine.quality.snapshot)
+            if settings.metrics else None,
             BudgetTracker(settings.budget_window),
             _pricing(settings),
         )

@@ -202,8 +202,7 @@ def search_threshold(window: list[Scored], sample: list[Scored], spec: QualityTa
 
     e = ~in_sample
     sum_e, sq_e = above((kept * e, sent * e)), above((kept**2 * e, sent**2 * e))
-    pseudo_w = w[in_sample].mean() if in_sample.any() else 1.0
-    worst = spec.target  # an accepted answer worth nothing, against a frontier worth 1
+    pseudo_w, worst = 1.0, spec.target  # one request's answer worth nothing, frontier's 1
     weights = w.sum() + pseudo_w
     mean_a = (above((w * kept, w * sent)) + pseudo_w * worst) / weights
     spread_a = (above((w**2 * kept**2, w**2 * sent**2)) - 2 * mean_a * above((w**2 * kept,

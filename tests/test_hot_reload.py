@@ -135,10 +135,10 @@ def test_watcher_picks_up_a_new_alias(watched: Served, edit) -> None:
 
 
 def test_watcher_picks_up_a_route_change(watched: Served, edit) -> None:
-    quality = watched.policies / "quality.yaml"
-    assert watched.ask("quality")["x-smallfirst-route"] == "small"
-    edit(quality, replaced(quality.read_text(), "route: cascade", "route: frontier_only"))
-    assert wait_until(lambda: watched.ask("quality")["x-smallfirst-route"] == "frontier")
+    auto = watched.policies / "default.yaml"
+    assert watched.ask("auto")["x-smallfirst-route"] == "small"
+    edit(auto, replaced(auto.read_text(), "route: cascade", "route: frontier_only"))
+    assert wait_until(lambda: watched.ask("auto")["x-smallfirst-route"] == "frontier")
 
 
 def test_sighup_reloads(manual: Served, edit) -> None:
@@ -158,15 +158,15 @@ def test_sighup_reloads(manual: Served, edit) -> None:
 
 
 def test_reload_endpoint_applies_a_route_change(manual: Served, edit) -> None:
-    quality = manual.policies / "quality.yaml"
-    assert manual.ask("quality")["x-smallfirst-route"] == "small"
-    edit(quality, replaced(quality.read_text(), "route: cascade", "route: frontier_only"))
+    auto = manual.policies / "default.yaml"
+    assert manual.ask("auto")["x-smallfirst-route"] == "small"
+    edit(auto, replaced(auto.read_text(), "route: cascade", "route: frontier_only"))
     response = manual.reload()
     assert response.status_code == 200
     body = response.json()
     assert body["last_error"] is None
-    assert {p["name"]: p["route"] for p in body["policies"]}["quality"] == "frontier_only"
-    assert manual.ask("quality")["x-smallfirst-route"] == "frontier"
+    assert {p["name"]: p["route"] for p in body["policies"]}["auto"] == "frontier_only"
+    assert manual.ask("auto")["x-smallfirst-route"] == "frontier"
 
 
 def test_a_new_policy_file_is_served_after_reload(manual: Served, edit) -> None:
@@ -187,8 +187,8 @@ BAD_EDITS: dict[str, tuple[str, Callable[[str], str], str, str]] = {
         "mode: holdback", "invalid YAML",
     ),
     "value-out-of-range": (
-        "quality.yaml",
-        lambda text: replaced(text, "threshold: 0.8", "threshold: 7"),
+        "chat.yaml",
+        lambda text: replaced(text, "threshold: 0.55", "threshold: 7"),
         "threshold: 7", "confidence.threshold: Input should be less than or equal to 1",
     ),
     "unknown-setting": (

@@ -241,6 +241,11 @@ def _install_routes(app: FastAPI, gateway: Gateway) -> None:
         admin(request)
         return gateway.budget_report()
 
+    @app.get("/admin/quality")
+    async def quality(request: Request) -> dict[str, Any]:
+        admin(request)
+        return {"segments": gateway.engine.quality.snapshot()}
+
     @app.get("/admin/policies")
     async def policies(request: Request) -> dict[str, Any]:
         admin(request)

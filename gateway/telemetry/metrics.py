@@ -25,6 +25,9 @@ BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 
              10.0, 20.0, 30.0, 60.0)
 
 BudgetSource = Callable[[], Mapping[str, LatencyBudget]]
+QualitySource = Callable[[], list[dict[str, Any]]]  # `QualityTargets.snapshot`
+QUALITY_FIGURES = ("target", "estimated_quality", "quality_bound", "threshold", "small_share",
+                   "labels", "shadow_labels", "lost_labels")
 
 
 @dataclass(frozen=True)
@@ -56,7 +59,8 @@ class Metrics:
     allocations are published as a gauge so dashboards compare spend with data, not copies."""
 
     def __init__(
-        self, env: Mapping[str, str] | None = None, budgets: BudgetSource | None = None
+        self, env: Mapping[str, str] | None = None, budgets: BudgetSource | None = None,
+        quality: QualitySource | None = None,
     ) -> None:
         from opentelemetry.exporter.prometheus import PrometheusMetricReader
 
@@ -106,10 +110,25 @@ class Metrics:
         self.in_flight = meter.create_up_down_counter(
             "smallfirst.requests.in_flight", description="Requests being served")
         self._budgets = budgets
+        self._quality_source = quality
+        if quality is not None:
+            meter.create_observable_gauge(
+                "smallfirst.quality", callbacks=[self._quality],
+                description="Quality targets held online, per policy and segment: the target, "
+                "estimated quality and its lower bound (served / frontier), the threshold, the "
+                "small share, labels, shadow labels and lost labels")
         if budgets is not None:
             meter.create_observable_gauge(
                 "smallfirst.budget.allocation", callbacks=[self._allocations], unit="s",
                 description="Each policy's latency-budget allocation (total: the p99 target)")
+
+    def _quality(self, options: CallbackOptions) -> Iterable[Observation]:
+        assert self._quality_source is not None
+        for segment in self._quality_source():
+            labels = {"policy": segment["policy"], "segment": segment["segment"]}
+            for figure in QUALITY_FIGURES:
+                if segment.get(figure) is not None:
+                    yield Observation(float(segment[figure]), {**labels, "figure": figure})
 
     def _allocations(self, options: CallbackOptions) -> Iterable[Observation]:
         assert self._budgets is not None

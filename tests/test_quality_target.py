@@ -1,0 +1,132 @@
+"""A policy's quality target: the live gateway and `router replay` run one calibrator."""
+
+from __future__ import annotations
+
+import itertools
+import random
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+
+from gateway.config import RetryConfig
+from gateway.engine import CascadeEngine
+from gateway.learning import TrafficLearner
+from gateway.policy import Policy
+from gateway.types import Assembly, Call, Decision, Route
+from router import QualityTargets
+from router.replay import Stream, replay, request_order
+from tests.conftest import script, upstream_config
+
+SEED = 7
+QUALITY = {"target": 0.9, "min_labels": 30, "window": 800, "refresh_every": 5}
+LEARNING = {"shadow_rate": 0.2, "shadow_per_minute": 120}
+
+
+def stream(n: int = 1500) -> Stream:
+    rng = np.random.default_rng(SEED)
+    scores = rng.random(n).round(4)
+    small = ((scores > 0.4) ^ (rng.random(n) < 0.05)).astype(float)
+    return Stream(scores, small, np.ones(n), ["all"] * n)
+
+
+def answer(text: str) -> Assembly:
+    small = Assembly()
+    small.text = [text]
+    return small
+
+
+class Frontier:
+    """Stands in for the frontier: its answer agrees with the small one where the row says so."""
+
+    name = "frontier"
+
+    def __init__(self, small_right: dict[str, float]) -> None:
+        self.small_right = small_right
+
+    def text(self, request_id: str) -> str:
+        return "The answer is 1" if self.small_right[request_id] else "The answer is 2"
+
+    async def ask(self, params: dict[str, Any]) -> tuple[str, str]:
+        return "frontier", self.text(params["messages"][0]["content"])
+
+
+async def test_live_learner_and_replay_reach_the_same_thresholds() -> None:
+    data = stream()
+    policy = Policy.model_validate({"name": "qt", "quality": QUALITY, "learning": LEARNING})
+    ticks = itertools.count()
+    engine = CascadeEngine(small=None, frontiers=[Frontier({})], retry=RetryConfig())
+    engine.quality = QualityTargets(rng=random.Random(SEED).random,
+                                    clock=lambda: next(ticks) / 10.0)
+    order = request_order(len(data.scores), SEED)
+    frontier = Frontier({str(row): data.small[row] for row in order})
+    engine.learner = TrafficLearner(None, frontier.ask, quality=engine.quality)
+    kept = 0
+    for row in order:
+        request_id = str(row)
+        call = Call(request_id, policy, {"messages": [{"role": "user", "content": request_id}]})
+        threshold = engine._acceptance_threshold(call)  # what the engine accepts at
+        escalated = data.scores[row] < threshold
+        call.decision = Decision("qt", Route.ESCALATED if escalated else Route.SMALL,
+                                 confidence=float(data.scores[row]),
+                                 escalation="low_confidence" if escalated else None)
+        call.small_answer = answer("The answer is 1")
+        call.frontier_text = frontier.text(request_id) if escalated else None
+        engine.learner.observe(call)
+        await engine.learner.drain()  # labels land before the next request, as in replay
+        kept += not escalated
+
+    spec = policy.quality_target
+    offline = replay(data, spec, seed=SEED, rate=10.0)
+    (live,) = engine.quality.snapshot()
+    (replayed,) = offline["segments"]
+    assert live["labels"] > QUALITY["min_labels"] and live["threshold"] is not None
+    for key in ("threshold", "labels", "shadow_labels", "requests", "threshold_rises"):
+        assert live[key] == replayed[key], key
+    assert kept / len(order) == pytest.approx(offline["small_share"])
+
+
+def test_a_quality_target_needs_shadow_labels() -> None:
+    with pytest.raises(ValueError, match="needs learning.shadow_rate"):
+        Policy.model_validate({"name": "qt", "quality": {"target": 0.95}})
+
+
+QT_POLICY = """\
+name: qt
+route: cascade
+confidence: {scorer: logprob, threshold: 0.99}
+quality: {target: 0.8, min_labels: 10, refresh_every: 2}
+learning: {shadow_rate: 0.5, shadow_per_minute: 600}
+streaming: {mode: buffer}
+cache: {enabled: false}
+"""
+
+
+def test_the_gateway_escalates_until_labels_show_the_target_holds(
+    gateways: Any, upstream: str, tmp_path: Any
+) -> None:
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "qt.yaml").write_text(QT_POLICY)
+    base = gateways.start(upstream_config(upstream, default_policy="qt"), policies=policies)
+    routes = []
+    with httpx.Client(base_url=base, timeout=30) as client:
+        for i in range(60):
+            response = client.post("/v1/chat/completions", json={
+                "model": "qt", "messages": [{"role": "user", "content": f"q{i}" + script(
+                    text="The answer is 4", logprob=-0.2)}]})
+            assert response.status_code == 200, response.text
+            routes.append(response.headers["x-smallfirst-route"])
+        quality = client.get("/admin/quality").json()["segments"]
+        metrics = client.get("/metrics").text
+    # Cold start: every answer goes to the frontier until ten labels are in; the stand-in
+    # frontier agrees with the small model, so the threshold then drops and answers stay small.
+    assert set(routes[:10]) == {"escalated"}
+    assert "small" in routes[20:]
+    (segment,) = quality
+    assert segment["policy"] == "qt" and segment["labels"] >= 10
+    assert segment["threshold"] is not None and segment["threshold"] < 0.99
+    threshold_series = [line for line in metrics.splitlines()
+                        if line.startswith("smallfirst_quality{") and 'figure="threshold"' in line]
+    assert len(threshold_series) == 1 and 'policy="qt"' in threshold_series[0]
