@@ -201,6 +201,7 @@ def cmd_eval(args) -> int:
         trained_on = set(bundle.metadata.get("training", {}).get("data", {}))
         setup["evaluation"] = f"bundle {bundle.path} ({bundle.version})"
         setup["in_sample_files"] = sorted(trained_on & {p.name for p in args.data})
+    predictions.baseline_litellm_complexity = evaluate.litellm_complexity(m.prompts)
     args.report.mkdir(parents=True, exist_ok=True)
     sources = frame["source_file"].to_numpy()
     report = {}
@@ -235,7 +236,7 @@ def _json(value):
 
 def _print_table(report: dict) -> None:
     columns = ("roc_auc", "calibration_error", "apgr", "cpt_50", "cpt_80", "small_share_at_95")
-    print(f"{'dataset':42} {'mode':15} " + " ".join(f"{c[:12]:>12}" for c in columns))
+    print(f"{'dataset':42} {'mode':27} " + " ".join(f"{c[:12]:>12}" for c in columns))
     for name, modes in report.items():
         if name.startswith("_"):
             continue
@@ -243,7 +244,7 @@ def _print_table(report: dict) -> None:
             if mode == "summary":
                 continue
             cells = " ".join(f"{values.get(c, float('nan')):12.3f}" for c in columns)
-            print(f"{name[:42]:42} {mode:15} {cells}")
+            print(f"{name[:42]:42} {mode:27} {cells}")
 
 
 def cmd_calibrate(args) -> int:

@@ -2,12 +2,15 @@
 
 Modes: `difficulty` (route on the prompt alone), `confidence` (small answer first, then
 escalate on the confidence score), `combined` (skip the small model below the difficulty skip
-threshold, otherwise the confidence score decides) and, when the evaluation trains its own
+threshold, otherwise the confidence score decides), the peers `baseline_litellm_complexity`
+(LiteLLM's rule-based complexity router, its default heuristic, where litellm is installed:
+a score, not a probability, so no calibration error) and, when the evaluation trains its own
 models, `baseline_tfidf` (prompt-only TF-IDF + logistic regression on the same folds).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,6 +38,7 @@ class Predictions:
     difficulty: np.ndarray
     confidence: np.ndarray
     baseline_tfidf: np.ndarray | None = None
+    baseline_litellm_complexity: np.ndarray | None = None
     skip_threshold: float | np.ndarray = 0.0  # per row when folds chose their own
 
     def skip_at(self, rows: np.ndarray) -> float | np.ndarray:
@@ -68,6 +72,20 @@ def _tfidf_baseline(train_prompts: list[str], y: np.ndarray, test_prompts: list[
     x = vectorizer.fit_transform(train_prompts)
     model = LogisticRegression(C=1.0, max_iter=1000).fit(x, y)
     return model.predict_proba(vectorizer.transform(test_prompts))[:, 1]
+
+
+def litellm_complexity(prompts: list[str]) -> np.ndarray | None:
+    """LiteLLM's rule-based complexity router (its default heuristic scorer) as a keep-small
+    score: the negated complexity. None where litellm is not installed."""
+    os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch
+    try:
+        from litellm.router_strategy.complexity_router.complexity_router import (
+            ComplexityRouter,
+        )
+    except ImportError:
+        return None
+    router = ComplexityRouter("baseline", ctx=None, derive_savings_baseline=False)
+    return -np.array([router.classify(prompt)[1] for prompt in prompts])
 
 
 def transfer(train: Matrices, test: Matrices, config: TrainConfig) -> Predictions:
@@ -120,8 +138,10 @@ def _mode_scores(p: Predictions, rows: np.ndarray) -> dict[str, tuple[np.ndarray
         out["confidence"] = (p.confidence[rows], p.confidence[rows])
         combined = combined_scores(p.difficulty[rows], p.confidence[rows], p.skip_at(rows))
         out["combined"] = (np.where(combined < 0, p.difficulty[rows], combined), combined)
-    if p.baseline_tfidf is not None:
-        out["baseline_tfidf"] = (p.baseline_tfidf[rows], p.baseline_tfidf[rows])
+    for mode in ("baseline_tfidf", "baseline_litellm_complexity"):
+        scores = getattr(p, mode)
+        if scores is not None:
+            out[mode] = (scores[rows], scores[rows])
     return out
 
 
@@ -135,6 +155,8 @@ def dataset_report(
     for mode, (probs, ranking) in _mode_scores(p, rows).items():
         skipped = {"confidence": 0.0, "combined": float((ranking < 0).mean())}.get(mode, 1.0)
         report[mode] = _mode_metrics(probs, ranking, small, large, y, price_ratio, skipped)
+        if mode == "baseline_litellm_complexity":
+            report[mode]["calibration_error"] = float("nan")  # a score, not a probability
         if mode == "combined":
             report[mode]["skip_rate"] = float((ranking < 0).mean())
             report[mode]["skip_threshold"] = float(np.mean(p.skip_at(rows)))

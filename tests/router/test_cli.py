@@ -31,8 +31,11 @@ def test_eval_bundle_report_and_plots(trained_bundle, fake_embedder, tmp_path):
     assert main(args) == 0
     report = json.loads((report_dir / "report.json").read_text())
     gsm = report["outcomes_routellm_gsm8k"]
-    assert {"difficulty", "confidence", "combined", "random", "oracle"} <= set(gsm)
+    assert {"difficulty", "confidence", "combined", "random", "oracle",
+            "baseline_litellm_complexity"} <= set(gsm)
     assert METRICS <= set(gsm["combined"])
+    peer = gsm["baseline_litellm_complexity"]
+    assert 0 < peer["apgr"] < 1 and peer["roc_auc"] == peer["roc_auc"]  # computed, not NaN
     assert "confidence" not in report["outcomes_routellm_mmlu"]  # no answers published there
     assert report["_setup"]["in_sample_files"]
     assert (report_dir / "outcomes_routellm_gsm8k.png").stat().st_size > 1000
