@@ -222,6 +222,7 @@ def _send_load(gateway: str, round_no: int) -> tuple[int, set[str]]:
             (f"round {round_no}: everything fails"
              + script(status=500, key=f"dash-error-{round_no}"), "auto", {}),
             (f"round {round_no}: small", "auto", {}),  # a repeat: a cache hit
+            (f"round {round_no}: held to a quality target", "quality", {}),
         ]
         for content, model, extra in requests:
             response = chat(content, model, **extra)
