@@ -431,3 +431,26 @@ def test_dashboards_configmap_holds_the_repository_json(default: Manifests) -> N
     assert sorted(config_map["data"]) == [p.name for p in files]
     for path in files:
         assert json.loads(config_map["data"][path.name]) == json.loads(path.read_text())
+
+
+def test_the_readme_install_command_renders() -> None:
+    readme = (ROOT / "README.md").read_text()
+    [command] = [block for block in re.findall(r"```bash\n(.*?)```", readme, re.S)
+                 if "helm install" in block]
+    values: dict[str, Any] = {}
+    for expression in re.findall(r"--set (\S+)", command):
+        values = merge(values, helm.parse_set_string(expression))
+    chart = Manifests(values)
+    env = chart.gateway_env
+    assert env["SMALLFIRST_FRONTIER_MODEL"] == values["frontier"]["model"]
+    assert env["SMALLFIRST_FRONTIER_API_KEY"]["secretKeyRef"]["name"] in command
+    assert chart.gateway_container["image"].startswith(values["gateway"]["image"]["repository"])
+
+
+def merge(into: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
+    for key, value in more.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            merge(into[key], value)
+        else:
+            into[key] = value
+    return into
