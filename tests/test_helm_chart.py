@@ -302,6 +302,17 @@ def test_rendered_config_and_env_load_as_gateway_settings(
             assert getattr(settings, key) == value
 
 
+@pytest.mark.parametrize(("config", "use"), [
+    ({"small_api_base": "http://elsewhere/v1"}, "vllm"),
+    ({"redis_url": "redis://elsewhere:6379"}, "redis"),
+    ({"policies": "/somewhere"}, "policies"),
+])
+def test_gateway_config_may_not_shadow_the_chart_s_wiring(config: dict[str, str], use: str) -> None:
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmRenderError) as error:
+        chart.render({"gateway": {"config": config}}, name=RELEASE)
+    assert f"gateway.config.{next(iter(config))} is set by the chart; use {use}" in str(error.value)
+
+
 def test_generated_admin_key_is_a_working_keys_file(default: Manifests, tmp_path: Path) -> None:
     volume = mounted_volume(default, "/etc/smallfirst/keys")
     secret = default.named("Secret", volume["secret"]["secretName"])["stringData"]

@@ -31,6 +31,7 @@ DOCKERFILE = ROOT / "Dockerfile"
 SERVE_LOCK = ROOT / "requirements-serve.lock"
 LOCK = ROOT / "requirements.lock"
 BIN = Path(sys.executable).parent
+START_TIMEOUT_S = 180
 
 
 def instructions() -> list[tuple[str, str]]:
@@ -225,8 +226,9 @@ def test_image_command_serves_a_chat_completion(
                                env={**os.environ, **run_env}, cwd=workdir)
     try:
         base = f"http://127.0.0.1:{port}"
-        wait_http(base + "/healthz", process, log)
-        wait_warmed_up(base)
+        # A first start from a fresh environment reads every module from disk: give it time.
+        wait_http(base + "/healthz", process, log, timeout=START_TIMEOUT_S)
+        wait_warmed_up(base, timeout=START_TIMEOUT_S)
         assert httpx.get(base + "/readyz").status_code == 200
         client = OpenAI(base_url=base + "/v1", api_key="sk-image-test", max_retries=0)
         answer = client.chat.completions.create(
@@ -234,6 +236,9 @@ def test_image_command_serves_a_chat_completion(
                 text="served from the image", key="image-test")}])
         assert answer.choices[0].message.content == "served from the image"
         assert httpx.get(base + "/v1/models").status_code == 401, "auth is on in the image"
+        healthcheck = json.loads(dict(final_stage())["HEALTHCHECK"].split("CMD", 1)[1])
+        assert subprocess.run(healthcheck, env={**os.environ, **run_env}, cwd=workdir,
+                              timeout=30).returncode == 0
     finally:
         process.terminate()
         process.wait(30)

@@ -66,3 +66,23 @@ app.kubernetes.io/component: {{ .component }}
 {{- define "smallfirst.policiesConfigMap" -}}
 {{- default (printf "%s-policies" (include "smallfirst.fullname" .)) .Values.policies.existingConfigMap -}}
 {{- end -}}
+
+{{/* Settings the chart passes as SMALLFIRST_* variables, which would silently win over the
+same keys in gateway.config: refuse them there and name the value to use instead. */}}
+{{- define "smallfirst.checkGatewayConfig" -}}
+{{- $wired := dict "host" "nothing (the pod listens on all its addresses)" "port" "gateway.port" "policies" "policies" "default_policy" "policies.default" "api_keys_file" "auth" "small_model" "vllm" "small_api_base" "vllm" "log_level" "gateway.logLevel" "watch_policies" "policies" -}}
+{{- if or .Values.redis.enabled .Values.redis.external.existingSecret -}}
+{{- $_ := set $wired "redis_url" "redis" -}}
+{{- end -}}
+{{- if .Values.frontier.model -}}
+{{- $_ := set $wired "frontier_model" "frontier.model" -}}
+{{- end -}}
+{{- if or .Values.frontier.apiKey.existingSecret .Values.frontier.apiKey.value -}}
+{{- $_ := set $wired "frontier_api_key" "frontier.apiKey" -}}
+{{- end -}}
+{{- range $key, $use := $wired -}}
+{{- if hasKey $.Values.gateway.config $key -}}
+{{- fail (printf "gateway.config.%s is set by the chart; use %s instead" $key $use) -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
