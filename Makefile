@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 LOCK := requirements.lock
+SERVE_LOCK := requirements-serve.lock
 UV ?= uv==0.13.9
 
 .PHONY: demo test lint prometheus lock
@@ -36,10 +37,14 @@ lint: $(BIN)/smallfirst
 
 # Re-resolve the newest releases within pyproject.toml's bounds (runtime + dev extra, Python
 # 3.11+, every platform; uv is needed only here), write the lock, then run the suite on it.
+# $(SERVE_LOCK) is the runtime subset of the same pins, for the container image.
 lock:
 	test -x $(BIN)/pip || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet '$(UV)'
 	$(BIN)/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
 	  --generate-hashes --upgrade --no-emit-package smallfirst \
 	  --custom-compile-command 'make lock' --quiet -o $(LOCK)
+	$(BIN)/uv pip compile pyproject.toml --universal --python-version 3.11 \
+	  --generate-hashes --no-emit-package smallfirst --constraint $(LOCK) \
+	  --custom-compile-command 'make lock' --quiet -o $(SERVE_LOCK)
 	$(MAKE) test
