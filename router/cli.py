@@ -1,4 +1,4 @@
-"""`router train|eval|calibrate|replay`: the command line of the learning package.
+"""`router train|eval|calibrate|replay|retrain`: the command line of the learning package.
 
 The gateway's `smallfirst` CLI calls `register(subparsers)` to mount these under `router`;
 `python -m router.cli train ...` runs them without the gateway.
@@ -13,6 +13,8 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
+
+import numpy as np
 
 __all__ = ["add_commands", "main", "register"]
 
@@ -37,7 +39,7 @@ def _model_arg(parser: argparse.ArgumentParser) -> None:
 
 
 def add_commands(sub) -> None:
-    """Add train, eval, calibrate and replay to an argparse subparsers object."""
+    """Add train, eval, calibrate, replay and retrain to an argparse subparsers object."""
     train = sub.add_parser("train", help="train a bundle from outcome rows")
     _data_args(train, required=False)
     train.add_argument("--from-log", nargs="+", type=Path, default=[], metavar="LOG",
@@ -93,6 +95,24 @@ def add_commands(sub) -> None:
                         help="score rows out of fold (K-fold by prompt) instead of the bundle")
     replay.add_argument("--report", type=Path, required=True, help="report JSON (a PNG beside)")
     replay.set_defaults(func=_clean_errors(cmd_replay))
+
+    retrain = sub.add_parser(
+        "retrain", help="train on the decision log; install only if it holds the quality target")
+    _data_args(retrain, required=False)
+    retrain.add_argument("--from-log", nargs="+", type=Path, required=True, metavar="LOG",
+                         help="the gateway's decision log (labelled rows with text)")
+    retrain.add_argument("--policy", required=True,
+                         help="policy name (or alias) in --policies, or a policy YAML file")
+    retrain.add_argument("--policies", type=Path, default=Path("policies"))
+    retrain.add_argument("--holdout", type=float, default=0.3,
+                         help="the most recent share of labelled rows, judged on, never trained on")
+    retrain.add_argument("--install", type=Path, default=None,
+                         help="bundle folder to replace (default: the one the policy's "
+                         "confidence.bundle names, unless that is the shipped default)")
+    retrain.add_argument("--seed", type=int, default=0)
+    retrain.add_argument("--tolerance", type=float, default=0.05)
+    retrain.set_defaults(func=_clean_errors(cmd_retrain), version=None, metrics=None,
+                         model_card=None)
 
 
 def register(subparsers) -> None:
@@ -167,17 +187,20 @@ def _train(args) -> int:
     return 0
 
 
+class _Loaded:
+    """A loaded bundle's models in the shape `evaluate.predict` expects."""
+
+    def __init__(self, bundle) -> None:
+        self.difficulty = bundle.difficulty_model
+        self.confidence = bundle.confidence_model
+        self.skip_threshold = bundle.metadata.get("thresholds", {}).get("skip_threshold", 0.0)
+
+
 def _load_models(args):
     from router.serving import DEFAULT_BUNDLE, RouterBundle
 
     bundle = RouterBundle.load(args.model or DEFAULT_BUNDLE)
-
-    class Loaded:  # the shape evaluate.predict expects
-        difficulty = bundle.difficulty_model
-        confidence = bundle.confidence_model
-        skip_threshold = bundle.metadata.get("thresholds", {}).get("skip_threshold", 0.0)
-
-    return bundle, Loaded
+    return bundle, _Loaded(bundle)
 
 
 def cmd_eval(args) -> int:
@@ -271,8 +294,6 @@ def cmd_calibrate(args) -> int:
 
 
 def cmd_replay(args) -> int:
-    import numpy as np
-
     from router import evaluate
     from router.quality import quality_target
     from router.replay import Stream, plot, replay
@@ -307,6 +328,43 @@ def cmd_replay(args) -> int:
             "hindsight_small_share", "hindsight_small_share_at_target")
     print(json.dumps({k: round(report[k], 4) for k in keys}))
     return 0
+
+
+def cmd_retrain(args) -> int:
+    import tempfile
+
+    from router import evaluate
+    from router.quality import quality_target
+    from router.retrain import install, judge, split_by_time
+    from router.serving import DEFAULT_BUNDLE, RouterBundle
+    from router.traffic import outcome_rows, read_log, write_parquet
+
+    document = _policy_document(args.policy, args.policies)
+    spec = quality_target(document)
+    named = (document.get("confidence") or {}).get("bundle", "default")
+    current = DEFAULT_BUNDLE if named == "default" else args.policies / named
+    target = args.install or (None if named == "default" else current)
+    if target is None:
+        raise ValueError(f"policy {args.policy!r} uses the shipped bundle: give --install DIR "
+                         "(and point its confidence.bundle there)")
+    train_rows, held_rows = split_by_time(outcome_rows(read_log(args.from_log)), args.holdout)
+    with tempfile.TemporaryDirectory() as tmp:
+        args.data = [*(args.data or []), write_parquet(train_rows, Path(tmp) / "train.parquet")]
+        args.out = Path(tmp) / "candidate"
+        _train(args)
+        _, m = _matrices(args, [write_parquet(held_rows, Path(tmp) / "held.parquet")])
+        scores = {}
+        for name, path in (("current", current), ("candidate", args.out)):
+            bundle = RouterBundle.load(path)
+            p = evaluate.predict(_Loaded(bundle), m)
+            scores[name] = np.where(np.isnan(p.confidence), p.difficulty, p.confidence)
+        summary = judge(scores, m.small, m.large, spec, args.seed)
+        summary.update(trained_rows=len(train_rows), held_out_rows=len(held_rows))
+        if summary["promote"]:
+            install(args.out, target)
+            summary["installed"] = str(target)
+    print(json.dumps(summary, default=_json))
+    return 0 if summary["promote"] else 1
 
 
 def _policy_document(name: str, folder: Path) -> dict:

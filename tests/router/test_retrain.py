@@ -1,0 +1,84 @@
+"""`router retrain`: a bundle trained on the decision log, promoted only if it holds up on
+the most recent labels."""
+
+import json
+import shutil
+
+import pytest
+
+from router.cli import main
+from router.retrain import MIN_ROWS, split_by_time
+
+
+def decision_log(path, rows: int, small_right_when_easy: bool = True) -> None:
+    """Labelled rows as the gateway logs them: easy sums the small model gets right (or, if
+    not `small_right_when_easy`, one in three of them), and proofs it gets wrong
+    (agreement with the frontier's answer is the label)."""
+    with path.open("w") as out:
+        for i in range(rows):
+            easy = i % 2 == 0
+            prompt = (f"What is {i} plus {i + 1}?" if easy
+                      else f"Prove that the series number {i} converges, with every step.")
+            right = easy and (small_right_when_easy or i % 6 == 0)
+            out.write(json.dumps({
+                "ts": 1000.0 + i, "request_id": f"r{i}", "policy": "qt",
+                "prompt": prompt, "small_response": f"The answer is {2 * i + 1}",
+                "large_response": f"The answer is {2 * i + 1 if right else 2 * i + 7}",
+                "agreement": 1.0 if right else 0.0,
+            }) + "\n")
+
+
+@pytest.fixture
+def served(tmp_path, trained_bundle):
+    """A policies folder whose quality policy reads a bundle trained on other data."""
+    policies = tmp_path / "policies"
+    shutil.copytree(trained_bundle, policies / "bundles" / "served")
+    (policies / "qt.yaml").write_text(
+        "name: qt\nconfidence: {scorer: learned, bundle: bundles/served}\n"
+        "quality: {target: 0.95, min_labels: 20, refresh_every: 5}\n"
+        "learning: {shadow_rate: 0.2, shadow_per_minute: 600}\n")
+    return policies
+
+
+def manifest(policies) -> str:
+    return (policies / "bundles" / "served" / "MANIFEST.sha256").read_text()
+
+
+def test_a_better_bundle_is_promoted(served, fake_embedder, small_recipe, tmp_path, capsys):
+    log = tmp_path / "decisions.jsonl"
+    decision_log(log, 400)
+    before = manifest(served)
+    code = main(["retrain", "--from-log", str(log), "--policy", "qt", "--policies",
+                 str(served)])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and summary["promote"], summary
+    assert summary["candidate"]["quality_rel_large"] >= 0.95
+    assert summary["candidate"]["small_share"] > summary["current"]["small_share"]
+    assert (summary["trained_rows"], summary["held_out_rows"]) == (280, 120)
+    assert manifest(served) != before  # swapped in place; the gateway reloads it
+
+
+def test_a_bundle_that_cannot_hold_the_target_is_not_promoted(
+        served, fake_embedder, small_recipe, tmp_path, capsys):
+    log = tmp_path / "decisions.jsonl"
+    decision_log(log, 400, small_right_when_easy=False)  # mostly wrong, with no tell
+    before = manifest(served)
+    code = main(["retrain", "--from-log", str(log), "--policy", "qt", "--policies",
+                 str(served)])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 1 and not summary["promote"]
+    assert manifest(served) == before
+
+
+def test_too_few_labels_is_one_clear_line(served, tmp_path, capsys):
+    log = tmp_path / "decisions.jsonl"
+    decision_log(log, MIN_ROWS - 1)
+    assert main(["retrain", "--from-log", str(log), "--policy", "qt", "--policies",
+                 str(served)]) == 2
+    assert f"needs at least {MIN_ROWS}" in capsys.readouterr().err
+
+
+def test_the_split_is_by_time_with_the_latest_held_out():
+    rows = [{"id": i} for i in range(100)]
+    train, held = split_by_time(rows, 0.25)
+    assert [r["id"] for r in held] == list(range(75, 100)) and len(train) == 75
