@@ -10,16 +10,16 @@ from router.cli import main
 from router.retrain import MIN_ROWS, split_by_time
 
 
-def decision_log(path, rows: int, small_right_when_easy: bool = True) -> None:
-    """Labelled rows as the gateway logs them: easy sums the small model gets right (or, if
-    not `small_right_when_easy`, one in three of them), and proofs it gets wrong
+def decision_log(path, rows: int, wrong_from: int | None = None) -> None:
+    """Labelled rows as the gateway logs them: easy sums the small model gets right (until
+    row `wrong_from`, after which it gets everything wrong), and proofs it gets wrong
     (agreement with the frontier's answer is the label)."""
     with path.open("w") as out:
         for i in range(rows):
             easy = i % 2 == 0
             prompt = (f"What is {i} plus {i + 1}?" if easy
                       else f"Prove that the series number {i} converges, with every step.")
-            right = easy and (small_right_when_easy or i % 6 == 0)
+            right = easy and (wrong_from is None or i < wrong_from)
             out.write(json.dumps({
                 "ts": 1000.0 + i, "request_id": f"r{i}", "policy": "qt",
                 "prompt": prompt, "small_response": f"The answer is {2 * i + 1}",
@@ -58,15 +58,16 @@ def test_a_better_bundle_is_promoted(served, fake_embedder, small_recipe, tmp_pa
     assert manifest(served) != before  # swapped in place; the gateway reloads it
 
 
-def test_a_bundle_that_cannot_hold_the_target_is_not_promoted(
+def test_a_bundle_that_gains_nothing_on_recent_traffic_is_not_promoted(
         served, fake_embedder, small_recipe, tmp_path, capsys):
     log = tmp_path / "decisions.jsonl"
-    decision_log(log, 400, small_right_when_easy=False)  # mostly wrong, with no tell
+    decision_log(log, 400, wrong_from=280)  # the newest traffic: the small model is all wrong
     before = manifest(served)
     code = main(["retrain", "--from-log", str(log), "--policy", "qt", "--policies",
                  str(served)])
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert code == 1 and not summary["promote"]
+    assert code == 1 and not summary["promote"], summary
+    assert summary["candidate"]["quality_rel_large"] >= 0.95  # the calibrator held the line
     assert manifest(served) == before
 
 
