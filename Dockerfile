@@ -7,11 +7,12 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 FROM ${PYTHON_IMAGE} AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-RUN python -m venv /opt/smallfirst
+# The environment gets no pip of its own: the build stage's pip installs into it.
+RUN python -m venv --without-pip /opt/smallfirst
 # The serving subset of requirements.lock (same pins, same hashes; `make lock` writes both),
 # so the image carries no test, training or linting packages.
 COPY requirements-serve.lock ./
-RUN /opt/smallfirst/bin/pip install --require-hashes -r requirements-serve.lock
+RUN pip --python /opt/smallfirst/bin/python install --require-hashes -r requirements-serve.lock
 # The project as a wheel: its package data carries the router bundles, the embedding
 # tokenizer and activation ranges, and the CLI's templates.
 COPY pyproject.toml README.md ./
@@ -20,7 +21,7 @@ COPY router router
 COPY tooling tooling
 COPY load load
 RUN pip wheel --no-deps --wheel-dir /wheels . \
-    && /opt/smallfirst/bin/pip install --no-deps /wheels/smallfirst-*.whl
+    && pip --python /opt/smallfirst/bin/python install --no-deps /wheels/smallfirst-*.whl
 
 FROM ${PYTHON_IMAGE}
 RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /tmp smallfirst
