@@ -23,6 +23,7 @@ from gateway.api import sse
 from gateway.api.auth import Tenant
 from gateway.api.lifecycle import RequestLife
 from gateway.api.openai_types import ChatCompletionRequest, CompletionRequest, parse
+from gateway.api.openapi import install_openapi
 from gateway.errors import (
     ClientDisconnected,
     GatewayError,
@@ -169,6 +170,7 @@ def create_app(gateway: Gateway) -> FastAPI:
     app.state.gateway = gateway
     _install_error_handlers(app)
     _install_routes(app, gateway)
+    install_openapi(app)
     return RequestGuard(app, gateway.settings.max_body_bytes)  # type: ignore[return-value]
 
 
