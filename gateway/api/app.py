@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import logging
 import re
 import uuid
@@ -21,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.api import sse
 from gateway.api.auth import Tenant
+from gateway.api.json_body import parse_json_body
 from gateway.api.lifecycle import RequestLife
 from gateway.api.openai_types import ChatCompletionRequest, CompletionRequest, parse
 from gateway.api.openapi import install_openapi
@@ -123,11 +123,7 @@ def decision_headers(decision: Decision, timings: Timings) -> dict[str, str]:
 
 
 async def read_json(request: Request) -> Any:
-    body = await request.body()
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidRequest("We could not parse the JSON body of your request.") from None
+    return parse_json_body(await request.body())
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -182,6 +178,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(InvalidRequest("Invalid request."))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette sends this, then re-raises for the server to log the traceback.
+        return error_response(GatewayError("Internal error; see the logs."))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
