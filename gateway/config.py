@@ -117,6 +117,12 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_in_flight: int = Field(default=256, ge=1, description="Beyond this, 429 with Retry-After.")
     connect_timeout_s: float = Field(default=5.0, gt=0)
+    # Slow clients (slowloris): how long a request's headers, its body, and each piece of the
+    # answer (a client that stops reading) may take before the connection is cut.
+    header_timeout_s: float = Field(default=10.0, gt=0)
+    body_timeout_s: float = Field(default=30.0, gt=0)
+    send_timeout_s: float = Field(default=30.0, gt=0)
+    max_header_bytes: int = Field(default=64 * 1024, ge=1024)
     retry: RetryConfig = Field(default_factory=RetryConfig)
     watch_policies: bool = True
     metrics: bool = Field(default=True, description="Serve Prometheus text on /metrics.")

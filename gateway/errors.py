@@ -5,11 +5,12 @@
     ├── AuthenticationError   401     missing or unknown API key
     ├── PermissionDenied      403     the key may not use this policy or endpoint
     ├── NotFound              404     unknown model (policy alias or backend name) or route
+    ├── RequestTimeout        408     the body did not arrive within its deadline
     ├── PayloadTooLarge       413     body over the configured limit
     ├── RateLimited           429     gateway saturated or upstream rate limit (with Retry-After)
     ├── UpstreamError         502     every backend failed
     ├── UpstreamTimeout       504     every backend ran past its deadline
-    └── ClientDisconnected    499     the client left first (only ever logged)
+    └── ClientDisconnected    499     the client left first, or stopped reading (only logged)
 
 Third-party errors (litellm, httpx) are translated at the backend boundary and chained.
 """
@@ -80,6 +81,15 @@ class NotFound(GatewayError):
 
 class ModelNotFound(NotFound):
     code = "model_not_found"
+
+
+class RequestTimeout(GatewayError):
+    status_code = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+
+    def headers(self) -> dict[str, str]:
+        return {**super().headers(), "connection": "close"}  # the rest of the body is unread
 
 
 class PayloadTooLarge(GatewayError):

@@ -23,7 +23,14 @@ class StreamMode(StrEnum):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No infinities or NaN: `.inf` is valid YAML, and an infinite deadline is no deadline.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+
+# Upper bounds that no sane policy reaches: a typo (an extra zero or three) is refused at
+# load instead of turning a deadline into an hour's wait or a buffer into a memory hog.
+MAX_MS = 600_000  # ten minutes: any deadline or budget
+MAX_STEP_MS = 60_000  # one minute: the gateway's own steps (queueing, cache, routing)
 
 
 class LatencyBudget(_Strict):
@@ -35,18 +42,23 @@ class LatencyBudget(_Strict):
     a frontier attempt gets `escalation`.
     """
 
-    p99_ms: float = Field(default=3000, gt=0, description="End-to-end p99 target.")
-    queueing: float = Field(default=20, ge=0, description="Before routing: auth, policy.")
-    cache: float = Field(default=10, ge=0, description="Cache lookups.")
-    embedding: float = Field(default=10, ge=0, description="The shared prompt embedding.")
-    routing: float = Field(default=5, ge=0, description="Difficulty and confidence scoring.")
-    small_ttft: float = Field(default=1000, gt=0, description="Small model time to first token.")
+    p99_ms: float = Field(default=3000, gt=0, le=MAX_MS, description="End-to-end p99 target.")
+    queueing: float = Field(
+        default=20, ge=0, le=MAX_STEP_MS, description="Before routing: auth, policy.")
+    cache: float = Field(default=10, ge=0, le=MAX_STEP_MS, description="Cache lookups.")
+    embedding: float = Field(
+        default=10, ge=0, le=MAX_STEP_MS, description="The shared prompt embedding.")
+    routing: float = Field(
+        default=5, ge=0, le=MAX_STEP_MS, description="Difficulty and confidence scoring.")
+    small_ttft: float = Field(
+        default=1000, gt=0, le=MAX_MS, description="Small model time to first token.")
     small_generation: float = Field(
-        default=4000, gt=0, description="Small model time after the first token."
+        default=4000, gt=0, le=MAX_MS, description="Small model time after the first token."
     )
-    escalation: float = Field(default=30000, gt=0, description="One frontier attempt, in full.")
+    escalation: float = Field(
+        default=30000, gt=0, le=MAX_MS, description="One frontier attempt, in full.")
     small_timeout: float = Field(
-        default=60000, gt=0,
+        default=60000, gt=0, le=MAX_MS,
         description="How long the small model may take when there is nowhere to escalate "
         "(no frontier, small_only, a model named directly), and the cap of an adapted "
         "deadline; past it the request fails with 504.")
@@ -99,9 +111,11 @@ class Confidence(_Strict):
 
 class Streaming(_Strict):
     mode: StreamMode = StreamMode.HOLDBACK
-    holdback_tokens: int = Field(default=16, ge=1, description="Prefix length scored in holdback.")
+    holdback_tokens: int = Field(
+        default=16, ge=1, le=4096, description="Prefix length scored in holdback.")
     holdback_ms: float = Field(
-        default=400, gt=0, description="Or score whatever arrived after this long."
+        default=400, gt=0, le=MAX_STEP_MS,
+        description="Or score whatever arrived after this long."
     )
 
 
@@ -109,7 +123,8 @@ class CacheSettings(_Strict):
     """Response caching for this policy (exact and, where configured, semantic)."""
 
     enabled: bool = True
-    ttl_s: int = Field(default=3600, ge=1, description="How long a stored answer is served.")
+    ttl_s: int = Field(
+        default=3600, ge=1, le=365 * 86400, description="How long a stored answer is served.")
     temperature_above_zero: bool = Field(
         default=False,
         description="Also cache requests that set temperature > 0 (their answers vary). "
@@ -142,12 +157,12 @@ class CacheSettings(_Strict):
         "(system prompt, history, tools, parameters) is identical, or never.",
     )
     lookup_deadline_ms: float = Field(
-        default=10, gt=0,
+        default=10, gt=0, le=MAX_STEP_MS,
         description="Hard deadline on the whole lookup (exact, embedding, search, "
         "verification); past it the request proceeds as a miss.",
     )
     max_entries_per_tenant: int = Field(
-        default=10000, ge=1,
+        default=10000, ge=1, le=10_000_000,
         description="Entries kept per tenant under this policy; past it the entries closest "
         "to expiry (memory: least recently used) are evicted.",
     )

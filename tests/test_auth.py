@@ -69,3 +69,30 @@ def test_malformed_keys_files_are_refused(tmp_path: Path, tenants: dict[str, Any
 def test_open_access_is_the_local_admin() -> None:
     tenant = OpenAccess().authenticate(None)
     assert tenant.name == "local" and tenant.admin
+
+
+def test_an_edited_keys_file_is_picked_up_and_a_broken_one_ignored(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("gateway.api.auth.RECHECK_S", 0.0)
+    path = tmp_path / "keys.yaml"
+    path.write_text(yaml.safe_dump({"tenants": {"acme": {"keys": ["sk-a", "sk-b"]}}}))
+    store = KeyStore.from_file(path)
+    assert store.authenticate("Bearer sk-b").name == "acme"
+
+    path.write_text(yaml.safe_dump({"tenants": {"acme": {"keys": ["sk-a"]}}}))  # revoke sk-b
+    with pytest.raises(AuthenticationError):
+        store.authenticate("Bearer sk-b")
+    path.write_text("tenants: [broken\n")
+    assert store.authenticate("Bearer sk-a").name == "acme"  # the last good keys stay
+    path.unlink()
+    assert store.authenticate("Bearer sk-a").name == "acme"
+
+
+def test_only_digests_are_kept_and_compared(key_store: KeyStore) -> None:
+    """Keys are found by their SHA-256 digest, never compared as text: how long a lookup
+    takes says nothing about how much of a stored key a guess got right."""
+    held = repr(vars(key_store))
+    assert "sk-plain" not in held and "sk-admin" not in held
+    for near_miss in ("sk-plai", "sk-plainx", "Sk-plain", "sk-plaiN"):
+        with pytest.raises(AuthenticationError, match="Incorrect API key"):
+            key_store.authenticate(f"Bearer {near_miss}")

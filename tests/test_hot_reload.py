@@ -201,6 +201,22 @@ BAD_EDITS: dict[str, tuple[str, Callable[[str], str], str, str]] = {
         lambda text: replaced(text, "mode: holdback", "mode: telepathy"),
         "mode: telepathy", "streaming.mode",
     ),
+    "zero-deadline": (
+        "chat.yaml",
+        lambda text: replaced(text, "small_ttft: 500", "small_ttft: 0"),
+        "small_ttft: 0", "latency_budget.small_ttft: Input should be greater than 0",
+    ),
+    "infinite-deadline": (
+        "chat.yaml",
+        lambda text: replaced(text, "escalation: 20000", "escalation: .inf"),
+        "escalation: .inf", "latency_budget.escalation: Input should be a finite number",
+    ),
+    "absurd-size": (
+        "chat.yaml",
+        lambda text: replaced(text, "holdback_tokens: 12", "holdback_tokens: 1000000000"),
+        "holdback_tokens: 1000000000",
+        "streaming.holdback_tokens: Input should be less than or equal to 4096",
+    ),
 }
 
 

@@ -135,3 +135,36 @@ def test_schema_json_is_up_to_date() -> None:
     assert (POLICIES / "schema.json").read_text() == policy_schema(), (
         "regenerate it: smallfirst policy schema > policies/schema.json"
     )
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "says"),
+    [
+        ("latency_budget:\n  small_ttft", "0", "greater than 0"),
+        ("latency_budget:\n  escalation", "-100", "greater than 0"),
+        ("latency_budget:\n  small_timeout", ".inf", "finite number"),
+        ("latency_budget:\n  p99_ms", ".nan", "finite number"),
+        ("latency_budget:\n  small_generation", "86400000", "less than or equal to 600000"),
+        ("latency_budget:\n  queueing", "-1", "greater than or equal to 0"),
+        ("cache:\n  lookup_deadline_ms", "0", "greater than 0"),
+        ("cache:\n  lookup_deadline_ms", "3600000", "less than or equal to 60000"),
+        ("cache:\n  ttl_s", "1000000000000", "less than or equal to 31536000"),
+        ("cache:\n  max_entries_per_tenant", "1e12", "integer"),
+        ("cache:\n  max_entries_per_tenant", "0", "greater than or equal to 1"),
+        ("cache:\n  semantic_max_false_hit_rate", "0", "greater than 0"),
+        ("cache:\n  semantic_min_cosine", "1.5", "less than or equal to 1"),
+        ("cache:\n  semantic_audit_rate", "-0.1", "greater than or equal to 0"),
+        ("streaming:\n  holdback_tokens", "1000000000", "less than or equal to 4096"),
+        ("streaming:\n  holdback_ms", "0", "greater than 0"),
+        ("difficulty:\n  skip_threshold", "2", "less than or equal to 1"),
+        ("confidence:\n  samples", "1000", "less than or equal to 8"),
+        ("learning:\n  shadow_rate", "1.01", "less than or equal to 1"),
+    ],
+)
+def test_dangerous_values_are_refused_at_their_line(tmp_path: Path, setting: str, value: str,
+                                                    says: str) -> None:
+    path = tmp_path / "p.yaml"
+    path.write_text(f"name: p\n# a comment line\n{setting}: {value}\n")
+    (problem,) = problems_of(path)
+    assert problem.startswith(f"{path}:4: "), problem  # the line of the setting
+    assert says in problem, problem

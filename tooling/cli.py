@@ -37,6 +37,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from gateway.api.app import create_app
+    from gateway.api.protocol import guarded_protocol
     from gateway.service import Gateway
 
     settings = _serve_settings(args)
@@ -46,7 +47,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     app = create_app(Gateway.from_settings(settings))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False)
+                access_log=False,
+                http=guarded_protocol(settings.header_timeout_s, settings.max_header_bytes))
     return 0
 
 

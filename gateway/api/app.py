@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import logging
 import re
 import uuid
@@ -14,15 +13,17 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from opentelemetry import context as otel_context
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gateway.api import sse
 from gateway.api.auth import Tenant
+from gateway.api.json_body import parse_json_body
 from gateway.api.lifecycle import RequestLife
 from gateway.api.openai_types import ChatCompletionRequest, CompletionRequest, parse
+from gateway.api.openapi import install_openapi
 from gateway.errors import (
     ClientDisconnected,
     GatewayError,
@@ -30,6 +31,7 @@ from gateway.errors import (
     NotFound,
     PayloadTooLarge,
     PermissionDenied,
+    RequestTimeout,
 )
 from gateway.service import Gateway
 from gateway.shapes import as_text_chunk, as_text_completion
@@ -42,11 +44,15 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
 class RequestGuard:
-    """ASGI middleware: request ids, the body size limit, and no stack trace ever leaks."""
+    """ASGI middleware: request ids, the body's size limit and deadline, a deadline on each
+    send (a client that stops reading is cut), and no stack trace ever leaks."""
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, max_body_bytes: int, *, body_timeout_s: float = 30.0,
+                 send_timeout_s: float = 30.0) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+        self.send_timeout_s = send_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -64,13 +70,21 @@ class RequestGuard:
                 started = True
                 message["headers"] = [*message.get("headers", []),
                                       (b"x-request-id", request_id.encode())]
-            await send(message)
+            try:
+                async with asyncio.timeout(self.send_timeout_s):
+                    await send(message)
+            except TimeoutError:
+                raise StalledReader(f"the client read nothing for {self.send_timeout_s} s") \
+                    from None
 
         try:
             if int(headers.get(b"content-length", b"0") or 0) > self.max_body_bytes:
                 raise self._too_large()
             await self.app(scope, self._limited(receive), send_with_id)
         except Exception as exc:
+            if started and _stalled(exc):
+                log.warning("request %s cut: %s", request_id, _stalled(exc))
+                return  # the server closes a connection whose response is incomplete
             if started:
                 raise
             error = exc if isinstance(exc, GatewayError) else None
@@ -83,18 +97,41 @@ class RequestGuard:
         return PayloadTooLarge(f"Request body exceeds the limit of {self.max_body_bytes} bytes.")
 
     def _limited(self, receive: Receive) -> Receive:
-        seen = 0
+        """`receive`, with the body bounded in size and, until it is whole, in time."""
+        seen, complete = 0, False
+        deadline = asyncio.get_running_loop().time() + self.body_timeout_s
 
         async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete
+            if complete:  # from here on, receive only waits for the client to leave
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise RequestTimeout(f"The request body did not arrive within "
+                                     f"{self.body_timeout_s} s.") from None
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
                 if seen > self.max_body_bytes:
                     raise self._too_large()
+                complete = not message.get("more_body", False)
             return message
 
         return limited
+
+
+class StalledReader(Exception):
+    """The client stopped reading the answer: the send deadline passed."""
+
+
+def _stalled(exc: BaseException) -> StalledReader | None:
+    """The StalledReader behind `exc`, also when a task group wrapped it."""
+    if isinstance(exc, StalledReader):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        return next(filter(None, map(_stalled, exc.exceptions)), None)
+    return _stalled(exc.__cause__) if exc.__cause__ is not None else None
 
 
 def error_response(error: GatewayError) -> JSONResponse:
@@ -122,11 +159,7 @@ def decision_headers(decision: Decision, timings: Timings) -> dict[str, str]:
 
 
 async def read_json(request: Request) -> Any:
-    body = await request.body()
-    try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise InvalidRequest("We could not parse the JSON body of your request.") from None
+    return parse_json_body(await request.body())
 
 
 async def until_disconnect(request: Request, work: Awaitable[T]) -> T:
@@ -169,7 +202,11 @@ def create_app(gateway: Gateway) -> FastAPI:
     app.state.gateway = gateway
     _install_error_handlers(app)
     _install_routes(app, gateway)
-    return RequestGuard(app, gateway.settings.max_body_bytes)  # type: ignore[return-value]
+    install_openapi(app)
+    settings = gateway.settings
+    return RequestGuard(app, settings.max_body_bytes,  # type: ignore[return-value]
+                        body_timeout_s=settings.body_timeout_s,
+                        send_timeout_s=settings.send_timeout_s)
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -180,6 +217,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         return error_response(InvalidRequest("Invalid request."))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # Starlette sends this, then re-raises for the server to log the traceback.
+        return error_response(GatewayError("Internal error; see the logs."))
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -316,9 +358,8 @@ async def _serve(
         life.end(200, decision)
         return JSONResponse(response, headers=headers)
     chunks, decision = await until_disconnect(request, gateway.engine.stream(call))
-    return StreamingResponse(
+    return sse.EventStream(
         _sse(life, decision, chunks, legacy),
-        media_type="text/event-stream",
         headers={**decision_headers(decision, timings), "cache-control": "no-cache"},
     )
 

@@ -7,11 +7,17 @@ The keys file is YAML:
         keys: ["sk-live-..."]            # plain keys, hashed on load
         key_hashes: ["sha256:9f86d0..."]  # or their hashes (`smallfirst keys hash KEY`)
         admin: false                      # may call /admin endpoints
+
+The file is re-read when it changes (checked at most once a second, on requests): a revoked
+key stops working without a restart; an invalid edit is logged and the last good keys stay.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +27,8 @@ from gateway.config import ConfigError, read_yaml, validation_message
 from gateway.errors import AuthenticationError
 
 OPEN_TENANT = "local"
+RECHECK_S = 1.0
+log = logging.getLogger("smallfirst.auth")
 
 
 def hash_key(key: str) -> str:
@@ -48,29 +56,35 @@ class _KeysFile(BaseModel):
 class KeyStore:
     """Resolves a presented bearer key to its tenant, or raises AuthenticationError."""
 
-    def __init__(self, tenants_by_hash: dict[str, Tenant]) -> None:
+    def __init__(self, tenants_by_hash: dict[str, Tenant], path: Path | None = None) -> None:
         self._by_hash = tenants_by_hash
+        self._path = path
+        self._stamp = _stamp(path) if path is not None else None
+        self._checked = time.monotonic()
 
     @classmethod
     def from_file(cls, path: Path) -> KeyStore:
-        raw = read_yaml(path, "API keys file") or {}
+        return cls(_read_keys(path), path)
+
+    def _refresh(self) -> None:
+        """Re-read the keys file if it changed since the last look (at most once a second)."""
+        now = time.monotonic()
+        if self._path is None or now - self._checked < RECHECK_S:
+            return
+        self._checked = now
+        stamp = _stamp(self._path)
+        if stamp == self._stamp:
+            return
+        self._stamp = stamp
         try:
-            parsed = _KeysFile.model_validate(raw)
-        except ValidationError as exc:
-            raise ConfigError(f"{path}: {validation_message(exc)} (expected tenants: NAME: "
-                              "{keys: [...]} or {key_hashes: [...]}; see README)") from exc
-        by_hash: dict[str, Tenant] = {}
-        for name, entry in parsed.tenants.items():
-            tenant = Tenant(name, entry.admin)
-            hashes = [hash_key(k) for k in entry.keys] + [h.lower() for h in entry.key_hashes]
-            for digest in hashes:
-                if not digest.startswith("sha256:") or len(digest) != 71:
-                    raise ConfigError(f"{path}: tenant {name!r}: bad key hash {digest[:16]}..."
-                                      " (expected sha256:<64 hex>; `smallfirst keys hash KEY`)")
-                by_hash[digest] = tenant
-        return cls(by_hash)
+            self._by_hash = _read_keys(self._path)
+        except ConfigError as exc:
+            log.error("API keys file rejected, the last good keys stay: %s", exc)
+            return
+        log.info("API keys reloaded from %s", self._path)
 
     def authenticate(self, authorization: str | None) -> Tenant:
+        self._refresh()
         if not authorization:
             raise AuthenticationError(
                 "Missing API key: send it as 'Authorization: Bearer <key>'."
@@ -83,6 +97,33 @@ class KeyStore:
         if tenant is None:
             raise AuthenticationError("Incorrect API key provided.")
         return tenant
+
+
+def _read_keys(path: Path) -> dict[str, Tenant]:
+    raw = read_yaml(path, "API keys file") or {}
+    try:
+        parsed = _KeysFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {validation_message(exc)} (expected tenants: NAME: "
+                          "{keys: [...]} or {key_hashes: [...]}; see README)") from exc
+    by_hash: dict[str, Tenant] = {}
+    for name, entry in parsed.tenants.items():
+        tenant = Tenant(name, entry.admin)
+        hashes = [hash_key(k) for k in entry.keys] + [h.lower() for h in entry.key_hashes]
+        for digest in hashes:
+            if not digest.startswith("sha256:") or len(digest) != 71:
+                raise ConfigError(f"{path}: tenant {name!r}: bad key hash {digest[:16]}..."
+                                  " (expected sha256:<64 hex>; `smallfirst keys hash KEY`)")
+            by_hash[digest] = tenant
+    return by_hash
+
+
+def _stamp(path: Path) -> tuple[int, int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size, stat.st_ino
 
 
 class OpenAccess:
