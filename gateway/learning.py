@@ -4,7 +4,9 @@ A request the small model answered can be labelled when the frontier answers the
 prompt: on every escalation (free), or by a shadow call made in the background for a
 budgeted sample of requests the small model kept. The label is agreement between the two
 answers (`router.agreement`), or, with `judge: true`, the frontier's own verdict. Rows go to
-a JSON-lines file; `smallfirst router train --from-log FILE` turns them into training rows.
+a JSON-lines file and/or a bounded Redis Stream that every replica appends to;
+`smallfirst router train --from-log FILE|redis://...` turns them into training rows. Shadow
+calls are budgeted per policy, across replicas when the allowances live in Redis.
 Prompt and answer text are written only where the policy's `learning.log_text` allows.
 """
 
@@ -21,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from gateway.ratelimit import TokenBucket
+from gateway.ratelimit import Allowances
 from gateway.types import Call, Route
 
 log = logging.getLogger("smallfirst.learning")
@@ -34,15 +36,27 @@ JUDGE_PROMPT = (
 )
 
 
+class DecisionStream:
+    """The decision log as a Redis Stream, trimmed to about `maxlen` newest rows."""
+
+    def __init__(self, client: Any, key: str, maxlen: int) -> None:
+        self.client, self.key, self.maxlen = client, key, maxlen
+
+    async def append(self, line: str) -> None:
+        await self.client.xadd(self.key, {"row": line}, maxlen=self.maxlen, approximate=True)
+
+
 class TrafficLearner:
     def __init__(
-        self, path: Path, ask_frontier: AskFrontier | None,
-        rng: Callable[[], float] = random.random,
+        self, path: Path | None, ask_frontier: AskFrontier | None,
+        rng: Callable[[], float] = random.random, *,
+        stream: DecisionStream | None = None, allowances: Allowances | None = None,
     ) -> None:
         self.path = path
         self.ask_frontier = ask_frontier
         self.rng = rng
-        self._buckets: dict[str, TokenBucket] = {}
+        self.stream = stream
+        self.allowances = allowances or Allowances()
         self._tasks: set[asyncio.Task] = set()
         self._lock = threading.Lock()
 
@@ -55,22 +69,21 @@ class TrafficLearner:
         if call.frontier_text is not None:
             if settings.log_escalations or self.rng() < settings.log_sample_rate:
                 self._spawn(self._write(call, call.frontier_text, "escalation"))
-        elif decision.route == Route.SMALL and self._shadow_allowed(call):
-            self._spawn(self._shadow(call))
+        elif (decision.route == Route.SMALL and self.ask_frontier is not None
+              and self.rng() < settings.shadow_rate):
+            self._spawn(self._shadow(call, sampled=self.rng() < settings.log_sample_rate))
         elif self.rng() < settings.log_sample_rate:
             self._spawn(self._write(call, None, None))
 
-    def _shadow_allowed(self, call: Call) -> bool:
-        settings = call.policy.learning
-        if self.ask_frontier is None or self.rng() >= settings.shadow_rate:
-            return False
-        bucket = self._buckets.get(call.policy.name)
-        if bucket is None or bucket.per_minute != settings.shadow_per_minute:
-            bucket = self._buckets[call.policy.name] = TokenBucket(settings.shadow_per_minute)
-        return bucket.take()
-
-    async def _shadow(self, call: Call) -> None:
+    async def _shadow(self, call: Call, *, sampled: bool) -> None:
+        """A shadow call if the policy's budget allows one now, else the row if sampled."""
         assert self.ask_frontier is not None
+        learning = call.policy.learning
+        if not await self.allowances.take(f"shadow:{call.policy.name}",
+                                          learning.shadow_per_minute):
+            if sampled:
+                await self._write(call, None, None)
+            return
         try:
             call.frontier_model, text = await self.ask_frontier(call.params)
             verdict = await self._judge(call, text) if call.policy.learning.judge else None
@@ -95,7 +108,11 @@ class TrafficLearner:
     ) -> None:
         try:
             row = await asyncio.to_thread(_row, call, frontier_text, source, verdict)
-            await asyncio.to_thread(self._append, json.dumps(row, default=str))
+            line = json.dumps(row, default=str)
+            if self.path is not None:
+                await asyncio.to_thread(self._append, line)
+            if self.stream is not None:
+                await self.stream.append(line)
         except Exception as exc:
             log.warning("decision log write failed: %s", exc)
 

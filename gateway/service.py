@@ -14,13 +14,16 @@ from opentelemetry.trace import Tracer
 from gateway.api.auth import KeyStore, OpenAccess
 from gateway.backends import Backend, LiteLLMBackend, OpenAIWireBackend
 from gateway.cache.layered import LayeredCache, build_cache
+from gateway.cache.redis_exact import connect
 from gateway.config import ConfigError, Settings
 from gateway.embedding import SharedEmbedding
 from gateway.engine import CascadeEngine
 from gateway.errors import ModelNotFound, PermissionDenied, RateLimited
-from gateway.learning import TrafficLearner
+from gateway.learning import DecisionStream, TrafficLearner
+from gateway.limits import RateLimiter
 from gateway.policy import LatencyBudget, Policy
 from gateway.policy_store import PolicyStore
+from gateway.ratelimit import Allowances
 from gateway.scoring import BundleRegistry
 from gateway.telemetry.budget import BudgetTracker
 from gateway.telemetry.metrics import Metrics, Price, litellm_price
@@ -44,8 +47,10 @@ class Gateway:
     tracer: Tracer | None = None
     cache: LayeredCache | None = None
     embed: SharedEmbedding | None = None
+    limits: RateLimiter | None = None
     in_flight: int = 0
     warmed_up: bool = False  # the models answered a warm-up: /readyz may say ready
+    draining: bool = False  # shutting down: /readyz says not ready, requests still served
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
     @classmethod
@@ -77,9 +82,14 @@ class Gateway:
             bundles=BundleRegistry(settings.policies),
             embed=embed,
         )
-        if settings.decision_log is not None:
-            engine.learner = TrafficLearner(settings.decision_log,
-                                            engine.ask_frontier if engine.frontiers else None)
+        # Replicas share rate limits, shadow-call allowances and the decision stream here.
+        shared = connect(settings.redis_url) if settings.redis_url else None
+        stream = (DecisionStream(shared, settings.decision_stream, settings.decision_stream_maxlen)
+                  if shared is not None and settings.decision_stream else None)
+        if settings.decision_log is not None or stream is not None:
+            engine.learner = TrafficLearner(
+                settings.decision_log, engine.ask_frontier if engine.frontiers else None,
+                stream=stream, allowances=Allowances(shared, settings.cache_prefix))
         observer = Observer(
             Metrics(budgets=lambda: _budgets(store)) if settings.metrics else None,
             BudgetTracker(settings.budget_window),
@@ -87,7 +97,9 @@ class Gateway:
         )
         if observer.metrics is not None:
             engine.audited = observer.metrics.record_cache_audit
-        return cls(settings, store, engine, access, observer, setup_tracing(), cache, embed)
+        limits = RateLimiter(settings.rate_limits, shared, settings.cache_prefix)
+        return cls(settings, store, engine, access, observer, setup_tracing(), cache, embed,
+                   limits)
 
     def begin(self) -> None:
         """Admit one more request, or refuse it with a 429 when at capacity."""
@@ -138,6 +150,8 @@ class Gateway:
         if self.cache is not None:
             await self.cache.start()
         self._tasks.append(asyncio.create_task(self._warm_up()))
+        if self.limits is not None:
+            self._tasks.append(asyncio.create_task(self.limits.renew_forever()))
         if self.settings.watch_policies:
             self._tasks.append(asyncio.create_task(self.policies.watch()))
         with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):
@@ -196,6 +210,8 @@ class Gateway:
         self._tasks.clear()
         if self.engine.learner is not None:
             await self.engine.learner.drain()
+        if self.limits is not None:
+            await self.limits.close()
         if isinstance(self.engine.small, OpenAIWireBackend):
             await self.engine.small.aclose()
         if self.observer.metrics:

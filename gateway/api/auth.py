@@ -7,6 +7,11 @@ The keys file is YAML:
         keys: ["sk-live-..."]            # plain keys, hashed on load
         key_hashes: ["sha256:9f86d0..."]  # or their hashes (`smallfirst keys hash KEY`)
         admin: false                      # may call /admin endpoints
+        limits: {requests_per_minute: 600, tokens_per_minute: 200000, concurrent_streams: 20}
+        key_limits: {requests_per_minute: 60}  # each key of the tenant on its own
+
+`limits` and `key_limits` override, field by field, the config's `rate_limits.tenant` and
+`rate_limits.key` defaults (gateway.limits).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.config import ConfigError, read_yaml, validation_message
 from gateway.errors import AuthenticationError
+from gateway.limits import Limits
 
 OPEN_TENANT = "local"
 
@@ -31,6 +37,9 @@ def hash_key(key: str) -> str:
 class Tenant:
     name: str
     admin: bool = False
+    key_id: str = ""  # the presented key's hash, shortened: its rate-limit scope
+    limits: Limits | None = None
+    key_limits: Limits | None = None
 
 
 class _TenantEntry(BaseModel):
@@ -38,6 +47,8 @@ class _TenantEntry(BaseModel):
     keys: list[str] = Field(default_factory=list)
     key_hashes: list[str] = Field(default_factory=list)
     admin: bool = False
+    limits: Limits | None = None
+    key_limits: Limits | None = None
 
 
 class _KeysFile(BaseModel):
@@ -61,13 +72,13 @@ class KeyStore:
                               "{keys: [...]} or {key_hashes: [...]}; see README)") from exc
         by_hash: dict[str, Tenant] = {}
         for name, entry in parsed.tenants.items():
-            tenant = Tenant(name, entry.admin)
             hashes = [hash_key(k) for k in entry.keys] + [h.lower() for h in entry.key_hashes]
             for digest in hashes:
                 if not digest.startswith("sha256:") or len(digest) != 71:
                     raise ConfigError(f"{path}: tenant {name!r}: bad key hash {digest[:16]}..."
                                       " (expected sha256:<64 hex>; `smallfirst keys hash KEY`)")
-                by_hash[digest] = tenant
+                by_hash[digest] = Tenant(name, entry.admin, digest[7:23], entry.limits,
+                                         entry.key_limits)
         return cls(by_hash)
 
     def authenticate(self, authorization: str | None) -> Tenant:
