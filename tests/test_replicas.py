@@ -1,0 +1,68 @@
+"""Three gateway replicas behind a real HAProxy, sharing one Valkey (the scenarios of
+`load/replicas.py`, smaller): a shared cache, one rate limit across replicas, one decision
+stream, and no client error when a replica is stopped under load, few when it is killed."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import signal
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from load.replicas import Replicas, haproxy_binary, replica_config, scenarios
+from router.traffic import read_log
+from tests.conftest import RedisServer
+
+LIMIT = 5
+
+
+@pytest.fixture
+def replicas(tmp_path: Path, upstream: str, redis_server: RedisServer) -> Iterator[Replicas]:
+    if haproxy_binary() is None:
+        pytest.skip("haproxy is not installed (make test installs Debian's package)")
+    prefix = f"replicas-{uuid.uuid4().hex[:6]}"
+    cluster = Replicas(tmp_path, replica_config(upstream, redis_server.url, prefix, LIMIT,
+                                                tmp_path))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_three_replicas_behind_haproxy_share_state_and_survive_losing_one(
+        replicas: Replicas) -> None:
+    args = argparse.Namespace(questions=3, tries=5, limit=LIMIT, seconds=4.0, concurrency=6)
+    figures = asyncio.run(scenarios(replicas, args))
+
+    assert figures["cache"]["cross_replica_hits"] == 3  # cached via one, served by the next
+
+    stream = figures["decision_stream"]
+    assert stream["rows_landed_by_replica"] == {0: 3, 1: 3, 2: 3}
+    # the trainer reads the same stream
+    url = f"{replicas.config['redis_url']}?stream={stream['stream']}"
+    assert len(list(read_log([url]))) >= stream["rows_sent"]
+
+    limited = figures["rate_limit"]
+    assert limited["admitted"] == LIMIT and limited["other"] == []
+    assert limited["refused_429"] == limited["sent"] - LIMIT
+    assert limited["replicas_answering"] >= 2  # the count is shared, not per replica
+    refusal = limited["refusal_example"]
+    assert refusal["retry_after"].isdigit()
+    assert refusal["body"]["error"]["code"] == "rate_limit_exceeded"
+
+    stopped = figures["sigterm"]
+    assert stopped["in_flight_at_signal"] > 0 and stopped["requests_1s_after"] > 0
+    assert stopped["errors"] == 0, stopped["error_examples"]
+    assert stopped["victim_exit_code"] == 0
+    assert "draining" in replicas.log(0)
+
+    killed = figures["sigkill"]
+    assert killed["victim_exit_code"] == -signal.SIGKILL
+    assert killed["errors"] <= killed["in_flight_at_signal"]
+    assert killed["errors_not_in_flight_on_victim"] == 0, killed["error_examples"]
+    assert killed["requests_1s_after"] > 0 and killed["served_by_victim_1s_after"] == 0
