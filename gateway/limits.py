@@ -115,7 +115,7 @@ class Limits(BaseModel):
         return self.model_copy(update=override.model_dump(exclude_unset=True))
 
     @property
-    def any(self) -> bool:
+    def limited(self) -> bool:
         return any(v is not None for v in self.model_dump().values())
 
 
@@ -163,7 +163,7 @@ class RateLimiter:
                         self.config.tenant.over(tenant.limits))]
         if tenant.key_id:
             scopes.append(Scope(f"key:{tenant.key_id}", self.config.key.over(tenant.key_limits)))
-        return [s for s in scopes if s.limits.any]
+        return [s for s in scopes if s.limits.limited]
 
     async def admit(self, tenant: Any, *, stream: bool) -> Admission | None:
         """Count one request against its tenant's and key's limits, or raise RateLimited."""

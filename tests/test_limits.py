@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from pathlib import Path
 
+import openai
 import pytest
 
 from gateway.api.auth import Tenant
@@ -13,7 +15,7 @@ from gateway.cache.redis_exact import connect
 from gateway.errors import RateLimited
 from gateway.limits import Limits, RateLimitConfig, RateLimiter
 from gateway.ratelimit import Allowances
-from tests.conftest import free_port
+from tests.conftest import GatewayRunner, free_port, script, upstream_config, write
 
 
 def tenant_limits(**limits: int) -> RateLimitConfig:
@@ -132,3 +134,47 @@ async def test_shadow_allowances_are_one_budget_across_replicas(redis_url: str) 
 async def test_allowances_without_redis_are_per_process() -> None:
     absent = Allowances(connect(f"redis://127.0.0.1:{free_port()}/0"))
     assert [await absent.take("shadow:auto", 2) for _ in range(3)] == [True, True, False]
+
+
+async def test_the_official_client_sees_429s_with_retry_after(
+        gateways: GatewayRunner, upstream: str, tmp_path: Path) -> None:
+    """One gateway without Redis (limits counted in its process), limits from the keys file."""
+    keys = write(tmp_path / "keys.yaml", """
+        tenants:
+          streams:
+            keys: ["sk-streams"]
+            key_limits: {concurrent_streams: 1}
+          tokens:
+            keys: ["sk-tokens"]
+            limits: {tokens_per_minute: 10}
+    """)
+    base = gateways.start(upstream_config(upstream, auth="on", api_keys_file=str(keys)))
+    streams = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="sk-streams", max_retries=0)
+    slow = [{"role": "user", "content": "Count slowly." + script(tokens_per_s=8)}]
+
+    async def read_stream() -> str:
+        chunks = await streams.chat.completions.create(model="auto", messages=slow,
+                                                       stream=True)
+        return "".join([c.choices[0].delta.content or "" async for c in chunks if c.choices])
+
+    first = asyncio.ensure_future(read_stream())
+    await asyncio.sleep(0.5)
+    with pytest.raises(openai.RateLimitError) as refused:
+        await streams.chat.completions.create(model="auto", messages=slow, stream=True)
+    assert refused.value.code == "rate_limit_exceeded"
+    assert "1 concurrent streams" in refused.value.message
+    assert refused.value.response.headers["retry-after"] == "1"
+    assert (await streams.chat.completions.create(  # not a stream: not bound by the limit
+        model="auto", messages=[{"role": "user", "content": "Hi"}])).choices
+    assert await first  # the slot comes back when the stream ends
+    assert await read_stream()
+
+    tokens = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="sk-tokens", max_retries=0)
+    hello = [{"role": "user", "content": "Hello there"}]
+    answer = await tokens.chat.completions.create(model="auto", messages=hello)
+    assert answer.usage.total_tokens > 10
+    await asyncio.sleep(0.2)
+    with pytest.raises(openai.RateLimitError) as spent:
+        await tokens.chat.completions.create(model="auto", messages=hello)
+    assert "10 tokens per minute" in spent.value.message
+    assert 1 <= int(spent.value.response.headers["retry-after"]) <= 60
