@@ -22,6 +22,7 @@ import logging
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
@@ -157,6 +158,8 @@ class RateLimiter:
         self._leases: dict[str, Admission] = {}
         self._down_until = 0.0
         self._tasks: set[asyncio.Task] = set()
+        # (limit, scope, counted): a refusal, for the metrics the composition root hands in
+        self.refused: Callable[[str, str, str], None] | None = None
 
     def scopes(self, tenant: Any) -> list[Scope]:
         scopes = [Scope(f"tenant:{quote(tenant.name, safe='')}",
@@ -184,6 +187,10 @@ class RateLimiter:
         if not admission.shared:
             refusal = self.local.admit(admission)
         if refusal is not None:
+            scope, kind, _ = refusal
+            if self.refused is not None:
+                self.refused(kind, scope.name.split(":", 1)[0],
+                             "redis" if admission.shared else "process")
             raise _refused(*refusal)
         if stream and admission.shared:
             self._leases[admission.uid] = admission

@@ -98,6 +98,8 @@ class Gateway:
         if observer.metrics is not None:
             engine.audited = observer.metrics.record_cache_audit
         limits = RateLimiter(settings.rate_limits, shared, settings.cache_prefix)
+        if observer.metrics is not None:
+            limits.refused = observer.metrics.record_rate_limited
         return cls(settings, store, engine, access, observer, setup_tracing(), cache, embed,
                    limits)
 

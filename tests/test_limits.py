@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -178,3 +179,11 @@ async def test_the_official_client_sees_429s_with_retry_after(
         await tokens.chat.completions.create(model="auto", messages=hello)
     assert "10 tokens per minute" in spent.value.message
     assert 1 <= int(spent.value.response.headers["retry-after"]) <= 60
+    async with httpx.AsyncClient() as client:
+        metrics = (await client.get(f"{base}/metrics", timeout=10)).text
+    refusals = [line for line in metrics.splitlines()
+                if line.startswith("smallfirst_rate_limited_total{")]
+    for limit, scope in (("streams", "key"), ("tokens", "tenant")):
+        labels = ('counted="process"', f'limit="{limit}"', f'scope="{scope}"')
+        assert any(all(label in line for label in labels) and line.endswith(" 1.0")
+                   for line in refusals), refusals
