@@ -143,7 +143,6 @@ class Admission:
 
     uid: str
     scopes: list[Scope]
-    stream: bool
     shared: bool  # counted in Redis (else in this process)
     released: bool = False
 
@@ -161,22 +160,23 @@ class RateLimiter:
         # (limit, scope, counted): a refusal, for the metrics the composition root hands in
         self.refused: Callable[[str, str, str], None] | None = None
 
-    def scopes(self, tenant: Any) -> list[Scope]:
+    def scopes(self, tenant: Any, *, stream: bool) -> list[Scope]:
+        """The limited scopes of a request from `tenant` (a gateway.api.auth.Tenant)."""
         scopes = [Scope(f"tenant:{quote(tenant.name, safe='')}",
                         self.config.tenant.over(tenant.limits))]
         if tenant.key_id:
             scopes.append(Scope(f"key:{tenant.key_id}", self.config.key.over(tenant.key_limits)))
+        if not stream:  # a stream limit binds only streams
+            for scope in scopes:
+                scope.limits = scope.limits.model_copy(update={"concurrent_streams": None})
         return [s for s in scopes if s.limits.limited]
 
     async def admit(self, tenant: Any, *, stream: bool) -> Admission | None:
         """Count one request against its tenant's and key's limits, or raise RateLimited."""
-        scopes = self.scopes(tenant)
+        scopes = self.scopes(tenant, stream=stream)
         if not scopes:
             return None
-        if not stream:  # a stream limit binds only streams
-            scopes = [Scope(s.name, s.limits.model_copy(update={"concurrent_streams": None}))
-                      for s in scopes]
-        admission = Admission(uuid.uuid4().hex, scopes, stream, shared=self._redis_up())
+        admission = Admission(uuid.uuid4().hex, scopes, shared=self._redis_up())
         refusal = None
         if admission.shared:
             try:

@@ -7,15 +7,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import pytest
 
 from load.replicas import Replicas, haproxy_binary, replica_config, scenarios
 from router.traffic import read_log
-from tests.conftest import RedisServer
+from tests.conftest import GatewayRunner, RedisServer, script, upstream_config
 
 LIMIT = 5
 
@@ -66,3 +68,23 @@ def test_three_replicas_behind_haproxy_share_state_and_survive_losing_one(
     assert killed["errors"] <= killed["in_flight_at_signal"]
     assert killed["errors_not_in_flight_on_victim"] == 0, killed["error_examples"]
     assert killed["requests_1s_after"] > 0 and killed["served_by_victim_1s_after"] == 0
+
+
+def test_sigterm_fails_readiness_first_then_finishes_what_is_in_flight(
+        gateways: GatewayRunner, upstream: str) -> None:
+    base = gateways.start(upstream_config(upstream, shutdown_drain_s=2.0))
+    process = gateways.last_process.proc
+    slow = {"model": "auto", "stream": True, "messages": [
+        {"role": "user", "content": "Take your time." + script(tokens_per_s=4)}]}  # ~4 s
+    with httpx.Client(timeout=30) as client, client.stream(
+            "POST", f"{base}/v1/chat/completions", json=slow) as stream:
+        assert stream.status_code == 200
+        process.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        ready = client.get(f"{base}/readyz")
+        assert ready.status_code == 503 and ready.json()["checks"]["not_draining"] is False
+        # still serving while the balancer routes away
+        assert client.post(f"{base}/v1/chat/completions", json={
+            "model": "auto", "messages": [{"role": "user", "content": "Hi"}]}).status_code == 200
+        assert stream.read().decode().rstrip().endswith("data: [DONE]")
+    assert process.wait(30) == 0
