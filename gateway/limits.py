@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 import uuid
 from collections import deque
@@ -343,8 +344,9 @@ def _refused(scope: Scope, kind: str, wait: float) -> RateLimited:
              "tokens": f"{limits.tokens_per_minute} tokens per minute",
              "streams": f"{limits.concurrent_streams} concurrent streams"}[kind]
     who = "this API key" if scope.name.startswith("key:") else "this tenant"
-    return RateLimited(f"Rate limit reached for {who}: {limit}. Retry after the "
-                       "Retry-After header's seconds.", retry_after=max(1.0, wait))
+    seconds = max(1, math.ceil(wait))
+    return RateLimited(f"Rate limit reached for {who}: {limit}. Please try again in "
+                       f"{seconds}s.", retry_after=seconds)
 
 
 def _text(value: Any) -> str:

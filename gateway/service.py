@@ -55,6 +55,8 @@ class Gateway:
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Gateway:
+        if settings.decision_stream and not settings.redis_url:
+            raise ConfigError("decision_stream needs redis_url (the stream lives in Redis)")
         if settings.auth == "off":
             access: KeyStore | OpenAccess = OpenAccess()
         elif settings.api_keys_file is None:
