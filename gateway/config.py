@@ -103,6 +103,9 @@ class Settings(BaseSettings):
         default=None,
         description="Redis for the exact and semantic cache; unset: an in-process exact cache.",
     )
+    redis_timeout_s: float = Field(
+        default=0.25, gt=0, description="Socket timeout of every Redis call; past it the call "
+        "has failed (cache: a miss; rate limits and shadow budgets: counted in this process).")
     cache_semantic: bool = Field(
         default=True, description="With Redis, also run the semantic cache (needs FT.*)."
     )

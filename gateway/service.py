@@ -75,6 +75,7 @@ class Gateway:
             semantic=settings.cache_semantic,
             memory_entries=settings.cache_memory_entries,
             embed=embed,
+            timeout_s=settings.redis_timeout_s,
         )
         engine = CascadeEngine(
             _small_backend(settings),
@@ -85,7 +86,8 @@ class Gateway:
             embed=embed,
         )
         # Replicas share rate limits, shadow-call allowances and the decision stream here.
-        shared = connect(settings.redis_url) if settings.redis_url else None
+        shared = connect(settings.redis_url, settings.redis_timeout_s) if settings.redis_url \
+            else None
         stream = (DecisionStream(shared, settings.decision_stream, settings.decision_stream_maxlen)
                   if shared is not None and settings.decision_stream else None)
         if settings.decision_log is not None or stream is not None:

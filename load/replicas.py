@@ -2,8 +2,8 @@
 
 Starts the scripted upstream (playing both the small and the frontier model: no vLLM needed),
 Valkey with the search module, N `smallfirst serve` processes and Debian's HAProxy in front of
-them (health checks on /readyz; a connection refused or an empty response is retried on
-another replica), then shows and prints:
+them (health checks on /readyz; a connection a replica refuses is retried on another), then
+shows and prints:
 
 - an answer cached through one replica is served by the next one (cross-replica hit rate);
 - a per-tenant limit of N requests a minute admits N across all replicas, the rest get 429;
@@ -51,9 +51,12 @@ POLICY_EXTRA = {"learning": {"log_sample_rate": 1.0, "log_text": True},
 HAPROXY_CONFIG = """\
 global
     maxconn 2000
+    log stdout format raw local0 info
 
 defaults
     mode http
+    log global
+    option httplog
     timeout connect 1s
     timeout check 3s
     timeout client 120s
@@ -62,6 +65,9 @@ defaults
     option redispatch 1
     # A request no replica answered (refused, reset, closed before a byte) goes to another one.
     retry-on conn-failure empty-response
+    # A connection per request: none is sent on an idle connection a dead replica left behind
+    # before the health check has noticed (it would fail, and a POST is not resent there).
+    http-reuse never
 
 frontend gateway
     bind 127.0.0.1:{port}
@@ -106,6 +112,7 @@ def replica_config(upstream: str, redis_url: str, prefix: str, limit: int,
         "decision_stream": f"{prefix}:decisions", "policies": str(policies),
         "api_keys_file": str(keys_file(workdir / "keys.yaml", limit)),
         "shutdown_drain_s": 2.0, "watch_policies": False,
+        "redis_timeout_s": 2.0,  # the replicas share a few cores with the load
     }
 
 
