@@ -39,8 +39,8 @@ class RequestLife:
         self.ended = True
         if self.limit is not None and self.gateway.limits is not None:
             usage = self.call.usage if self.call is not None else None
-            self.gateway.limits.release(self.limit, usage.prompt + usage.completion if usage
-                                        else 0)
+            tokens = usage.prompt + usage.completion if usage is not None else 0
+            self.gateway.limits.release(self.limit, tokens)
         if self.call is not None:  # observed: the observer ends the span with the route
             self.gateway.finish(self.call, decision or self.call.decision, status,
                                 stream=self.stream, tenant=self.call.tenant, error=error)
