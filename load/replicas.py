@@ -108,7 +108,7 @@ def replica_config(upstream: str, redis_url: str, prefix: str, limit: int,
         "redis_url": redis_url, "cache_prefix": prefix, "cache_semantic": False,
         "decision_stream": f"{prefix}:decisions", "policies": str(policies),
         "api_keys_file": str(keys_file(workdir / "keys.yaml", limit)),
-        "shutdown_drain_s": 2.0, "watch_policies": False,
+        "shutdown_drain_s": 3.0, "watch_policies": False,
         "redis_timeout_s": 2.0,  # the replicas share a few cores with the load
     }
 

@@ -206,9 +206,11 @@ def _install_routes(app: FastAPI, gateway: Gateway) -> None:
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        checks = {"small_model": await gateway.engine.small.ping(),
-                  "policies": gateway.policies.last_error is None,
-                  "warmed_up": gateway.warmed_up, "not_draining": not gateway.draining}
+        checks = {"not_draining": not gateway.draining}
+        if not gateway.draining:  # draining answers at once: the balancer routes away sooner
+            checks.update(small_model=await gateway.engine.small.ping(),
+                          policies=gateway.policies.last_error is None,
+                          warmed_up=gateway.warmed_up)
         ready = all(checks.values())
         return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
                             status_code=200 if ready else 503)
