@@ -8,7 +8,7 @@ LOCK := requirements.lock
 SERVE_LOCK := requirements-serve.lock
 UV ?= uv==0.13.9
 
-.PHONY: demo test lint prometheus lock
+.PHONY: demo test lint prometheus haproxy lock
 
 # The lock pins every dependency (runtime and the dev extra) with its hashes; the project
 # itself goes in editable, without dependencies of its own.
@@ -22,7 +22,7 @@ $(BIN)/smallfirst: pyproject.toml $(LOCK)
 demo: $(BIN)/smallfirst
 	$(BIN)/smallfirst demo
 
-test: $(BIN)/smallfirst prometheus
+test: $(BIN)/smallfirst prometheus haproxy
 	$(BIN)/smallfirst small-model setup
 	$(BIN)/python -m pytest
 
@@ -31,6 +31,12 @@ prometheus:
 	@command -v prometheus >/dev/null 2>&1 || { command -v apt-get >/dev/null 2>&1 \
 	  && apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus \
 	  >/dev/null; } || echo "prometheus not installed: the dashboard query test will skip"
+
+# Debian's HAProxy, the load balancer in front of the multi-replica test; without apt it skips.
+haproxy:
+	@command -v haproxy >/dev/null 2>&1 || test -x /usr/sbin/haproxy || { command -v apt-get \
+	  >/dev/null 2>&1 && apt-get update -qq && apt-get install -y -qq --no-install-recommends \
+	  haproxy >/dev/null; } || echo "haproxy not installed: the multi-replica test will skip"
 
 lint: $(BIN)/smallfirst
 	$(BIN)/ruff check .

@@ -13,6 +13,8 @@ import yaml
 from pydantic import BaseModel, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from gateway.limits import RateLimitConfig
+
 DEFAULT_SMALL_MODEL = "hosted_vllm/smollm2-135m-instruct"
 
 
@@ -101,6 +103,9 @@ class Settings(BaseSettings):
         default=None,
         description="Redis for the exact and semantic cache; unset: an in-process exact cache.",
     )
+    redis_timeout_s: float = Field(
+        default=0.25, gt=0, description="Socket timeout of every Redis call; past it the call "
+        "has failed (cache: a miss; rate limits and shadow budgets: counted in this process).")
     cache_semantic: bool = Field(
         default=True, description="With Redis, also run the semantic cache (needs FT.*)."
     )
@@ -135,6 +140,19 @@ class Settings(BaseSettings):
         default=1, ge=1, le=64, description="Intra-op threads of the prompt embedder.")
     decision_log: Path | None = Field(
         default=None, description="JSON-lines file for sampled routing decisions (learning).")
+    decision_stream: str | None = Field(
+        default=None, pattern=r"^[A-Za-z0-9._:-]{1,128}$",
+        description="Redis Stream key for the same rows (needs redis_url), shared by replicas; "
+        "`smallfirst router train --from-log redis://HOST:PORT/DB?stream=KEY` reads it.")
+    decision_stream_maxlen: int = Field(
+        default=100_000, ge=100, description="The stream keeps about this many newest rows.")
+    rate_limits: RateLimitConfig = Field(
+        default_factory=RateLimitConfig,
+        description="Requests and tokens per minute and concurrent streams, per tenant and per "
+        "key (defaults; the keys file overrides per tenant); shared in Redis when configured.")
+    shutdown_drain_s: float = Field(
+        default=0.0, ge=0, description="On SIGTERM, answer /readyz 503 and keep serving this "
+        "long (load balancers route away), then stop accepting and finish what is in flight.")
     budget_window: int = Field(default=2048, ge=16, description="Samples per budget quantile.")
     log_level: str = "info"
 

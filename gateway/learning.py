@@ -7,11 +7,13 @@ budgeted sample of requests the small model kept. The label is agreement between
 answers (`router.agreement`), or, with `judge: true`, the frontier's own verdict.
 
 - A policy with a quality target (`quality.target`) feeds every scored request and its label
-  to its calibrator (`router.QualityTargets`), which draws the shadow sample itself and sets
-  the threshold the engine accepts answers at.
-- With a decision log, rows go to a JSON-lines file; `smallfirst router train --from-log
-  FILE` turns them into training rows. Prompt and answer text are written only where the
-  policy's `learning.log_text` allows.
+  to its calibrator (`router.QualityTargets`, one per process), which draws the shadow sample
+  itself and sets the threshold the engine accepts answers at.
+- Rows go to a JSON-lines file and/or a bounded Redis Stream that every replica appends to;
+  `smallfirst router train --from-log FILE|redis://...` turns them into training rows. Other
+  policies' shadow calls are budgeted per policy, across replicas when the allowances live
+  in Redis. Prompt and answer text are written only where the policy's `learning.log_text`
+  allows.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from gateway.ratelimit import TokenBucket
+from gateway.ratelimit import Allowances
 from gateway.types import Call, Route
 from router import QualityCalibrator, QualityTargets
 
@@ -46,16 +48,29 @@ def quality_segment(call: Call) -> str:
     return call.tenant if call.policy.quality.segment_by == "tenant" else "all"
 
 
+class DecisionStream:
+    """The decision log as a Redis Stream, trimmed to about `maxlen` newest rows."""
+
+    def __init__(self, client: Any, key: str, maxlen: int) -> None:
+        self.client, self.key, self.maxlen = client, key, maxlen
+
+    async def append(self, line: str) -> None:
+        await self.client.xadd(self.key, {"row": line}, maxlen=self.maxlen, approximate=True)
+
+
 class TrafficLearner:
     def __init__(
         self, path: Path | None, ask_frontier: AskFrontier | None,
-        rng: Callable[[], float] = random.random, quality: QualityTargets | None = None,
+        rng: Callable[[], float] = random.random, *,
+        stream: DecisionStream | None = None, allowances: Allowances | None = None,
+        quality: QualityTargets | None = None,
     ) -> None:
-        self.path = path  # the decision log, if any
+        self.path = path
         self.ask_frontier = ask_frontier
         self.rng = rng
+        self.stream = stream
+        self.allowances = allowances or Allowances()
         self.quality = quality or QualityTargets(rng=rng)
-        self._buckets: dict[str, TokenBucket] = {}
         self._tasks: set[asyncio.Task] = set()
         self._lock = threading.Lock()
 
@@ -65,13 +80,14 @@ class TrafficLearner:
         decision, small = call.decision, call.small_answer
         if decision is None or small is None or not small.text:
             return
-        if self._calibrate(call) or self.path is None:
+        if self._calibrate(call) or (self.path is None and self.stream is None):
             return
         if call.frontier_text is not None:
             if settings.log_escalations or self.rng() < settings.log_sample_rate:
                 self._spawn(self._write(call, call.frontier_text, "escalation"))
-        elif decision.route == Route.SMALL and self._shadow_allowed(call):
-            self._spawn(self._shadow(call))
+        elif (decision.route == Route.SMALL and self.ask_frontier is not None
+              and self.rng() < settings.shadow_rate):
+            self._spawn(self._shadow(call, sampled=self.rng() < settings.log_sample_rate))
         elif self.rng() < settings.log_sample_rate:
             self._spawn(self._write(call, None, None))
 
@@ -88,7 +104,7 @@ class TrafficLearner:
         if escalated:
             self._spawn(self._label(call, calibrator, entry, call.frontier_text, "escalation"))
         elif shadow:
-            self._spawn(self._shadow(call, calibrator, entry))
+            self._spawn(self._shadow_label(call, calibrator, entry))
         return True
 
     async def _label(self, call: Call, calibrator: QualityCalibrator, entry,
@@ -107,35 +123,43 @@ class TrafficLearner:
                                             frontier_text)
         await asyncio.to_thread(calibrator.label, entry, small, 1.0, source != "escalation")
         settings = call.policy.learning
-        if self.path is not None and (source != "escalation" or settings.log_escalations
-                                      or self.rng() < settings.log_sample_rate):
+        if (self.path is not None or self.stream is not None) and (
+                source != "escalation" or settings.log_escalations
+                or self.rng() < settings.log_sample_rate):
             await self._write(call, frontier_text, source, verdict)
 
-    def _shadow_allowed(self, call: Call) -> bool:
-        settings = call.policy.learning
-        if self.ask_frontier is None or self.rng() >= settings.shadow_rate:
-            return False
-        bucket = self._buckets.get(call.policy.name)
-        if bucket is None or bucket.per_minute != settings.shadow_per_minute:
-            bucket = self._buckets[call.policy.name] = TokenBucket(settings.shadow_per_minute)
-        return bucket.take()
-
-    async def _shadow(self, call: Call, calibrator: QualityCalibrator | None = None,
-                      entry=None) -> None:
-        assert self.ask_frontier is not None
+    async def _shadow_label(self, call: Call, calibrator: QualityCalibrator, entry) -> None:
+        """The shadow call the calibrator drew (its own draw keeps within the budget)."""
         try:
-            call.frontier_model, text = await self.ask_frontier(call.params)
-            verdict = await self._judge(call, text) if call.policy.learning.judge else None
-        except Exception as exc:  # a failed shadow call only loses one label
+            text, verdict = await self._ask(call)
+        except Exception as exc:  # a label that was due and never came: the worst case
             log.warning("shadow call failed: %s", exc)
-            if calibrator is not None:
-                await asyncio.to_thread(calibrator.lose, entry)
+            await asyncio.to_thread(calibrator.lose, entry)
             return
         source = "judge" if verdict is not None else "shadow"
-        if calibrator is not None:
-            await self._label(call, calibrator, entry, text, source, verdict)
-        else:
-            await self._write(call, text, source, verdict)
+        await self._label(call, calibrator, entry, text, source, verdict)
+
+    async def _shadow(self, call: Call, *, sampled: bool) -> None:
+        """A shadow call if the policy's budget allows one now, else the row if sampled."""
+        learning = call.policy.learning
+        if not await self.allowances.take(f"shadow:{call.policy.name}",
+                                          learning.shadow_per_minute):
+            if sampled:
+                await self._write(call, None, None)
+            return
+        try:
+            text, verdict = await self._ask(call)
+        except Exception as exc:  # a failed shadow call only loses one label
+            log.warning("shadow call failed: %s", exc)
+            return
+        await self._write(call, text, "judge" if verdict is not None else "shadow", verdict)
+
+    async def _ask(self, call: Call) -> tuple[str, float | None]:
+        """The frontier's answer to the request, and its verdict on the small answer when
+        the policy asks for one."""
+        assert self.ask_frontier is not None
+        call.frontier_model, text = await self.ask_frontier(call.params)
+        return text, await self._judge(call, text) if call.policy.learning.judge else None
 
     async def _judge(self, call: Call, reference: str) -> float | None:
         assert self.ask_frontier is not None and call.prompt is not None
@@ -153,12 +177,15 @@ class TrafficLearner:
     ) -> None:
         try:
             row = await asyncio.to_thread(_row, call, frontier_text, source, verdict)
-            await asyncio.to_thread(self._append, json.dumps(row, default=str))
+            line = json.dumps(row, default=str)
+            if self.path is not None:
+                await asyncio.to_thread(self._append, line)
+            if self.stream is not None:
+                await self.stream.append(line)
         except Exception as exc:
             log.warning("decision log write failed: %s", exc)
 
     def _append(self, line: str) -> None:
-        assert self.path is not None
         with self._lock, open(self.path, "a") as out:
             out.write(line + "\n")
 

@@ -14,13 +14,16 @@ from opentelemetry.trace import Tracer
 from gateway.api.auth import KeyStore, OpenAccess
 from gateway.backends import Backend, LiteLLMBackend, OpenAIWireBackend
 from gateway.cache.layered import LayeredCache, build_cache
+from gateway.cache.redis_exact import connect
 from gateway.config import ConfigError, Settings
 from gateway.embedding import SharedEmbedding
 from gateway.engine import CascadeEngine
 from gateway.errors import ModelNotFound, PermissionDenied, RateLimited
-from gateway.learning import TrafficLearner
+from gateway.learning import DecisionStream, TrafficLearner
+from gateway.limits import RateLimiter
 from gateway.policy import LatencyBudget, Policy
 from gateway.policy_store import PolicyStore
+from gateway.ratelimit import Allowances
 from gateway.scoring import BundleRegistry
 from gateway.telemetry.budget import BudgetTracker
 from gateway.telemetry.metrics import Metrics, Price, litellm_price
@@ -44,12 +47,16 @@ class Gateway:
     tracer: Tracer | None = None
     cache: LayeredCache | None = None
     embed: SharedEmbedding | None = None
+    limits: RateLimiter | None = None
     in_flight: int = 0
     warmed_up: bool = False  # the models answered a warm-up: /readyz may say ready
+    draining: bool = False  # shutting down: /readyz says not ready, requests still served
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Gateway:
+        if settings.decision_stream and not settings.redis_url:
+            raise ConfigError("decision_stream needs redis_url (the stream lives in Redis)")
         if settings.auth == "off":
             access: KeyStore | OpenAccess = OpenAccess()
         elif settings.api_keys_file is None:
@@ -68,6 +75,7 @@ class Gateway:
             semantic=settings.cache_semantic,
             memory_entries=settings.cache_memory_entries,
             embed=embed,
+            timeout_s=settings.redis_timeout_s,
         )
         engine = CascadeEngine(
             _small_backend(settings),
@@ -77,10 +85,16 @@ class Gateway:
             bundles=BundleRegistry(settings.policies),
             embed=embed,
         )
-        if settings.decision_log is not None or engine.frontiers:
-            engine.learner = TrafficLearner(settings.decision_log,
-                                            engine.ask_frontier if engine.frontiers else None,
-                                            quality=engine.quality)
+        # Replicas share rate limits, shadow-call allowances and the decision stream here.
+        shared = connect(settings.redis_url, settings.redis_timeout_s) if settings.redis_url \
+            else None
+        stream = (DecisionStream(shared, settings.decision_stream, settings.decision_stream_maxlen)
+                  if shared is not None and settings.decision_stream else None)
+        if settings.decision_log is not None or stream is not None or engine.frontiers:
+            engine.learner = TrafficLearner(
+                settings.decision_log, engine.ask_frontier if engine.frontiers else None,
+                stream=stream, allowances=Allowances(shared, settings.cache_prefix),
+                quality=engine.quality)
         observer = Observer(
             Metrics(budgets=lambda: _budgets(store), quality=engine.quality.snapshot)
             if settings.metrics else None,
@@ -89,7 +103,11 @@ class Gateway:
         )
         if observer.metrics is not None:
             engine.audited = observer.metrics.record_cache_audit
-        return cls(settings, store, engine, access, observer, setup_tracing(), cache, embed)
+        limits = RateLimiter(settings.rate_limits, shared, settings.cache_prefix)
+        if observer.metrics is not None:
+            limits.refused = observer.metrics.record_rate_limited
+        return cls(settings, store, engine, access, observer, setup_tracing(), cache, embed,
+                   limits)
 
     def begin(self) -> None:
         """Admit one more request, or refuse it with a 429 when at capacity."""
@@ -140,6 +158,8 @@ class Gateway:
         if self.cache is not None:
             await self.cache.start()
         self._tasks.append(asyncio.create_task(self._warm_up()))
+        if self.limits is not None:
+            self._tasks.append(asyncio.create_task(self.limits.renew_forever()))
         if self.settings.watch_policies:
             self._tasks.append(asyncio.create_task(self.policies.watch()))
         with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):
@@ -198,6 +218,8 @@ class Gateway:
         self._tasks.clear()
         if self.engine.learner is not None:
             await self.engine.learner.drain()
+        if self.limits is not None:
+            await self.limits.close()
         if isinstance(self.engine.small, OpenAIWireBackend):
             await self.engine.small.aclose()
         if self.observer.metrics:

@@ -42,9 +42,10 @@ def add_commands(sub) -> None:
     """Add train, eval, calibrate, replay and retrain to an argparse subparsers object."""
     train = sub.add_parser("train", help="train a bundle from outcome rows")
     _data_args(train, required=False)
-    train.add_argument("--from-log", nargs="+", type=Path, default=[], metavar="LOG",
-                       help="the gateway's decision log (JSON lines): its labelled rows with "
-                       "text become training rows, alone or added to --data")
+    train.add_argument("--from-log", nargs="+", default=[], metavar="LOG",
+                       help="the gateway's decision log (a JSON-lines file, or its Redis Stream "
+                       "as redis://HOST:PORT/DB?stream=KEY): its labelled rows with text "
+                       "become training rows, alone or added to --data")
     train.add_argument("--out", type=Path, required=True, help="bundle folder to write")
     train.add_argument("--version", default=None, help="bundle version (default: today's date)")
     train.add_argument("--tolerance", type=float, default=0.05,

@@ -1,4 +1,5 @@
-"""Training rows from the gateway's decision log (JSON lines), in the outcomes schema.
+"""Training rows from the gateway's decision log (JSON lines, in files or in the Redis Stream
+that replicas share), in the outcomes schema.
 
 Only labelled rows with text become training rows: the gateway logs prompt and answer text
 only where a policy allows it, and a label only when the frontier also answered the prompt
@@ -12,14 +13,23 @@ import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit, urlunsplit
 
 OUTCOME_COLUMNS = ("id", "dataset", "task", "prompt", "small_model", "large_model",
                    "small_response", "large_response", "small_score", "large_score",
                    "small_cost", "large_cost")
 
 
-def read_log(paths: Iterable[Path]) -> Iterator[dict[str, Any]]:
+DEFAULT_STREAM = "smallfirst:decisions"
+STREAM_BATCH = 1000
+
+
+def read_log(paths: Iterable[Path | str]) -> Iterator[dict[str, Any]]:
+    """The records of decision-log files and streams (`redis://HOST:PORT/DB?stream=KEY`)."""
     for path in paths:
+        if str(path).startswith(("redis://", "rediss://")):
+            yield from read_stream(str(path))
+            continue
         with open(path) as lines:
             for number, line in enumerate(lines, 1):
                 if not line.strip():
@@ -28,6 +38,31 @@ def read_log(paths: Iterable[Path]) -> Iterator[dict[str, Any]]:
                     yield json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise ValueError(f"{path}:{number}: not a JSON line: {exc}") from exc
+
+
+def read_stream(url: str) -> Iterator[dict[str, Any]]:
+    """Every row of a decision stream, oldest first (XRANGE in batches; the stream is left as
+    it is, so several trainings may read it)."""
+    import redis
+
+    parts = urlsplit(url)
+    key = parse_qs(parts.query).get("stream", [DEFAULT_STREAM])[0]
+    client = redis.Redis.from_url(urlunsplit(parts._replace(query="")), socket_timeout=10)
+    start = "-"
+    try:
+        while batch := client.xrange(key, min=start, count=STREAM_BATCH):
+            for entry_id, fields in batch:
+                try:
+                    yield json.loads(fields[b"row"])
+                except (KeyError, json.JSONDecodeError) as exc:
+                    raise ValueError(f"decision stream {key!r}: entry {entry_id.decode()} "
+                                     f"is not a decision row ({exc})") from exc
+            start = "(" + batch[-1][0].decode()
+    except redis.RedisError as exc:  # the URL may hold a password: name only host and key
+        raise OSError(f"cannot read the decision stream {key!r} at {parts.hostname}:"
+                      f"{parts.port or 6379} ({exc})") from exc
+    finally:
+        client.close()
 
 
 def outcome_rows(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:

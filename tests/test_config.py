@@ -94,3 +94,16 @@ def test_fallback_frontiers_follow_the_first(clean_env: pytest.MonkeyPatch) -> N
         frontier_fallbacks=[{"model": "anthropic/claude-x", "name": "backup"}],
     )
     assert [f.public_name for f in settings.frontiers] == ["gpt-main", "backup"]
+
+
+def test_a_decision_stream_needs_redis(clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from gateway.service import Gateway
+
+    settings = load_settings(write(tmp_path / "config.yaml", """
+        auth: off
+        decision_stream: smallfirst:decisions
+        rate_limits: {key: {requests_per_minute: 60}, stream_lease_s: 30}
+    """))
+    assert settings.rate_limits.key.requests_per_minute == 60
+    with pytest.raises(ConfigError, match="decision_stream needs redis_url"):
+        Gateway.from_settings(settings)

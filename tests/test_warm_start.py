@@ -19,7 +19,7 @@ def test_ready_once_the_small_model_answered_a_warm_up(session_gateways: Gateway
     response = readyz(base)
     assert response.status_code == 200
     assert response.json()["checks"] == {"small_model": True, "policies": True,
-                                         "warmed_up": True}
+                                         "warmed_up": True, "not_draining": True}
     log = session_gateways.last_process.log.read_text()
     assert "ready: warmed up in" in log
 

@@ -34,10 +34,8 @@ def _serve_settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
     from gateway.api.app import create_app
-    from gateway.api.protocol import guarded_protocol
+    from gateway.api.server import serve
     from gateway.service import Gateway
 
     settings = _serve_settings(args)
@@ -45,10 +43,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(levelname)s %(name)s %(message)s"
     )
-    app = create_app(Gateway.from_settings(settings))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False,
-                http=guarded_protocol(settings.header_timeout_s, settings.max_header_bytes))
+    gateway = Gateway.from_settings(settings)
+    serve(create_app(gateway), gateway)
     return 0
 
 

@@ -248,9 +248,11 @@ def _install_routes(app: FastAPI, gateway: Gateway) -> None:
 
     @app.get("/readyz")
     async def readyz() -> JSONResponse:
-        checks = {"small_model": await gateway.engine.small.ping(),
-                  "policies": gateway.policies.last_error is None,
-                  "warmed_up": gateway.warmed_up}
+        checks = {"not_draining": not gateway.draining}
+        if not gateway.draining:  # draining answers at once: the balancer routes away sooner
+            checks.update(small_model=await gateway.engine.small.ping(),
+                          policies=gateway.policies.last_error is None,
+                          warmed_up=gateway.warmed_up)
         ready = all(checks.values())
         return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
                             status_code=200 if ready else 503)
@@ -310,6 +312,8 @@ async def _handle(request: Request, gateway: Gateway, *, legacy: bool) -> Respon
         raw = await read_json(request)
         body = parse(CompletionRequest, raw).as_chat() if legacy else parse(
             ChatCompletionRequest, raw)
+        if gateway.limits is not None:
+            life.limit = await gateway.limits.admit(tenant, stream=body.stream)
         return await _serve(request, gateway, body, life, tenant.name, legacy=legacy)
     except GatewayError as exc:
         if life.call is not None and life.call.decision is not None:

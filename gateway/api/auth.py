@@ -7,9 +7,13 @@ The keys file is YAML:
         keys: ["sk-live-..."]            # plain keys, hashed on load
         key_hashes: ["sha256:9f86d0..."]  # or their hashes (`smallfirst keys hash KEY`)
         admin: false                      # may call /admin endpoints
+        limits: {requests_per_minute: 600, tokens_per_minute: 200000, concurrent_streams: 20}
+        key_limits: {requests_per_minute: 60}  # each key of the tenant on its own
 
-The file is re-read when it changes (checked at most once a second, on requests): a revoked
-key stops working without a restart; an invalid edit is logged and the last good keys stay.
+`limits` and `key_limits` override, field by field, the config's `rate_limits.tenant` and
+`rate_limits.key` defaults (gateway.limits). The file is re-read when it changes (checked at
+most once a second, on requests): a revoked key stops working without a restart; an invalid
+edit is logged and the last good keys stay.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gateway.config import ConfigError, read_yaml, validation_message
 from gateway.errors import AuthenticationError
+from gateway.limits import Limits
 
 OPEN_TENANT = "local"
 RECHECK_S = 1.0
@@ -39,6 +44,9 @@ def hash_key(key: str) -> str:
 class Tenant:
     name: str
     admin: bool = False
+    key_id: str = ""  # the presented key's hash, shortened: its rate-limit scope
+    limits: Limits | None = None
+    key_limits: Limits | None = None
 
 
 class _TenantEntry(BaseModel):
@@ -46,6 +54,8 @@ class _TenantEntry(BaseModel):
     keys: list[str] = Field(default_factory=list)
     key_hashes: list[str] = Field(default_factory=list)
     admin: bool = False
+    limits: Limits | None = None
+    key_limits: Limits | None = None
 
 
 class _KeysFile(BaseModel):
@@ -108,13 +118,13 @@ def _read_keys(path: Path) -> dict[str, Tenant]:
                           "{keys: [...]} or {key_hashes: [...]}; see README)") from exc
     by_hash: dict[str, Tenant] = {}
     for name, entry in parsed.tenants.items():
-        tenant = Tenant(name, entry.admin)
         hashes = [hash_key(k) for k in entry.keys] + [h.lower() for h in entry.key_hashes]
         for digest in hashes:
             if not digest.startswith("sha256:") or len(digest) != 71:
                 raise ConfigError(f"{path}: tenant {name!r}: bad key hash {digest[:16]}..."
                                   " (expected sha256:<64 hex>; `smallfirst keys hash KEY`)")
-            by_hash[digest] = tenant
+            by_hash[digest] = Tenant(name, entry.admin, digest[7:23], entry.limits,
+                                     entry.key_limits)
     return by_hash
 
 

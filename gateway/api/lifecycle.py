@@ -1,6 +1,7 @@
 """One request's life at the HTTP edge, owned in one place: its server span, its admission
-against the in-flight limit, and its one observation (metrics, budget, access log, the span's
-end) however it ends: an answer, a stream's last byte, an error, or the client leaving."""
+against the rate limits and the in-flight limit, and its one observation (metrics, budget,
+access log, the span's end) however it ends: an answer, a stream's last byte, an error, or
+the client leaving."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from fastapi import Request
 from opentelemetry import trace
 from opentelemetry.trace import SpanKind
 
+from gateway.limits import Admission
 from gateway.service import Gateway
 from gateway.telemetry.tracing import incoming_context
 from gateway.timing import Timings
@@ -23,6 +25,7 @@ class RequestLife:
         self.call: Call | None = None
         self.stream = False
         self.ended = False
+        self.limit: Admission | None = None  # what it holds against the rate limits
 
     def admit(self, call: Call, *, stream: bool) -> None:
         """Count the request in flight (a 429 past the limit); from here it is observed."""
@@ -34,6 +37,10 @@ class RequestLife:
         if self.ended:
             return
         self.ended = True
+        if self.limit is not None and self.gateway.limits is not None:
+            usage = self.call.usage if self.call is not None else None
+            tokens = usage.prompt + usage.completion if usage is not None else 0
+            self.gateway.limits.release(self.limit, tokens)
         if self.call is not None:  # observed: the observer ends the span with the route
             self.gateway.finish(self.call, decision or self.call.decision, status,
                                 stream=self.stream, tenant=self.call.tenant, error=error)

@@ -332,13 +332,14 @@ def build_cache(
     semantic: bool = True,
     memory_entries: int = 10_000,
     embed: Embed | None = None,
+    timeout_s: float = 0.25,
 ) -> LayeredCache:
     """In-process exact cache without Redis; Redis exact (+ semantic, with `embed`) with it."""
     if not redis_url:
         return LayeredCache(MemoryExactStore(memory_entries), settings_for)
     from gateway.cache.redis_exact import Keys, connect
 
-    client, keys = connect(redis_url), Keys(prefix)
+    client, keys = connect(redis_url, timeout_s), Keys(prefix)
     index = verifier = None
     if semantic and embed is not None:
         index, verifier = SemanticIndex(client, keys), PairVerifier.load()

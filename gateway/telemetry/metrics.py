@@ -99,6 +99,10 @@ class Metrics:
             "smallfirst.cache.audits",
             description="Semantic hits audited against the small model, by result (agree, "
             "disagree, skipped_budget, failed)")
+        self.rate_limited = meter.create_counter(
+            "smallfirst.rate_limited",
+            description="Requests refused by a rate limit, by limit (requests, tokens, "
+            "streams), scope (tenant, key) and where they were counted (redis, process)")
         self.escalations = meter.create_counter(
             "smallfirst.escalations", description="Requests sent on to the frontier, by reason")
         self.tokens = meter.create_counter(
@@ -139,6 +143,9 @@ class Metrics:
 
     def prometheus_text(self) -> bytes:
         return generate_latest(self.registry)
+
+    def record_rate_limited(self, limit: str, scope: str, counted: str) -> None:
+        self.rate_limited.add(1, {"limit": limit, "scope": scope, "counted": counted})
 
     def record_cache_audit(self, policy: str, result: str, model: str | None = None,
                            response: Mapping[str, Any] | None = None) -> None:

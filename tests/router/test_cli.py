@@ -91,3 +91,40 @@ def test_train_refuses_a_log_without_usable_rows(tmp_path, capsys):
     log.write_text(json.dumps({"request_id": "a", "agreement": 1.0}) + "\n")  # no text
     assert main(["train", "--from-log", str(log), "--out", str(tmp_path / "b")]) == 2
     assert "no training rows" in capsys.readouterr().err
+
+
+def test_train_from_the_decision_stream_replicas_share(fake_embedder, small_recipe, tmp_path,
+                                                       redis_url, monkeypatch, capsys):
+    import uuid
+
+    import pandas as pd
+    import redis
+
+    from router import traffic
+
+    monkeypatch.setattr(traffic, "STREAM_BATCH", 7)  # several XRANGE pages
+    gsm = next(p for p in FIXTURE_FILES if "gsm8k" in p.name)
+    frame = pd.read_parquet(gsm).head(30)
+    key = f"decisions-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(redis_url)
+    for i, row in enumerate(frame.itertuples()):
+        client.xadd(key, {"row": json.dumps({
+            "request_id": f"r{i}", "policy": "auto", "prompt": row.prompt,
+            "small_response": row.small_response, "large_response": "The answer is 42.",
+            "agreement": float(row.small_score >= row.large_score)})})
+    client.close()
+    out = tmp_path / "bundle"
+    assert main(["train", "--data", str(gsm), "--from-log", f"{redis_url}?stream={key}",
+                 "--out", str(out), "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert "30 labelled rows" in capsys.readouterr().out
+    meta = json.loads((out / "bundle.json").read_text())
+    assert meta["training"]["rows"] == len(pd.read_parquet(gsm)) + 30
+
+
+def test_an_unreachable_decision_stream_is_a_clean_error(tmp_path, capsys):
+    from tests.conftest import free_port
+
+    url = f"redis://:secret-password@127.0.0.1:{free_port()}/0?stream=decisions"
+    assert main(["train", "--from-log", url, "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot read the decision stream 'decisions'" in err and "secret" not in err
