@@ -18,6 +18,7 @@ from gateway.config import ConfigError, Settings
 from gateway.embedding import SharedEmbedding
 from gateway.engine import CascadeEngine
 from gateway.errors import ModelNotFound, PermissionDenied, RateLimited
+from gateway.health import degradations
 from gateway.learning import TrafficLearner
 from gateway.policy import LatencyBudget, Policy
 from gateway.policy_store import PolicyStore
@@ -85,9 +86,11 @@ class Gateway:
             BudgetTracker(settings.budget_window),
             _pricing(settings),
         )
+        gateway = cls(settings, store, engine, access, observer, setup_tracing(), cache, embed)
         if observer.metrics is not None:
             engine.audited = observer.metrics.record_cache_audit
-        return cls(settings, store, engine, access, observer, setup_tracing(), cache, embed)
+            observer.metrics.degraded = lambda: degradations(gateway)
+        return gateway
 
     def begin(self) -> None:
         """Admit one more request, or refuse it with a 429 when at capacity."""
@@ -168,7 +171,10 @@ class Gateway:
         semantic = self.cache is not None and self.cache.semantic is not None
         vector = None
         if self.embed is not None and (learned or semantic):
-            vector = self.embed([WARM_UP_PROMPT])[0]
+            try:  # a broken embedder is logged here, listed by /readyz, and done without
+                vector = self.embed([WARM_UP_PROMPT])[0]
+            except Exception as exc:
+                log.error("the embedder cannot be loaded: %s", exc)
         for name in dict.fromkeys(learned):
             try:  # a broken bundle is logged here and scored without
                 self.engine.bundles.get(name).difficulty(WARM_UP_PROMPT, vector)

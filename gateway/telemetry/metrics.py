@@ -106,6 +106,11 @@ class Metrics:
         self.in_flight = meter.create_up_down_counter(
             "smallfirst.requests.in_flight", description="Requests being served")
         self._budgets = budgets
+        # Component -> what is wrong (gateway.health); set by the composition root.
+        self.degraded: Callable[[], Mapping[str, str]] = dict
+        meter.create_observable_gauge(
+            "smallfirst.degraded", callbacks=[self._degraded],
+            description="1 for each dependency the gateway is doing without (see /readyz)")
         if budgets is not None:
             meter.create_observable_gauge(
                 "smallfirst.budget.allocation", callbacks=[self._allocations], unit="s",
@@ -117,6 +122,10 @@ class Metrics:
             for component in ALLOCATIONS:
                 yield Observation(allocation_ms(budget, component) / 1000,
                                   {"policy": policy, "component": component})
+
+    def _degraded(self, options: CallbackOptions) -> Iterable[Observation]:
+        for component in self.degraded():
+            yield Observation(1, {"component": component.split(":", 1)[0]})
 
     def prometheus_text(self) -> bytes:
         return generate_latest(self.registry)
