@@ -44,6 +44,7 @@ class BackendFailure(Exception):
         status: int | None = None,
         retry_after: float | None = None,
         timeout: bool = False,
+        unreachable: bool = False,
     ) -> None:
         super().__init__(f"{backend}: {message}")
         self.backend = backend
@@ -51,6 +52,12 @@ class BackendFailure(Exception):
         self.status = status
         self.retry_after = retry_after
         self.timeout = timeout
+        self.unreachable = unreachable  # no connection could be made
+
+    @property
+    def unavailable(self) -> bool:
+        """Down, restarting or shedding load: unreachable, or a 502/503."""
+        return self.unreachable or self.status in (502, 503)
 
     @property
     def retryable(self) -> bool:
@@ -249,7 +256,8 @@ class OpenAIWireBackend(Backend):
         if isinstance(exc, BackendFailure):
             return exc
         timeout = isinstance(exc, TimeoutError | httpx.TimeoutException)
-        return BackendFailure(self.name, _short(exc), timeout=timeout)
+        return BackendFailure(self.name, _short(exc), timeout=timeout,
+                              unreachable=isinstance(exc, httpx.ConnectError))
 
     async def _raise_for_status(self, response: httpx.Response) -> None:
         if response.status_code < 400:

@@ -207,7 +207,11 @@ class Policy(_Strict):
     cache: CacheSettings = Field(default_factory=CacheSettings)
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     learning: LearningSettings = Field(default_factory=LearningSettings)
-    escalate_on_small_error: bool = True
+    escalate_on_small_error: bool = Field(
+        default=True,
+        description="When the small model fails (an error, or down, restarting or answering "
+        "503: escalation reason `small_unavailable`), escalate to the frontier; false fails "
+        "fast instead: a small model that is down or overloaded is a 503 with Retry-After.")
 
     @model_validator(mode="after")
     def _aliases_distinct(self) -> Policy:

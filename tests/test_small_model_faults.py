@@ -1,0 +1,116 @@
+"""The small model down, restarting or shedding load (503), through a gateway process.
+
+The policy decides: `escalate_on_small_error: true` (the default) sends everything to the
+frontier with the reason `small_unavailable`; false fails fast with a 503 and Retry-After.
+Either way the gateway goes back to the small model by itself once it answers again.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from tests.conftest import (
+    POLICIES,
+    GatewayRunner,
+    Process,
+    free_port,
+    script,
+    upstream_config,
+    wait_http,
+)
+
+TIMEOUT_S = 30.0
+
+
+@pytest.fixture
+def small_port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def gateway(gateways: GatewayRunner, upstream: str, small_port: int, tmp_path: Path) -> str:
+    policies = tmp_path / "policies"
+    shutil.copytree(POLICIES, policies)
+    failfast = yaml.safe_load((policies / "default.yaml").read_text())
+    failfast.update(name="failfast", aliases=[], escalate_on_small_error=False,
+                    confidence={"scorer": "accept_all"})
+    (policies / "failfast.yaml").write_text(yaml.safe_dump(failfast))
+    auto = yaml.safe_load((policies / "default.yaml").read_text())
+    auto["confidence"] = {"scorer": "accept_all"}
+    (policies / "default.yaml").write_text(yaml.safe_dump(auto))
+    config = upstream_config(upstream, small_api_base=f"http://127.0.0.1:{small_port}/v1")
+    return gateways.start(config, policies=policies)
+
+
+@pytest.fixture
+def small_model(small_port: int, tmp_path: Path) -> Iterator[Process]:
+    """A scripted upstream playing the small model on `small_port`, started by the test."""
+    holder: list[Process] = []
+
+    def start() -> Process:
+        process = Process([sys.executable, "-m", "load.upstream", "--port", str(small_port)],
+                          tmp_path / "small.log")
+        wait_http(f"http://127.0.0.1:{small_port}/health", process.proc, tmp_path / "small.log")
+        holder.append(process)
+        return process
+
+    yield start  # type: ignore[misc]
+    for process in holder:
+        process.stop()
+
+
+def post(base: str, model: str, text: str, *, stream: bool) -> httpx.Response:
+    body = {"model": model, "stream": stream, "messages": [{"role": "user", "content": text}]}
+    response = httpx.post(f"{base}/v1/chat/completions", json=body, timeout=TIMEOUT_S,
+                          headers={"cache-control": "no-cache, no-store"})
+    if stream and response.status_code == 200:
+        assert response.text.rstrip().endswith("data: [DONE]")
+    return response
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_down_then_back(gateway: str, small_model, stream: bool) -> None:
+    escalated = post(gateway, "auto", "hi", stream=stream)
+    assert escalated.status_code == 200
+    assert escalated.headers["x-smallfirst-route"] == "escalated"
+    assert escalated.headers["x-smallfirst-escalation"] == "small_unavailable"
+
+    failed = post(gateway, "failfast", "hi", stream=stream)
+    assert failed.status_code == 503
+    assert failed.headers["retry-after"] == "1"
+    assert failed.json()["error"]["code"] == "model_unavailable"
+
+    small_model()  # back: both policies use it again, with nothing to reset
+    deadline = time.monotonic() + TIMEOUT_S
+    while post(gateway, "failfast", "hi", stream=stream).status_code != 200:
+        assert time.monotonic() < deadline, "the gateway did not go back to the small model"
+        time.sleep(0.2)
+    for model in ("auto", "failfast"):
+        assert post(gateway, model, "hi", stream=stream).headers["x-smallfirst-route"] == "small"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
+def test_overloaded_503(gateway: str, small_model, stream: bool) -> None:
+    small_model()
+    key = uuid.uuid4().hex[:8]
+    # The small model sheds the first attempt of each key; the frontier, retried, answers.
+    shed = script(status=503, retry_after=7, fail_times=1, key=f"{key}-auto")
+    escalated = post(gateway, "auto", "hi" + shed, stream=stream)
+    assert escalated.status_code == 200
+    assert escalated.headers["x-smallfirst-escalation"] == "small_unavailable"
+
+    shed = script(status=503, retry_after=7, fail_times=1, key=f"{key}-fast")
+    failed = post(gateway, "failfast", "hi" + shed, stream=stream)
+    assert failed.status_code == 503
+    assert failed.headers["retry-after"] == "7"  # the small model's own, passed on
+    assert failed.json()["error"]["type"] == "server_error"
+    assert post(gateway, "failfast", "hi" + shed, stream=stream).status_code == 200
