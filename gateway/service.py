@@ -26,7 +26,8 @@ from gateway.scoring import BundleRegistry
 from gateway.telemetry.budget import BudgetTracker
 from gateway.telemetry.metrics import Metrics, Price, litellm_price
 from gateway.telemetry.observer import Observer, Pricing
-from gateway.telemetry.tracing import setup_tracing
+from gateway.telemetry.shutdown import shutdown_within
+from gateway.telemetry.tracing import tracer_provider
 from gateway.types import Call, Decision
 
 log = logging.getLogger("smallfirst")
@@ -47,6 +48,7 @@ class Gateway:
     embed: SharedEmbedding | None = None
     in_flight: int = 0
     warmed_up: bool = False  # the models answered a warm-up: /readyz may say ready
+    telemetry: list = field(default_factory=list)  # providers to shut down, within a bound
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
     @classmethod
@@ -86,7 +88,11 @@ class Gateway:
             BudgetTracker(settings.budget_window),
             _pricing(settings),
         )
-        gateway = cls(settings, store, engine, access, observer, setup_tracing(), cache, embed)
+        tracing = tracer_provider()
+        gateway = cls(settings, store, engine, access, observer,
+                      tracing.get_tracer("smallfirst") if tracing else None, cache, embed)
+        gateway.telemetry = [p for p in (tracing, observer.metrics and observer.metrics.provider)
+                             if p is not None]
         if observer.metrics is not None:
             engine.audited = observer.metrics.record_cache_audit
             observer.metrics.degraded = lambda: degradations(gateway)
@@ -204,8 +210,7 @@ class Gateway:
             await self.engine.learner.drain()
         if isinstance(self.engine.small, OpenAIWireBackend):
             await self.engine.small.aclose()
-        if self.observer.metrics:
-            self.observer.metrics.shutdown()
+        shutdown_within(self.telemetry)
         if self.cache is not None:
             await self.cache.close()
 

@@ -68,6 +68,7 @@ class Metrics:
             readers.append(_otlp_reader(protocol))
         self.provider = MeterProvider(
             resource=resource(),
+            shutdown_on_exit=False,  # shut down by its owner, within a bound
             metric_readers=readers,
             views=[View(instrument_type=Histogram,
                         aggregation=ExplicitBucketHistogramAggregation(BUCKETS_S))],
