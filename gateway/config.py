@@ -117,6 +117,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_in_flight: int = Field(default=256, ge=1, description="Beyond this, 429 with Retry-After.")
     connect_timeout_s: float = Field(default=5.0, gt=0)
+    shutdown_grace_s: float = Field(
+        default=30.0, gt=0, description="On SIGTERM, how long requests and streams in flight "
+        "may take to finish (new connections are refused meanwhile); then they are cut.")
     retry: RetryConfig = Field(default_factory=RetryConfig)
     watch_policies: bool = True
     metrics: bool = Field(default=True, description="Serve Prometheus text on /metrics.")

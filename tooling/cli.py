@@ -46,7 +46,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     app = create_app(Gateway.from_settings(settings))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False)
+                access_log=False, timeout_graceful_shutdown=settings.shutdown_grace_s)
     return 0
 
 
