@@ -146,6 +146,8 @@ class Gateway:
         file change and on SIGHUP."""
         if self.cache is not None:
             await self.cache.start()
+        if self.observer.metrics is not None:
+            self.observer.metrics.loop = asyncio.get_running_loop()
         self._tasks.append(asyncio.create_task(self._warm_up()))
         if self.settings.watch_policies:
             self._tasks.append(asyncio.create_task(self.policies.watch()))

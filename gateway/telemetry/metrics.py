@@ -6,6 +6,7 @@ tenants, users or prompts.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -112,6 +113,10 @@ class Metrics:
         meter.create_observable_gauge(
             "smallfirst.degraded", callbacks=[self._degraded],
             description="1 for each dependency the gateway is doing without (see /readyz)")
+        self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop, once started
+        meter.create_observable_gauge(
+            "smallfirst.asyncio.tasks", callbacks=[self._tasks],
+            description="Asyncio tasks alive in the serving loop (a leak grows it)")
         if budgets is not None:
             meter.create_observable_gauge(
                 "smallfirst.budget.allocation", callbacks=[self._allocations], unit="s",
@@ -123,6 +128,10 @@ class Metrics:
             for component in ALLOCATIONS:
                 yield Observation(allocation_ms(budget, component) / 1000,
                                   {"policy": policy, "component": component})
+
+    def _tasks(self, options: CallbackOptions) -> Iterable[Observation]:
+        if self.loop is not None:
+            yield Observation(len(asyncio.all_tasks(self.loop)))
 
     def _degraded(self, options: CallbackOptions) -> Iterable[Observation]:
         for component in self.degraded():
