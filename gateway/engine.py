@@ -446,6 +446,8 @@ class CascadeEngine:
             if wants and self.embed is not None:
                 embed = self.embed
                 future = asyncio.ensure_future(asyncio.to_thread(embed, [prompt.text]))
+                # Read by the scorers, if at all: a failed embedding is not an unhandled one.
+                future.add_done_callback(lambda f: f.cancelled() or f.exception())
                 prompt = replace(prompt, embedding=future)
             call.prompt = prompt
         return call.prompt
