@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import httpx
@@ -301,7 +301,7 @@ class OpenAIWireBackend(Backend):
                     raise
         except (httpx.HTTPError, TimeoutError) as exc:
             raise self.failure(exc) from exc
-        return self._chunks(response)
+        return _ResponseChunks(self._chunks(response), response)
 
     async def _chunks(self, response: httpx.Response) -> AsyncIterator[dict]:
         lines = response.aiter_lines()
@@ -328,3 +328,24 @@ class OpenAIWireBackend(Backend):
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+class _ResponseChunks:
+    """A streamed response's chunks. Closing them closes the response even before the first
+    read (a generator closed unstarted runs no `finally`): a request cancelled between the
+    headers and the first chunk must not keep its connection open."""
+
+    def __init__(self, chunks: AsyncIterator[dict], response: httpx.Response) -> None:
+        self._chunks, self._response = chunks, response
+
+    def __aiter__(self) -> _ResponseChunks:
+        return self
+
+    def __anext__(self) -> Awaitable[dict]:
+        return self._chunks.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._chunks.aclose()  # type: ignore[attr-defined]
+        finally:
+            await self._response.aclose()

@@ -89,3 +89,24 @@ def test_overload_leaves_no_socket_or_descriptor_behind(
     assert sockets_after["CLOSE_WAIT"] == 0, sockets_after
     assert sockets_after["ESTABLISHED"] <= max(sockets_before["ESTABLISHED"], 2), sockets_after
     assert fds_after <= fds_before + 4, (fds_before, fds_after, sockets_after)
+
+
+async def test_a_stream_closed_before_its_first_read_closes_its_connection(
+        upstream: str) -> None:
+    """A request cancelled between the small model's headers and its first chunk."""
+    import os
+
+    from gateway.backends import OpenAIWireBackend
+    from gateway.config import BackendConfig
+
+    backend = OpenAIWireBackend(BackendConfig(model="hosted_vllm/small",
+                                              api_base=f"{upstream}/v1"))
+    slow = {"messages": [{"role": "user", "content": "x" + script(tokens_per_s=5)}]}
+    port = int(upstream.rsplit(":", 1)[1])
+    try:
+        for _ in range(5):
+            chunks = await backend.stream(slow, timeout=30)
+            await chunks.aclose()
+        assert tcp_sockets(os.getpid(), port)["ESTABLISHED"] == 0
+    finally:
+        await backend.aclose()
