@@ -2,7 +2,8 @@
 
 Cache hits, small answers, escalations, streams, tool calls and clients that leave mid-stream,
 at a steady rate. Every `--every-s` seconds the traffic pauses until nothing is in flight and
-the gateway is sampled: resident memory and open descriptors (from /proc), asyncio tasks (its
+the connection pools have let their idle connections expire, and the gateway is sampled:
+resident memory and open descriptors (from /proc), asyncio tasks (its
 `smallfirst_asyncio_tasks` gauge) and the Redis server's client connections. The curve is
 printed with the growth after warm-up (the first `--warmup-samples` samples):
 
@@ -36,6 +37,7 @@ from load.procstat import open_fds, rss_bytes
 KINDS = ("cache_hit", "small", "escalated", "streamed", "tool_call", "client_leaves")
 TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}}}}]
+KEEPALIVE_EXPIRY_S = 5  # httpx's default, for the small model's and litellm's pools
 TOLERANCE = 5  # descriptors or tasks a quiet gateway may hold more at one sample than another
 
 
@@ -112,6 +114,18 @@ async def quiesce(base: str, timeout_s: float = 10.0) -> str:
             await asyncio.sleep(0.1)
 
 
+async def prune(base: str, outcomes: Counter[str], n: int) -> int:
+    """Let the connection pools drop what they keep only while idle: past their keep-alive
+    expiry, the next call through each (a small answer, an escalation) closes the expired
+    connections. Then a sample counts only what is really held. Returns the requests sent."""
+    await asyncio.sleep(KEEPALIVE_EXPIRY_S + 1)
+    async with httpx.AsyncClient(timeout=60) as client:
+        url = f"{base}/v1/chat/completions"
+        for kind in ("small", "escalated"):
+            outcomes.update([await send(client, url, kind, n)])
+    return 2
+
+
 def redis_clients(redis_url: str | None) -> int | None:
     if not redis_url:
         return None
@@ -149,6 +163,8 @@ async def run(base: str, pid: int, redis_url: str | None, *, duration_s: float,
     began = time.monotonic()
     while time.monotonic() - began < duration_s:
         soak.sent += await traffic(base, every_s, rate, soak.outcomes, start_at=soak.sent)
+        await quiesce(base)
+        soak.sent += await prune(base, soak.outcomes, soak.sent)
         metrics = await quiesce(base)
         sample = {"t_s": round(time.monotonic() - began), "rss_mb": rss_bytes(pid) / 2**20,
                   "fds": open_fds(pid), "tasks": int(gauge(metrics, "smallfirst_asyncio_tasks")),

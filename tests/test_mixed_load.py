@@ -57,9 +57,9 @@ async def test_short_soak_grows_no_descriptor_or_task(
         gateways: GatewayRunner, upstream: str, redis_url: str) -> None:
     base = start(gateways, upstream, redis_url)
     pid = gateways.last_process.proc.pid
-    result = await soak.run(base, pid, redis_url, duration_s=60, every_s=12, rate=8)
+    result = await soak.run(base, pid, redis_url, duration_s=60, every_s=10, rate=8)
     assert set(result.outcomes) <= {"200", "left"}, result.outcomes
-    assert len(result.samples) >= 4
+    assert len(result.samples) >= 3
     assert not result.leaked(warmup=1), (result.samples, result.growth(1))
 
 
