@@ -11,7 +11,7 @@ import shutil
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -31,14 +31,15 @@ from tests.conftest import (
 TIMEOUT_S = 30.0
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def small_port() -> int:
     return free_port()
 
 
-@pytest.fixture
-def gateway(gateways: GatewayRunner, upstream: str, small_port: int, tmp_path: Path) -> str:
-    policies = tmp_path / "policies"
+@pytest.fixture(scope="module")
+def gateway(session_gateways: GatewayRunner, upstream: str, small_port: int,
+            tmp_path_factory: pytest.TempPathFactory) -> str:
+    policies = tmp_path_factory.mktemp("small-faults") / "policies"
     shutil.copytree(POLICIES, policies)
     failfast = yaml.safe_load((policies / "default.yaml").read_text())
     failfast.update(name="failfast", aliases=[], escalate_on_small_error=False,
@@ -48,23 +49,24 @@ def gateway(gateways: GatewayRunner, upstream: str, small_port: int, tmp_path: P
     auto["confidence"] = {"scorer": "accept_all"}
     (policies / "default.yaml").write_text(yaml.safe_dump(auto))
     config = upstream_config(upstream, small_api_base=f"http://127.0.0.1:{small_port}/v1")
-    return gateways.start(config, policies=policies)
+    return session_gateways.start(config, policies=policies)
 
 
 @pytest.fixture
-def small_model(small_port: int, tmp_path: Path) -> Iterator[Process]:
-    """A scripted upstream playing the small model on `small_port`, started by the test."""
-    holder: list[Process] = []
+def small_model(small_port: int, tmp_path: Path) -> Iterator[Callable[[], None]]:
+    """Starts a scripted upstream playing the small model on `small_port`; stopped after the
+    test, so each test begins with the small model down."""
+    started: list[Process] = []
 
-    def start() -> Process:
+    def start() -> None:
+        log = tmp_path / "small.log"
         process = Process([sys.executable, "-m", "load.upstream", "--port", str(small_port)],
-                          tmp_path / "small.log")
-        wait_http(f"http://127.0.0.1:{small_port}/health", process.proc, tmp_path / "small.log")
-        holder.append(process)
-        return process
+                          log)
+        started.append(process)
+        wait_http(f"http://127.0.0.1:{small_port}/health", process.proc, log)
 
-    yield start  # type: ignore[misc]
-    for process in holder:
+    yield start
+    for process in started:
         process.stop()
 
 
@@ -77,40 +79,42 @@ def post(base: str, model: str, text: str, *, stream: bool) -> httpx.Response:
     return response
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
-def test_down_then_back(gateway: str, small_model, stream: bool) -> None:
-    escalated = post(gateway, "auto", "hi", stream=stream)
-    assert escalated.status_code == 200
-    assert escalated.headers["x-smallfirst-route"] == "escalated"
-    assert escalated.headers["x-smallfirst-escalation"] == "small_unavailable"
+def test_down_then_back(gateway: str, small_model: Callable[[], None]) -> None:
+    for stream in (False, True):
+        escalated = post(gateway, "auto", "hi", stream=stream)
+        assert escalated.status_code == 200
+        assert escalated.headers["x-smallfirst-route"] == "escalated"
+        assert escalated.headers["x-smallfirst-escalation"] == "small_unavailable"
 
-    failed = post(gateway, "failfast", "hi", stream=stream)
-    assert failed.status_code == 503
-    assert failed.headers["retry-after"] == "1"
-    assert failed.json()["error"]["code"] == "model_unavailable"
+        failed = post(gateway, "failfast", "hi", stream=stream)
+        assert failed.status_code == 503
+        assert failed.headers["retry-after"] == "1"
+        assert failed.json()["error"]["code"] == "model_unavailable"
 
     small_model()  # back: both policies use it again, with nothing to reset
     deadline = time.monotonic() + TIMEOUT_S
-    while post(gateway, "failfast", "hi", stream=stream).status_code != 200:
+    while post(gateway, "failfast", "hi", stream=False).status_code != 200:
         assert time.monotonic() < deadline, "the gateway did not go back to the small model"
         time.sleep(0.2)
-    for model in ("auto", "failfast"):
-        assert post(gateway, model, "hi", stream=stream).headers["x-smallfirst-route"] == "small"
+    for stream in (False, True):
+        for model in ("auto", "failfast"):
+            response = post(gateway, model, "hi", stream=stream)
+            assert response.headers["x-smallfirst-route"] == "small"
 
 
-@pytest.mark.parametrize("stream", [False, True], ids=["plain", "streamed"])
-def test_overloaded_503(gateway: str, small_model, stream: bool) -> None:
+def test_overloaded_503(gateway: str, small_model: Callable[[], None]) -> None:
     small_model()
-    key = uuid.uuid4().hex[:8]
-    # The small model sheds the first attempt of each key; the frontier, retried, answers.
-    shed = script(status=503, retry_after=7, fail_times=1, key=f"{key}-auto")
-    escalated = post(gateway, "auto", "hi" + shed, stream=stream)
-    assert escalated.status_code == 200
-    assert escalated.headers["x-smallfirst-escalation"] == "small_unavailable"
+    for stream in (False, True):
+        key = uuid.uuid4().hex[:8]
+        # The small model sheds the first attempt of each key; the frontier, retried, answers.
+        shed = script(status=503, retry_after=7, fail_times=1, key=f"{key}-auto")
+        escalated = post(gateway, "auto", "hi" + shed, stream=stream)
+        assert escalated.status_code == 200
+        assert escalated.headers["x-smallfirst-escalation"] == "small_unavailable"
 
-    shed = script(status=503, retry_after=7, fail_times=1, key=f"{key}-fast")
-    failed = post(gateway, "failfast", "hi" + shed, stream=stream)
-    assert failed.status_code == 503
-    assert failed.headers["retry-after"] == "7"  # the small model's own, passed on
-    assert failed.json()["error"]["type"] == "server_error"
-    assert post(gateway, "failfast", "hi" + shed, stream=stream).status_code == 200
+        shed = script(status=503, retry_after=7, fail_times=1, key=f"{key}-fast")
+        failed = post(gateway, "failfast", "hi" + shed, stream=stream)
+        assert failed.status_code == 503
+        assert failed.headers["retry-after"] == "7"  # the small model's own, passed on
+        assert failed.json()["error"]["type"] == "server_error"
+        assert post(gateway, "failfast", "hi" + shed, stream=stream).status_code == 200
