@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import httpx
@@ -44,6 +44,7 @@ class BackendFailure(Exception):
         status: int | None = None,
         retry_after: float | None = None,
         timeout: bool = False,
+        unreachable: bool = False,
     ) -> None:
         super().__init__(f"{backend}: {message}")
         self.backend = backend
@@ -51,6 +52,12 @@ class BackendFailure(Exception):
         self.status = status
         self.retry_after = retry_after
         self.timeout = timeout
+        self.unreachable = unreachable  # no connection could be made
+
+    @property
+    def unavailable(self) -> bool:
+        """Down, restarting or shedding load: unreachable, or a 502/503."""
+        return self.unreachable or self.status in (502, 503)
 
     @property
     def retryable(self) -> bool:
@@ -249,7 +256,8 @@ class OpenAIWireBackend(Backend):
         if isinstance(exc, BackendFailure):
             return exc
         timeout = isinstance(exc, TimeoutError | httpx.TimeoutException)
-        return BackendFailure(self.name, _short(exc), timeout=timeout)
+        return BackendFailure(self.name, _short(exc), timeout=timeout,
+                              unreachable=isinstance(exc, httpx.ConnectError))
 
     async def _raise_for_status(self, response: httpx.Response) -> None:
         if response.status_code < 400:
@@ -293,7 +301,7 @@ class OpenAIWireBackend(Backend):
                     raise
         except (httpx.HTTPError, TimeoutError) as exc:
             raise self.failure(exc) from exc
-        return self._chunks(response)
+        return _ResponseChunks(self._chunks(response), response)
 
     async def _chunks(self, response: httpx.Response) -> AsyncIterator[dict]:
         lines = response.aiter_lines()
@@ -320,3 +328,24 @@ class OpenAIWireBackend(Backend):
 
     async def aclose(self) -> None:
         await self._client.aclose()
+
+
+class _ResponseChunks:
+    """A streamed response's chunks. Closing them closes the response even before the first
+    read (a generator closed unstarted runs no `finally`): a request cancelled between the
+    headers and the first chunk must not keep its connection open."""
+
+    def __init__(self, chunks: AsyncIterator[dict], response: httpx.Response) -> None:
+        self._chunks, self._response = chunks, response
+
+    def __aiter__(self) -> _ResponseChunks:
+        return self
+
+    def __anext__(self) -> Awaitable[dict]:
+        return self._chunks.__anext__()
+
+    async def aclose(self) -> None:
+        try:
+            await self._chunks.aclose()  # type: ignore[attr-defined]
+        finally:
+            await self._response.aclose()

@@ -128,6 +128,9 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(default=30.0, gt=0)
     send_timeout_s: float = Field(default=30.0, gt=0)
     max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    shutdown_grace_s: float = Field(
+        default=30.0, gt=0, description="On SIGTERM, how long requests and streams in flight "
+        "may take to finish (new connections are refused meanwhile); then they are cut.")
     retry: RetryConfig = Field(default_factory=RetryConfig)
     watch_policies: bool = True
     metrics: bool = Field(default=True, description="Serve Prometheus text on /metrics.")

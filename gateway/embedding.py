@@ -27,6 +27,7 @@ class SharedEmbedding:
         self._remember = remember
         self._recent: OrderedDict[str, np.ndarray] = OrderedDict()
         self._lock = threading.Lock()
+        self.failure: str | None = None  # the last load or call's error, until one succeeds
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         with self._lock:
@@ -35,7 +36,12 @@ class SharedEmbedding:
                 self._recent.move_to_end(text)
         missing = list(dict.fromkeys(t for t in texts if t not in known))
         if missing:
-            rows = np.asarray(self._model()(missing), dtype=np.float32)
+            try:
+                rows = np.asarray(self._model()(missing), dtype=np.float32)
+            except Exception as exc:
+                self.failure = f"{type(exc).__name__}: {exc}"
+                raise
+            self.failure = None
             fresh = dict(zip(missing, rows, strict=True))
             with self._lock:
                 self._recent.update(fresh)

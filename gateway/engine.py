@@ -25,7 +25,14 @@ from gateway.cache.base import ResponseCache
 from gateway.config import RetryConfig
 from gateway.deadlines import FirstTokenTimes, SmallDeadlines, small_deadlines
 from gateway.embedding import Embed
-from gateway.errors import GatewayError, InvalidRequest, RateLimited, UpstreamError, UpstreamTimeout
+from gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    ModelUnavailable,
+    RateLimited,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from gateway.learning import TrafficLearner, quality_segment
 from gateway.policy import Policy, StreamMode
 from gateway.retry import call_with_retry
@@ -84,6 +91,16 @@ def to_gateway_error(failure: BackendFailure) -> GatewayError:
     if failure.status in (400, 404, 413, 422):
         return InvalidRequest(f"The model rejected the request: {failure.message}")
     return UpstreamError(f"Upstream model failed ({failure.backend}): {failure.message}")
+
+
+def _small_error(failure: BackendFailure) -> GatewayError:
+    """What the client sees when the small model failed and the request stays with it: a
+    small model that is down or shedding load is a 503 with Retry-After, to come back."""
+    if failure.unavailable:
+        return ModelUnavailable(
+            f"The small model is unavailable ({failure.backend}); retry shortly.",
+            retry_after=failure.retry_after or 1)
+    return to_gateway_error(failure)
 
 
 class CascadeEngine:
@@ -431,6 +448,8 @@ class CascadeEngine:
             if wants and self.embed is not None:
                 embed = self.embed
                 future = asyncio.ensure_future(asyncio.to_thread(embed, [prompt.text]))
+                # Read by the scorers, if at all: a failed embedding is not an unhandled one.
+                future.add_done_callback(lambda f: f.cancelled() or f.exception())
                 prompt = replace(prompt, embedding=future)
             call.prompt = prompt
         return call.prompt
@@ -511,9 +530,10 @@ class CascadeEngine:
             self._small_done(call, small)
             call.usage.add(small.usage, self.small.name)
             reason = ("deadline" if failure.timeout else
-                      "unsupported" if failure.status in UNSUPPORTED_STATUS else "error")
+                      "unsupported" if failure.status in UNSUPPORTED_STATUS else
+                      "small_unavailable" if failure.unavailable else "error")
             if not (may_escalate and policy.escalate_on_small_error):
-                raise to_gateway_error(failure) from exc
+                raise _small_error(failure) from exc
             raise Escalate(reason, failure) from exc
         except BaseException:
             await _aclose(chunks)

@@ -110,6 +110,14 @@ class UpstreamError(GatewayError):
     code = "bad_gateway"
 
 
+class ModelUnavailable(GatewayError):
+    """The small model is down or overloaded and the policy fails fast (Retry-After set)."""
+
+    status_code = 503
+    error_type = "server_error"
+    code = "model_unavailable"
+
+
 class UpstreamTimeout(GatewayError):
     status_code = 504
     error_type = "upstream_error"

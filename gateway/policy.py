@@ -250,7 +250,11 @@ class Policy(_Strict):
     telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     learning: LearningSettings = Field(default_factory=LearningSettings)
     quality: QualitySettings = Field(default_factory=QualitySettings)
-    escalate_on_small_error: bool = True
+    escalate_on_small_error: bool = Field(
+        default=True,
+        description="When the small model fails (an error, or down, restarting or answering "
+        "503: escalation reason `small_unavailable`), escalate to the frontier; false fails "
+        "fast instead: a small model that is down or overloaded is a 503 with Retry-After.")
 
     @model_validator(mode="after")
     def _quality_needs_shadow_labels(self) -> Policy:

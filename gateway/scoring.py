@@ -79,9 +79,12 @@ class LearnedDifficulty:
     async def score(self, prompt: Prompt) -> float | None:
         try:
             embedding = await _embedding(prompt, self.deadline_s)
+            return await asyncio.to_thread(self.bundle.difficulty, prompt.text, embedding)
         except TimeoutError:
             return None
-        return await asyncio.to_thread(self.bundle.difficulty, prompt.text, embedding)
+        except Exception as exc:  # a failing embedder or bundle: the policy's default route
+            log.warning("difficulty scoring failed, scoring without it: %s", exc)
+            return None
 
 
 class LearnedConfidence:
@@ -91,11 +94,15 @@ class LearnedConfidence:
         self.bundle = bundle
 
     async def score(self, prompt: Prompt, answer: Answer) -> float | None:
-        embedding = await _embedding(prompt, None)
-        return await asyncio.to_thread(
-            self.bundle.confidence, prompt.text, answer.text,
-            answer.token_logprobs or None, embedding, answer.top_logprobs, answer.samples,
-        )
+        try:
+            embedding = await _embedding(prompt, None)
+            return await asyncio.to_thread(
+                self.bundle.confidence, prompt.text, answer.text,
+                answer.token_logprobs or None, embedding, answer.top_logprobs, answer.samples,
+            )
+        except Exception as exc:  # a failing embedder or bundle: no opinion
+            log.warning("confidence scoring failed, scoring without it: %s", exc)
+            return None
 
 
 async def _embedding(prompt: Prompt, deadline_s: float | None) -> Any:
@@ -117,6 +124,7 @@ class BundleRegistry:
         self.root = root
         self._loaded: dict[Path, tuple[float, Any]] = {}
         self._checked: dict[str, tuple[float, Any]] = {}  # name -> (when, bundle)
+        self.failures: dict[str, str] = {}  # name -> why it cannot load, until it does
         self._lock = threading.Lock()
 
     def resolve(self, name: str) -> Path:
@@ -136,7 +144,12 @@ class BundleRegistry:
         with self._lock:
             loaded = self._loaded.get(path)
             if loaded is None or loaded[0] != stamp:
-                bundle = RouterBundle.load(path)
+                try:
+                    bundle = RouterBundle.load(path)
+                except Exception as exc:
+                    self.failures[name] = f"{type(exc).__name__}: {exc}"
+                    raise
+                self.failures.pop(name, None)
                 log.info("router bundle %s loaded (version %s)", path, bundle.version)
                 self._loaded[path] = (stamp, bundle)
                 loaded = self._loaded[path]

@@ -19,6 +19,7 @@ from gateway.config import ConfigError, Settings
 from gateway.embedding import SharedEmbedding
 from gateway.engine import CascadeEngine
 from gateway.errors import ModelNotFound, PermissionDenied, RateLimited
+from gateway.health import degradations
 from gateway.learning import DecisionStream, TrafficLearner
 from gateway.limits import RateLimiter
 from gateway.policy import LatencyBudget, Policy
@@ -28,7 +29,8 @@ from gateway.scoring import BundleRegistry
 from gateway.telemetry.budget import BudgetTracker
 from gateway.telemetry.metrics import Metrics, Price, litellm_price
 from gateway.telemetry.observer import Observer, Pricing
-from gateway.telemetry.tracing import setup_tracing
+from gateway.telemetry.shutdown import shutdown_within
+from gateway.telemetry.tracing import tracer_provider
 from gateway.types import Call, Decision
 
 log = logging.getLogger("smallfirst")
@@ -51,6 +53,7 @@ class Gateway:
     in_flight: int = 0
     warmed_up: bool = False  # the models answered a warm-up: /readyz may say ready
     draining: bool = False  # shutting down: /readyz says not ready, requests still served
+    telemetry: list = field(default_factory=list)  # providers to shut down, within a bound
     _tasks: list[asyncio.Task] = field(default_factory=list)
 
     @classmethod
@@ -101,13 +104,17 @@ class Gateway:
             BudgetTracker(settings.budget_window),
             _pricing(settings),
         )
+        limits = RateLimiter(settings.rate_limits, shared, settings.cache_prefix)
+        tracing = tracer_provider()
+        gateway = cls(settings, store, engine, access, observer,
+                      tracing.get_tracer("smallfirst") if tracing else None, cache, embed, limits)
+        gateway.telemetry = [p for p in (tracing, observer.metrics and observer.metrics.provider)
+                             if p is not None]
         if observer.metrics is not None:
             engine.audited = observer.metrics.record_cache_audit
-        limits = RateLimiter(settings.rate_limits, shared, settings.cache_prefix)
-        if observer.metrics is not None:
+            observer.metrics.degraded = lambda: degradations(gateway)
             limits.refused = observer.metrics.record_rate_limited
-        return cls(settings, store, engine, access, observer, setup_tracing(), cache, embed,
-                   limits)
+        return gateway
 
     def begin(self) -> None:
         """Admit one more request, or refuse it with a 429 when at capacity."""
@@ -157,6 +164,8 @@ class Gateway:
         file change and on SIGHUP."""
         if self.cache is not None:
             await self.cache.start()
+        if self.observer.metrics is not None:
+            self.observer.metrics.loop = asyncio.get_running_loop()
         self._tasks.append(asyncio.create_task(self._warm_up()))
         if self.limits is not None:
             self._tasks.append(asyncio.create_task(self.limits.renew_forever()))
@@ -190,7 +199,10 @@ class Gateway:
         semantic = self.cache is not None and self.cache.semantic is not None
         vector = None
         if self.embed is not None and (learned or semantic):
-            vector = self.embed([WARM_UP_PROMPT])[0]
+            try:  # a broken embedder is logged here, listed by /readyz, and done without
+                vector = self.embed([WARM_UP_PROMPT])[0]
+            except Exception as exc:
+                log.error("the embedder cannot be loaded: %s", exc)
         for name in dict.fromkeys(learned):
             try:  # a broken bundle is logged here and scored without
                 self.engine.bundles.get(name).difficulty(WARM_UP_PROMPT, vector)
@@ -222,8 +234,7 @@ class Gateway:
             await self.limits.close()
         if isinstance(self.engine.small, OpenAIWireBackend):
             await self.engine.small.aclose()
-        if self.observer.metrics:
-            self.observer.metrics.shutdown()
+        shutdown_within(self.telemetry)
         if self.cache is not None:
             await self.cache.close()
 

@@ -33,6 +33,7 @@ from gateway.errors import (
     PermissionDenied,
     RequestTimeout,
 )
+from gateway.health import degradations
 from gateway.service import Gateway
 from gateway.shapes import as_text_chunk, as_text_completion
 from gateway.timing import Timings
@@ -254,7 +255,8 @@ def _install_routes(app: FastAPI, gateway: Gateway) -> None:
                           policies=gateway.policies.last_error is None,
                           warmed_up=gateway.warmed_up)
         ready = all(checks.values())
-        return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks},
+        return JSONResponse({"status": "ready" if ready else "not_ready", "checks": checks,
+                             "degraded": degradations(gateway)},
                             status_code=200 if ready else 503)
 
     @app.get("/v1/models")

@@ -21,6 +21,7 @@ class RequestLife:
 
     def __init__(self, request: Request, gateway: Gateway) -> None:
         self.gateway = gateway
+        self.request_id: str = request.scope["state"]["request_id"]
         self.timings = _timings(request, gateway)
         self.call: Call | None = None
         self.stream = False
@@ -45,7 +46,9 @@ class RequestLife:
             self.gateway.finish(self.call, decision or self.call.decision, status,
                                 stream=self.stream, tenant=self.call.tenant, error=error)
             return
-        span = self.timings.root_span  # refused before admission: auth, body or policy
+        # Refused before admission: auth, body, policy or capacity.
+        self.gateway.observer.refused(self.request_id, status, error)
+        span = self.timings.root_span
         if span is not None and span.is_recording():
             span.set_attribute("http.response.status_code", status)
             span.end()

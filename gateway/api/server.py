@@ -47,6 +47,7 @@ def serve(app: object, gateway: Gateway) -> None:
     settings = gateway.settings
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level, access_log=False,
+                            timeout_graceful_shutdown=settings.shutdown_grace_s,
                             http=guarded_protocol(settings.header_timeout_s,
                                                   settings.max_header_bytes))
     DrainingServer(config, gateway, settings.shutdown_drain_s).run()

@@ -3,9 +3,11 @@
 Lookup starts the embedding (in a worker thread) while the exact store is read; on an exact
 miss, the semantic index is searched with the tenant, policy and context-hash filter, and the
 nearest candidates must pass the pair verifier. The whole lookup runs under the policy's hard
-deadline: past it, or on any Redis error, the request proceeds as a miss. After an error the
-cache stays out of the way for `retry_after_s`, then tries again, so a dead Redis costs
-nothing and a returning one is used at once.
+deadline: past it, or on any Redis error, the request proceeds as a miss. After an error (also
+one that ends a lookup abandoned at its deadline: a paused or slow Redis) the circuit opens:
+the cache stays out of the way for `retry_after_s`, then tries again, so a dead Redis costs
+nothing and a returning one is used at once. A Redis restarted empty loses the search index;
+the next lookup recreates it. An embedder that fails costs the semantic layer only.
 
 With a semantic index the cache has a `guard` (`gateway.cache.guard`): the engine hands it
 each semantic hit, a sample of which the small model re-answers in the background. A
@@ -70,6 +72,7 @@ class LayeredCache:
         self.counts: Counter[str] = Counter()
         self._flushed: Counter[str] = Counter()
         self._down_until = 0.0
+        self._error: str | None = None  # the last Redis failure, until a call succeeds
         self._index_ready = False
         self._vectors: OrderedDict[str, asyncio.Future] = OrderedDict()
         self._tasks: set[asyncio.Task] = set()
@@ -91,6 +94,7 @@ class LayeredCache:
                 self._index_ready = True
             except (Unreachable, TooSlow, OSError) as exc:
                 log.warning("cache: Redis unreachable at start (%s); serving misses", exc)
+                self._error = f"{type(exc).__name__}: {exc}"
         self._spawn(self._flush_counts_forever())
 
     async def close(self) -> None:
@@ -119,12 +123,15 @@ class LayeredCache:
         key = exact_key(request)
         semantic = self._semantic_inputs(request, settings)
         # A task, not asyncio.timeout: redis-py shields its commands from cancellation, so
-        # only waiting on a separate task holds the deadline whatever Redis does.
+        # only waiting on a separate task holds the deadline whatever Redis does. Past the
+        # deadline it is left to end on its own (the client's socket timeout bounds it), so
+        # that a hung Redis's failure is seen and opens the circuit.
         work = asyncio.ensure_future(self._lookup(request, settings, key, semantic))
         done, _ = await asyncio.wait({work}, timeout=settings.lookup_deadline_ms / 1000)
         if not done:
-            work.cancel()
-            work.add_done_callback(_consume)
+            self._tasks.add(work)
+            work.add_done_callback(self._tasks.discard)
+            work.add_done_callback(self._abandoned)
             self.counts["deadline"] += 1
             return None
         try:
@@ -132,6 +139,7 @@ class LayeredCache:
         except Exception as exc:  # a broken cache is a miss
             self._failed(exc)
             return None
+        self._error = None
         self.counts[f"hit_{hit.kind}" if hit else "miss"] += 1
         return hit
 
@@ -146,11 +154,15 @@ class LayeredCache:
         if semantic is None:
             return None
         vector = self._vector_future(key, request, semantic.text)
-        if not self._index_ready:
-            self._spawn(self._ensure_index())
+        if not self._index_ready:  # Redis came back empty, or was not there at start
+            await self._ensure_index()
+            if not self._index_ready:
+                return None
+        embedding = await self._embedding(vector)
+        if embedding is None:
             return None
         candidates = await self.semantic.search(  # type: ignore[union-attr]
-            request.tenant, request.policy, semantic.context, await asyncio.shield(vector),
+            request.tenant, request.policy, semantic.context, embedding,
             k=settings.semantic_candidates)
         candidates = [c for c in candidates if c.cosine >= settings.semantic_min_cosine]
         stopped = sum(c.disagreements >= STOP_AFTER for c in candidates)
@@ -229,11 +241,13 @@ class LayeredCache:
                                      settings.ttl_s, settings.max_entries_per_tenant)
             semantic = self._semantic_inputs(request, settings)
             if semantic is not None and self.semantic is not None:
-                vector = await asyncio.shield(self._vector_future(key, request, semantic.text))
+                vector = await self._embedding(
+                    self._vector_future(key, request, semantic.text))
                 if vector is not None:
                     await self.semantic.put(request.tenant, request.policy, key,
                                             semantic.context, semantic.text, vector, answer,
                                             settings.ttl_s, settings.max_entries_per_tenant)
+            self._error = None
         except Exception as exc:  # a broken cache skips the write
             self._failed(exc)
         finally:
@@ -276,14 +290,39 @@ class LayeredCache:
                 self._vectors.popitem(last=False)
         return future
 
+    async def _embedding(self, vector: asyncio.Future) -> np.ndarray | None:
+        """The awaited embedding, or None when the embedder failed (the exact layer and Redis
+        are fine: the circuit stays closed)."""
+        try:
+            return await asyncio.shield(vector)
+        except Exception as exc:
+            self.counts["embedding_error"] += 1
+            log.warning("cache: embedding failed (%s); semantic layer skipped", exc)
+            return None
+
+    def health(self) -> str | None:
+        """None when the cache works as configured, else what it is doing without."""
+        if self._error is not None:
+            return f"{self._error}: serving misses, retrying every {self.retry_after_s:g}s"
+        if self.semantic is not None and not self._index_ready:
+            return "semantic index missing: recreated on the next lookup"
+        return None
+
     def _is_down(self) -> bool:
         return time.monotonic() < self._down_until
+
+    def _abandoned(self, task: asyncio.Task) -> None:
+        """A lookup given up at its deadline: its late failure (a hung Redis timing out)
+        opens the circuit; its outcome is retrieved so it is never logged as unhandled."""
+        if not task.cancelled() and task.exception() is not None:
+            self._failed(task.exception())
 
     def _failed(self, exc: BaseException) -> None:
         self.counts["error"] += 1
         if "no such index" in str(exc).lower() or "unknown index" in str(exc).lower():
             self._index_ready = False
             return
+        self._error = f"{type(exc).__name__}: {exc}"
         if not self._is_down():
             log.warning("cache: %s: %s; serving misses for %.1fs", type(exc).__name__, exc,
                         self.retry_after_s)
@@ -316,12 +355,6 @@ class LayeredCache:
         if self.guard is not None:
             stats["process_audits"] = audit_summary(self.counts)
         return stats
-
-
-def _consume(task: asyncio.Task) -> None:
-    """Retrieve an abandoned lookup's outcome so it is never logged as unhandled."""
-    if not task.cancelled():
-        task.exception()
 
 
 def build_cache(

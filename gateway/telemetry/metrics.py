@@ -6,6 +6,7 @@ tenants, users or prompts.
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -72,6 +73,7 @@ class Metrics:
             readers.append(_otlp_reader(protocol))
         self.provider = MeterProvider(
             resource=resource(),
+            shutdown_on_exit=False,  # shut down by its owner, within a bound
             metric_readers=readers,
             views=[View(instrument_type=Histogram,
                         aggregation=ExplicitBucketHistogramAggregation(BUCKETS_S))],
@@ -121,6 +123,15 @@ class Metrics:
                 description="Quality targets held online, per policy and segment: the target, "
                 "estimated quality and its lower bound (served / frontier), the threshold, the "
                 "small share, labels, shadow labels and lost labels")
+        # Component -> what is wrong (gateway.health); set by the composition root.
+        self.degraded: Callable[[], Mapping[str, str]] = dict
+        meter.create_observable_gauge(
+            "smallfirst.degraded", callbacks=[self._degraded],
+            description="1 for each dependency the gateway is doing without (see /readyz)")
+        self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop, once started
+        meter.create_observable_gauge(
+            "smallfirst.asyncio.tasks", callbacks=[self._tasks],
+            description="Asyncio tasks alive in the serving loop (a leak grows it)")
         if budgets is not None:
             meter.create_observable_gauge(
                 "smallfirst.budget.allocation", callbacks=[self._allocations], unit="s",
@@ -140,6 +151,14 @@ class Metrics:
             for component in ALLOCATIONS:
                 yield Observation(allocation_ms(budget, component) / 1000,
                                   {"policy": policy, "component": component})
+
+    def _tasks(self, options: CallbackOptions) -> Iterable[Observation]:
+        if self.loop is not None:
+            yield Observation(len(asyncio.all_tasks(self.loop)))
+
+    def _degraded(self, options: CallbackOptions) -> Iterable[Observation]:
+        for component in self.degraded():
+            yield Observation(1, {"component": component.split(":", 1)[0]})
 
     def prometheus_text(self) -> bytes:
         return generate_latest(self.registry)

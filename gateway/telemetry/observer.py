@@ -75,6 +75,15 @@ class Observer:
             tokens=call.usage.as_dict(), error=error,
         )
 
+    def refused(self, request_id: str, status: int, error: str | None) -> None:
+        """A request turned away before it was admitted (auth, body, policy, capacity): it
+        still counts, in the metrics and the access log, so both match what clients sent."""
+        if self.metrics:
+            self.metrics.requests.add(1, {"policy": "none", "route": "none",
+                                          "status": str(status), "stream": "unknown"})
+        access_log.write(request_id=request_id, tenant=None, policy=None, route="none",
+                         status=status, error=error)
+
     def _record_metrics(
         self, call: Call, decision: Decision | None, status: int, route: str, total_ms: float,
         stream: bool, spent: dict[str, float],

@@ -40,6 +40,13 @@ def resource():  # noqa: ANN201 - the SDK type is imported lazily
 
 def setup_tracing(env: Mapping[str, str] | None = None) -> Tracer | None:
     """A tracer exporting over OTLP, or None when tracing is off."""
+    provider = tracer_provider(env)
+    return provider.get_tracer("smallfirst") if provider is not None else None
+
+
+def tracer_provider(env: Mapping[str, str] | None = None):  # noqa: ANN201 - lazy SDK type
+    """The provider exporting spans over OTLP, or None when tracing is off. Its owner shuts it
+    down (`gateway.telemetry.shutdown`), not an exit hook that would wait on the collector."""
     env = os.environ if env is None else env
     protocol = otlp_protocol(env, "traces")
     if protocol is None:
@@ -51,9 +58,9 @@ def setup_tracing(env: Mapping[str, str] | None = None) -> Tracer | None:
         from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
     else:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
-    provider = TracerProvider(resource=resource())
+    provider = TracerProvider(resource=resource(), shutdown_on_exit=False)
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter()))
-    return provider.get_tracer("smallfirst")
+    return provider
 
 
 def incoming_context(headers: Mapping[str, str]) -> Context:
