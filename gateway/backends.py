@@ -20,6 +20,7 @@ from typing import Any
 
 import aiohttp
 import httpx
+import orjson
 
 from gateway.config import BackendConfig
 
@@ -233,7 +234,9 @@ class OpenAIWireBackend(Backend):
         self._model = config.model.split("/", 1)[-1]
         self._url = config.api_base.rstrip("/") + "/chat/completions"
         key = config.api_key.get_secret_value() if config.api_key else None
-        self._headers = {"authorization": f"Bearer {key}"} if key else {}
+        self._headers = {"content-type": "application/json"}
+        if key:
+            self._headers["authorization"] = f"Bearer {key}"
         self._connect_timeout = connect_timeout
         self._session: aiohttp.ClientSession | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -247,7 +250,6 @@ class OpenAIWireBackend(Backend):
                 headers=self._headers,
                 connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
-                json_serialize=_dumps,
             )
         return self._session
 
@@ -286,9 +288,10 @@ class OpenAIWireBackend(Backend):
         body = self._body(params, False)
         try:
             async with asyncio.timeout(timeout):
-                async with self._client().post(self._url, json=body, headers=headers) as response:
+                async with self._client().post(self._url, data=orjson.dumps(body),
+                                               headers=headers) as response:
                     await self._raise_for_status(response)
-                    return json.loads(await response.read())
+                    return orjson.loads(await response.read())
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise self.failure(exc) from exc
 
@@ -298,7 +301,7 @@ class OpenAIWireBackend(Backend):
         try:
             async with asyncio.timeout(timeout):
                 response = await self._client().post(
-                    self._url, json=self._body(params, True), headers=headers)
+                    self._url, data=orjson.dumps(self._body(params, True)), headers=headers)
                 try:
                     await self._raise_for_status(response)
                 except BaseException:
@@ -316,7 +319,7 @@ class OpenAIWireBackend(Backend):
                     # out of the pool, and the next request would open a new one.
                     await response.read()
                     return
-                chunk = json.loads(data)
+                chunk = orjson.loads(data)
                 if "error" in chunk:
                     raise BackendFailure(self.name, str(chunk["error"].get("message", chunk)))
                 yield chunk
@@ -346,7 +349,3 @@ async def _sse_data(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
                 yield line[5:].strip()
     if pending.startswith(b"data:"):
         yield pending[5:].strip()
-
-
-def _dumps(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))

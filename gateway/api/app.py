@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import gc
-import json
 import logging
 import re
 import uuid
@@ -12,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -97,6 +97,13 @@ class RequestGuard:
         return limited
 
 
+class Answer(JSONResponse):
+    """A JSON response encoded by orjson (a chat answer: about 5x faster than json.dumps)."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
+
+
 def error_response(error: GatewayError) -> JSONResponse:
     return JSONResponse(error.body(), status_code=error.status_code, headers=error.headers())
 
@@ -124,8 +131,8 @@ def decision_headers(decision: Decision, timings: Timings) -> dict[str, str]:
 async def read_json(request: Request) -> Any:
     body = await request.body()
     try:
-        return json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:  # also invalid UTF-8
         raise InvalidRequest("We could not parse the JSON body of your request.") from None
 
 
@@ -309,7 +316,7 @@ async def _serve(
         timings.mark_first_byte()
         headers = decision_headers(decision, timings)
         life.end(200, decision)
-        return JSONResponse(response, headers=headers)
+        return Answer(response, headers=headers)
     chunks, decision = await until_disconnect(request, gateway.engine.stream(call))
     return StreamingResponse(
         _sse(life, decision, chunks, legacy),
