@@ -1,7 +1,8 @@
 """One structured JSON line per request on the `smallfirst.access` logger (no prompt text).
 
-The request only queues its fields: a writer thread encodes and logs them, off the event
-loop, so that a slow log sink (a full pipe, a terminal) never stalls requests. What is still
+The request only appends its fields to a queue; a writer thread wakes every 100 ms and
+encodes and logs what is there, off the event loop, so a slow log sink (a full pipe, a
+terminal) never stalls requests and a request never pays for waking a thread. What is still
 queued when the process exits is written before it ends.
 """
 
@@ -9,45 +10,47 @@ from __future__ import annotations
 
 import atexit
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from typing import Any
 
 import orjson
 
 log = logging.getLogger("smallfirst.access")
-_STOP = object()
-_lines: queue.SimpleQueue | None = None
+INTERVAL_S = 0.1
+_pending: deque[dict[str, Any]] = deque()
+_writer: threading.Thread | None = None
 _start_lock = threading.Lock()
 
 
 def write(**fields: Any) -> None:
     if log.isEnabledFor(logging.INFO):
-        (_lines or _start()).put({"ts": round(time.time(), 3), **fields})
+        _pending.append({"ts": round(time.time(), 3), **fields})
+        if _writer is None:
+            _start()
 
 
-def _start() -> queue.SimpleQueue:
-    global _lines
+def _start() -> None:
+    global _writer
     with _start_lock:
-        if _lines is None:
-            lines: queue.SimpleQueue = queue.SimpleQueue()
-            writer = threading.Thread(target=_drain, args=(lines,), name="access-log",
-                                      daemon=True)
-            writer.start()
-            atexit.register(_flush, lines, writer)
-            _lines = lines
-    return _lines
+        if _writer is None:
+            _writer = threading.Thread(target=_write_forever, name="access-log", daemon=True)
+            _writer.start()
+            atexit.register(_flush)
 
 
-def _drain(lines: queue.SimpleQueue) -> None:
-    while (fields := lines.get()) is not _STOP:
+def _write_forever() -> None:
+    while True:
+        time.sleep(INTERVAL_S)
+        _flush()
+
+
+def _flush() -> None:
+    while _pending:
         try:
-            log.info(orjson.dumps(fields).decode())
+            log.info(orjson.dumps(_pending.popleft()).decode())
+        except IndexError:  # emptied by the other caller (exit) meanwhile
+            return
         except Exception:  # one bad line must not end the access log
             logging.getLogger("smallfirst").exception("access log line dropped")
-
-
-def _flush(lines: queue.SimpleQueue, writer: threading.Thread) -> None:
-    lines.put(_STOP)
-    writer.join(timeout=5)
