@@ -189,9 +189,8 @@ class Processes:
                 proc.kill()
 
 
-def litellm_proxy(procs: Processes, upstream: str) -> tuple[str, int, str]:
-    """LiteLLM's proxy (the version this project locks), in its own venv under .bench/."""
-    version = importlib.metadata.version("litellm")
+def litellm_proxy(procs: Processes, upstream: str, version: str) -> tuple[str, int, str]:
+    """LiteLLM's proxy in its own virtual environment under .bench/ (installed on first use)."""
     venv = ROOT / ".bench" / f"litellm-{version}"
     binary = venv / "bin" / "litellm"
     if not binary.exists():
@@ -287,13 +286,15 @@ async def streaming(load: Load, direct: Target, gateway: Target, rate: float,
 # ---- the report ------------------------------------------------------------------------
 
 
-def machine() -> dict[str, str]:
+def machine(args_litellm: str | None) -> dict[str, str]:
     cpu = next((line.split(":", 1)[1].strip() for line in
                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")),
                platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
     versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in (
         "fastapi", "uvicorn", "uvloop", "httptools", "aiohttp", "orjson", "litellm",
         "opentelemetry-sdk"))
+    if args_litellm:
+        versions += f"; LiteLLM proxy {args_litellm}"
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                             capture_output=True, text=True).stdout.strip() or "unknown"
     return {"cpu": f"{cpu}, {os.cpu_count()} logical cores", "python": platform.python_version(),
@@ -310,7 +311,7 @@ def row(step: Step, base: Step | None = None) -> str:
 def write_report(out: Path, info: dict[str, Any], ladder_steps: list[Step],
                  cache_steps: list[Step], stream_steps: list[Step]) -> None:
     head = "| p50 | p90 | p99 | p99.9 | max | errors | CPU ms per request |"
-    rule = "|---" * 8 + "|"
+    rule = "|---" * 7 + "|"
     lines = [
         "# Benchmarks", "",
         f"Written by `{info['command']}` ({info['seconds']} s per step). Every process ran on "
@@ -405,7 +406,7 @@ async def scenarios(args: argparse.Namespace, procs: Processes) -> dict[str, lis
         targets.append(Target("baseline", f"{base}/v1/chat/completions", "auto",
                               {"gateway": procs.procs[-1].pid, "upstream": up_pid}))
     if args.litellm:
-        base, pid, key = litellm_proxy(procs, upstream)
+        base, pid, key = litellm_proxy(procs, upstream, args.litellm_version)
         targets.append(Target("LiteLLM proxy", f"{base}/v1/chat/completions",
                               "small-stand-in", {"proxy": pid, "upstream": up_pid},
                               {"authorization": f"Bearer {key}"}, DIRECT_EXTRA))
@@ -422,7 +423,7 @@ async def scenarios(args: argparse.Namespace, procs: Processes) -> dict[str, lis
                                      headers={"content-type": "application/json"}) as session:
         load = Load(session)
         for target in targets:  # warm up connections, lazy imports and the upstream
-            await load.step(target, 50, 1.0, unique("warm"))
+            await load.step(target, 50, 2.0, unique("warm"))
         print("overhead ladder", flush=True)
         ladder_steps = await ladder(load, targets, args.rates, args.seconds)
         print("cache", flush=True)
@@ -448,6 +449,9 @@ def main() -> None:
     parser.add_argument("--baseline", type=Path, help="another source tree to run side by side")
     parser.add_argument("--litellm", action="store_true",
                         help="also LiteLLM's proxy (installed into .bench/ on first use)")
+    parser.add_argument("--litellm-version", default="1.108.7",
+                        help="the proxy's version (newer [proxy] extras need the separate "
+                             "litellm-proxy package)")
     parser.add_argument("--no-redis", action="store_true", help="skip the Redis cache scenarios")
     parser.add_argument("--note", help="a line for the report (e.g. what else ran)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
@@ -458,7 +462,8 @@ def main() -> None:
         uvloop.install()
     except ImportError:
         pass
-    info: dict[str, Any] = {**machine(), "seconds": args.seconds, "note": args.note,
+    info: dict[str, Any] = {**machine(args.litellm_version if args.litellm else None),
+                            "seconds": args.seconds, "note": args.note,
                             "command": "python -m load.bench " + " ".join(sys.argv[1:]),
                             "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg())}
     with tempfile.TemporaryDirectory() as tmp:
