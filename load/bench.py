@@ -403,7 +403,8 @@ async def scenarios(args: argparse.Namespace, procs: Processes) -> dict[str, lis
     targets.append(main)
     if args.baseline:
         base = procs.gateway("baseline", upstream, tree=args.baseline.resolve())
-        targets.append(Target("baseline", f"{base}/v1/chat/completions", "auto",
+        name = f"baseline {args.baseline_name}".strip()
+        targets.append(Target(name, f"{base}/v1/chat/completions", "auto",
                               {"gateway": procs.procs[-1].pid, "upstream": up_pid}))
     if args.litellm:
         base, pid, key = litellm_proxy(procs, upstream, args.litellm_version)
@@ -435,6 +436,14 @@ async def scenarios(args: argparse.Namespace, procs: Processes) -> dict[str, lis
     return {"ladder": ladder_steps, "cache": cache_steps, "stream": stream_steps}
 
 
+def command(args: argparse.Namespace) -> str:
+    """This run's command line, with the baseline's folder (a path of this machine) elided."""
+    given = sys.argv[1:]
+    if args.baseline is not None:
+        given = ["DIR" if arg == str(args.baseline) else arg for arg in given]
+    return "python -m load.bench " + " ".join(given)
+
+
 def rates(text: str) -> list[float]:
     return [float(value) for value in text.split(",")]
 
@@ -447,6 +456,8 @@ def main() -> None:
     parser.add_argument("--semantic-rates", type=rates, default=rates("10,25,50"))
     parser.add_argument("--stream-rate", type=float, default=20.0)
     parser.add_argument("--baseline", type=Path, help="another source tree to run side by side")
+    parser.add_argument("--baseline-name", default="",
+                        help="what the baseline is, for the report (e.g. its commit)")
     parser.add_argument("--litellm", action="store_true",
                         help="also LiteLLM's proxy (installed into .bench/ on first use)")
     parser.add_argument("--litellm-version", default="1.108.7",
@@ -464,7 +475,7 @@ def main() -> None:
         pass
     info: dict[str, Any] = {**machine(args.litellm_version if args.litellm else None),
                             "seconds": args.seconds, "note": args.note,
-                            "command": "python -m load.bench " + " ".join(sys.argv[1:]),
+                            "command": command(args),
                             "load_before": " ".join(f"{x:.2f}" for x in os.getloadavg())}
     with tempfile.TemporaryDirectory() as tmp:
         procs = Processes(Path(tmp))
