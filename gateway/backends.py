@@ -250,6 +250,9 @@ class OpenAIWireBackend(Backend):
                 headers=self._headers,
                 connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
                 timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
+                # Straight to the server: HTTP(S)_PROXY is not read (httpx did), as the small
+                # model is served next to the gateway and a per-request proxy lookup costs.
+                trust_env=False,
             )
         return self._session
 
