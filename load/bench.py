@@ -348,6 +348,7 @@ def write_report(out: Path, info: dict[str, Any], ladder_steps: list[Step],
     ]
     if info.get("note"):
         lines += [info["note"], ""]
+    lines += headline(ladder_steps)
     lines += ["## Overhead ladder (non-streamed, small route, unique prompts)", "",
               "Each target's latency, then its overhead: the same percentile minus the direct "
               "upstream's at the same rate. CPU: each process's CPU ms per request in the "
@@ -379,6 +380,29 @@ def write_report(out: Path, info: dict[str, Any], ladder_steps: list[Step],
               "Not measured by this script yet: escalation cost over frontier-only, router "
               "scoring time, several workers, and a long soak's memory.", ""]
     out.write_text("\n".join(lines))
+
+
+def headline(ladder_steps: list[Step]) -> list[str]:
+    """Per target: the highest rate held with p99 overhead under 50 ms and no errors, and its
+    overhead and CPU at the lowest rate."""
+    direct = {s.rate: s for s in ladder_steps if s.target == "direct upstream"}
+    lines = ["## Headline", "", "| target | highest rate with p99 overhead < 50 ms, no errors "
+             "| at the lowest rate: overhead p50 / p99 | CPU ms per request there |",
+             "|---|---|---|---|"]
+    for name in dict.fromkeys(s.target for s in ladder_steps if s.target != "direct upstream"):
+        steps = [s for s in ladder_steps if s.target == name and s.rate in direct]
+        if not steps:
+            continue
+        held = [s.rate for s in steps
+                if s.errors == 0 and s.q("p99") - direct[s.rate].q("p99") < 50]
+        first = steps[0]
+        cpu = ", ".join(f"{process} {ms:.2f}" for process, ms in first.cpu_ms.items())
+        lines.append(
+            f"| {name} | {f'{max(held):.0f}/s' if held else 'none'} | "
+            f"{first.q('p50') - direct[first.rate].q('p50'):+.1f} / "
+            f"{first.q('p99') - direct[first.rate].q('p99'):+.1f} ms "
+            f"at {first.rate:.0f}/s | {cpu} |")
+    return [*lines, ""]
 
 
 def plots(folder: Path, ladder_steps: list[Step], stream_steps: list[Step]) -> None:
