@@ -26,6 +26,7 @@ import importlib.metadata
 import os
 import platform
 import random
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -485,11 +486,10 @@ async def scenarios(args: argparse.Namespace, procs: Processes) -> dict[str, lis
 
 
 def command(args: argparse.Namespace) -> str:
-    """This run's command line, with the baseline's folder (a path of this machine) elided."""
-    given = sys.argv[1:]
-    if args.baseline is not None:
-        given = ["DIR" if arg == str(args.baseline) else arg for arg in given]
-    return "python -m load.bench " + " ".join(given)
+    """This run's command line, with the baseline's folder (a path of this machine) and the
+    note (printed on its own) elided."""
+    elided = {str(args.baseline): "DIR", args.note: "NOTE"}
+    return "python -m load.bench " + shlex.join(elided.get(arg, arg) for arg in sys.argv[1:])
 
 
 def rates(text: str) -> list[float]:
