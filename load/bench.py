@@ -72,7 +72,7 @@ class Step:
     latencies: list[float]
     errors: int
     cpu_ms: dict[str, float]  # process -> CPU ms per request
-    served: dict[str, int] = field(default_factory=dict)  # x-smallfirst-route counts
+    served: dict[str, int] = field(default_factory=dict)  # routes; failures by HTTP status
 
     @property
     def sent(self) -> int:
@@ -142,7 +142,7 @@ class Load:
                     route = response.headers.get("x-smallfirst-route")
                     if response.status != 200:
                         await response.read()
-                        return None, route
+                        return None, f"HTTP {response.status}"
                     if not stream:
                         await response.read()
                         return (loop.time() - scheduled) * 1000, route
@@ -151,8 +151,10 @@ class Load:
                         if first is None and line.startswith(b"data: {") and b'"content"' in line:
                             first = (loop.time() - scheduled) * 1000
                     return first, route
-        except (aiohttp.ClientError, TimeoutError):
-            return None, None
+        except TimeoutError:
+            return None, "timeout"
+        except aiohttp.ClientError as exc:
+            return None, type(exc).__name__
 
 
 # ---- the processes ---------------------------------------------------------------------
@@ -328,7 +330,10 @@ def row(step: Step, base: Step | None = None) -> str:
     cells = [f"{step.q(name):.1f}" if base is None else f"{step.q(name) - base.q(name):+.1f}"
              for name, _ in QUANTILES]
     cpu = ", ".join(f"{name} {ms:.2f}" for name, ms in step.cpu_ms.items())
-    return f"| {' | '.join(cells)} | {step.errors}/{step.sent} | {cpu} |"
+    kinds = ", ".join(f"{kind} {n}" for kind, n in sorted(step.served.items())
+                      if kind.startswith("HTTP") or kind == "timeout" or kind.endswith("Error"))
+    errors = f"{step.errors}/{step.sent}" + (f" ({kinds})" if kinds else "")
+    return f"| {' | '.join(cells)} | {errors} | {cpu} |"
 
 
 def write_report(out: Path, info: dict[str, Any], ladder_steps: list[Step],
