@@ -1,7 +1,7 @@
 """Model backends, with errors translated at this boundary into BackendFailure.
 
 Two clients behind one interface: `LiteLLMBackend` reaches any provider (the frontier), and
-`OpenAIWireBackend` speaks the OpenAI protocol straight over a pooled httpx client, for the
+`OpenAIWireBackend` speaks the OpenAI protocol straight over a pooled aiohttp session, for the
 small model we host: on the hot hop litellm's streaming wrapper costs about 25 ms per
 16-token answer on this CPU (`python -m load.overhead`), more than the rest of the gateway.
 Every call returns plain OpenAI-shaped dicts (`chat.completion` or `chat.completion.chunk`).
@@ -18,7 +18,9 @@ import time
 from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
+import aiohttp
 import httpx
+import orjson
 
 from gateway.config import BackendConfig
 
@@ -227,7 +229,10 @@ def _plain(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 class OpenAIWireBackend(Backend):
-    """An OpenAI-compatible server (vLLM) reached directly over pooled HTTP connections."""
+    """An OpenAI-compatible server (vLLM) reached directly over pooled HTTP connections.
+
+    aiohttp rather than httpx on this hop: per streamed 16-token answer it costs about half
+    the CPU (one write per request instead of two, a leaner chunked reader)."""
 
     def __init__(self, config: BackendConfig, *, connect_timeout: float = 5.0) -> None:
         super().__init__(config)
@@ -236,11 +241,27 @@ class OpenAIWireBackend(Backend):
         self._model = config.model.split("/", 1)[-1]
         self._url = config.api_base.rstrip("/") + "/chat/completions"
         key = config.api_key.get_secret_value() if config.api_key else None
-        self._client = httpx.AsyncClient(
-            headers={"authorization": f"Bearer {key}"} if key else {},
-            timeout=httpx.Timeout(None, connect=connect_timeout),
-            limits=httpx.Limits(max_connections=None, max_keepalive_connections=64),
-        )
+        self._headers = {"content-type": "application/json"}
+        if key:
+            self._headers["authorization"] = f"Bearer {key}"
+        self._connect_timeout = connect_timeout
+        self._session: aiohttp.ClientSession | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _client(self) -> aiohttp.ClientSession:
+        """The pooled session, made in the running loop on first use (sessions are bound to
+        the loop they were made in, and the backend is built before the server's loop)."""
+        loop = asyncio.get_running_loop()
+        if self._session is None or self._session.closed or self._loop is not loop:
+            self._loop, self._session = loop, aiohttp.ClientSession(
+                headers=self._headers,
+                connector=aiohttp.TCPConnector(limit=0, limit_per_host=0),
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._connect_timeout),
+                # Straight to the server: HTTP(S)_PROXY is not read (httpx did), as the small
+                # model is served next to the gateway and a per-request proxy lookup costs.
+                trust_env=False,
+            )
+        return self._session
 
     def _body(self, params: dict[str, Any], stream: bool) -> dict[str, Any]:
         body = {k: params[k] for k in FORWARDED_PARAMS if k in params}
@@ -255,21 +276,20 @@ class OpenAIWireBackend(Backend):
     def failure(self, exc: BaseException) -> BackendFailure:
         if isinstance(exc, BackendFailure):
             return exc
-        timeout = isinstance(exc, TimeoutError | httpx.TimeoutException)
-        return BackendFailure(self.name, _short(exc), timeout=timeout,
-                              unreachable=isinstance(exc, httpx.ConnectError))
+        return BackendFailure(self.name, _short(exc), timeout=isinstance(exc, TimeoutError),
+                              unreachable=isinstance(exc, aiohttp.ClientConnectorError))
 
-    async def _raise_for_status(self, response: httpx.Response) -> None:
-        if response.status_code < 400:
+    async def _raise_for_status(self, response: aiohttp.ClientResponse) -> None:
+        if response.status < 400:
             return
-        body = (await response.aread())[:2000].decode(errors="replace")
+        body = (await response.read())[:2000].decode(errors="replace")
         try:
             message = json.loads(body)["error"]["message"]
         except (ValueError, KeyError, TypeError):
-            message = body or response.reason_phrase
+            message = body or response.reason or ""
         raise BackendFailure(
-            self.name, f"HTTP {response.status_code}: {message}",
-            status=response.status_code,
+            self.name, f"HTTP {response.status}: {message}",
+            status=response.status,
             retry_after=parse_retry_after(response.headers.get("retry-after")),
         )
 
@@ -279,55 +299,53 @@ class OpenAIWireBackend(Backend):
         body = self._body(params, False)
         try:
             async with asyncio.timeout(timeout):
-                response = await self._client.post(self._url, json=body, headers=headers)
-                await self._raise_for_status(response)
-                return response.json()
-        except (httpx.HTTPError, TimeoutError, ValueError) as exc:
+                async with self._client().post(self._url, data=orjson.dumps(body),
+                                               headers=headers) as response:
+                    await self._raise_for_status(response)
+                    return orjson.loads(await response.read())
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise self.failure(exc) from exc
 
     async def stream(
         self, params: dict[str, Any], *, timeout: float, headers: Headers = None
     ) -> AsyncIterator[dict]:
-        request = self._client.build_request(
-            "POST", self._url, json=self._body(params, True), headers=headers
-        )
         try:
             async with asyncio.timeout(timeout):
-                response = await self._client.send(request, stream=True)
+                response = await self._client().post(
+                    self._url, data=orjson.dumps(self._body(params, True)), headers=headers)
                 try:
                     await self._raise_for_status(response)
                 except BaseException:
-                    await response.aclose()
+                    response.close()
                     raise
-        except (httpx.HTTPError, TimeoutError) as exc:
+        except (aiohttp.ClientError, TimeoutError) as exc:
             raise self.failure(exc) from exc
         return _ResponseChunks(self._chunks(response), response)
 
-    async def _chunks(self, response: httpx.Response) -> AsyncIterator[dict]:
-        lines = response.aiter_lines()
+    async def _chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[dict]:
         try:
-            async for line in lines:
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
+            async for data in _sse_data(response.content):
+                if data == b"[DONE]":
                     # Read the body to its end: a response closed unread takes its connection
                     # out of the pool, and the next request would open a new one.
-                    async for _ in lines:
-                        pass
+                    await response.read()
                     return
-                chunk = json.loads(data)
+                chunk = orjson.loads(data)
                 if "error" in chunk:
                     raise BackendFailure(self.name, str(chunk["error"].get("message", chunk)))
                 yield chunk
             raise BackendFailure(self.name, "stream ended without [DONE]")
-        except (httpx.HTTPError, ValueError) as exc:
+        except (aiohttp.ClientError, ValueError) as exc:
             raise self.failure(exc) from exc
         finally:
-            await response.aclose()
+            if response.content.at_eof():
+                response.release()
+            else:  # left early (cancelled, a broken chunk): the connection cannot be reused
+                response.close()
 
     async def aclose(self) -> None:
-        await self._client.aclose()
+        if self._session is not None:
+            await self._session.close()
 
 
 class _ResponseChunks:
@@ -335,7 +353,7 @@ class _ResponseChunks:
     read (a generator closed unstarted runs no `finally`): a request cancelled between the
     headers and the first chunk must not keep its connection open."""
 
-    def __init__(self, chunks: AsyncIterator[dict], response: httpx.Response) -> None:
+    def __init__(self, chunks: AsyncIterator[dict], response: aiohttp.ClientResponse) -> None:
         self._chunks, self._response = chunks, response
 
     def __aiter__(self) -> _ResponseChunks:
@@ -348,4 +366,19 @@ class _ResponseChunks:
         try:
             await self._chunks.aclose()  # type: ignore[attr-defined]
         finally:
-            await self._response.aclose()
+            if not self._response.content.at_eof():
+                self._response.close()  # unread: the connection cannot go back to the pool
+
+
+async def _sse_data(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The `data:` payloads of a server-sent event stream, read in whatever pieces arrive
+    (no line-length limit: one chunk may carry a long tool call or many logprobs)."""
+    pending = b""
+    async for piece in content.iter_any():
+        pending += piece
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if line.startswith(b"data:"):
+                yield line[5:].strip()
+    if pending.startswith(b"data:"):
+        yield pending[5:].strip()

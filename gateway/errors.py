@@ -12,7 +12,7 @@
     ├── UpstreamTimeout       504     every backend ran past its deadline
     └── ClientDisconnected    499     the client left first, or stopped reading (only logged)
 
-Third-party errors (litellm, httpx) are translated at the backend boundary and chained.
+Third-party errors (litellm, aiohttp, httpx) are translated at the backend boundary and chained.
 """
 
 from __future__ import annotations

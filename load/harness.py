@@ -22,12 +22,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start(args: list[str], ready_url: str, env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start a process (with a clean OTEL_/SMALLFIRST_ environment) and wait until
+def start(args: list[str], ready_url: str, env: dict[str, str] | None = None,
+          cwd: Path = ROOT) -> subprocess.Popen:
+    """Start a process (with a clean OTEL_/SMALLFIRST_ environment) in `cwd` and wait until
     `ready_url` answers 200."""
     clean = {k: v for k, v in os.environ.items()
              if not k.startswith(("OTEL_", "SMALLFIRST_"))}
-    proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    proc = subprocess.Popen(args, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             env={**clean, "LITELLM_LOCAL_MODEL_COST_MAP": "True", **(env or {})})
     for _ in range(600):
         try:

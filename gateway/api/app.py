@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
@@ -133,6 +134,13 @@ def _stalled(exc: BaseException) -> StalledReader | None:
     if isinstance(exc, BaseExceptionGroup):
         return next(filter(None, map(_stalled, exc.exceptions)), None)
     return _stalled(exc.__cause__) if exc.__cause__ is not None else None
+
+
+class Answer(JSONResponse):
+    """A JSON response encoded by orjson (a chat answer: about 5x faster than json.dumps)."""
+
+    def render(self, content: Any) -> bytes:
+        return orjson.dumps(content)
 
 
 def error_response(error: GatewayError) -> JSONResponse:
@@ -362,7 +370,7 @@ async def _serve(
         timings.mark_first_byte()
         headers = decision_headers(decision, timings)
         life.end(200, decision)
-        return JSONResponse(response, headers=headers)
+        return Answer(response, headers=headers)
     chunks, decision = await until_disconnect(request, gateway.engine.stream(call))
     return sse.EventStream(
         _sse(life, decision, chunks, legacy),

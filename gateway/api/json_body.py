@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
+
 from gateway.errors import InvalidRequest
 
 MAX_DEPTH = 64  # tool schemas nest a few levels; nothing legitimate comes near this
@@ -13,14 +15,22 @@ MAX_DEPTH = 64  # tool schemas nest a few levels; nothing legitimate comes near 
 
 def parse_json_body(raw: bytes) -> Any:
     try:
+        value = orjson.loads(raw)  # the fast path; it refuses lone surrogates itself
+    except orjson.JSONDecodeError:
+        value = _parse_strictly(raw)  # says why, or takes what only orjson refuses (big ints)
+    # Counting brackets (quoted ones too) is cheap and bounds the depth: most bodies stop here.
+    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
+        raise _too_deep()
+    return value
+
+
+def _parse_strictly(raw: bytes) -> Any:
+    try:
         value = json.loads(raw)
     except RecursionError:
         raise _too_deep() from None
     except ValueError:  # not JSON, not UTF-8, or an integer past Python's digit limit
         raise InvalidRequest("We could not parse the JSON body of your request.") from None
-    # Counting brackets (quoted ones too) is cheap and bounds the depth: most bodies stop here.
-    if raw.count(b"[") + raw.count(b"{") > MAX_DEPTH and _depth(value) > MAX_DEPTH:
-        raise _too_deep()
     if b"\\ud" in raw or b"\\uD" in raw:
         _check_surrogates(value)
     return value
