@@ -51,8 +51,8 @@ def replay(stream: Stream, spec: QualityTarget, seed: int = 0, rate: float = 10.
         shadows += bool(kept[step] and shadow)
         served[step] = small if kept[step] else large
     large_in_order = stream.large[order]
-    windows = [_ratio(served[i:i + WINDOW], large_in_order[i:i + WINDOW])
-               for i in range(0, len(order), WINDOW)]
+    starts = _window_starts(len(order))
+    windows = [_ratio(served[i:i + WINDOW], large_in_order[i:i + WINDOW]) for i in starts]
     quality = _ratio(served, large_in_order)
     return {
         "quality_rel_large": quality,
@@ -64,11 +64,16 @@ def replay(stream: Stream, spec: QualityTarget, seed: int = 0, rate: float = 10.
         "requests": len(order),
         "shadow_labels": shadows,
         "window_quality": windows,
-        "window_small_share": [float(kept[i:i + WINDOW].mean())
-                               for i in range(0, len(order), WINDOW)],
+        "window_small_share": [float(kept[i:i + WINDOW].mean()) for i in starts],
         "segments": targets.snapshot(),
         "setup": {"seed": seed, "rate_per_s": rate, "window": WINDOW, **vars(spec)},
     }
+
+
+def _window_starts(rows: int) -> range:
+    """Whole windows only (a short stream is one window): a trailing handful of requests
+    says nothing about the quality served."""
+    return range(0, max(rows - WINDOW, 0) + 1, WINDOW)
 
 
 def request_order(rows: int, seed: int) -> np.ndarray:
