@@ -187,8 +187,14 @@ class Prefill:
         real = min(n, len(self.texts))
         for i in range(real):
             yield self.texts[i], self.vectors[i]
-        for _ in range(n - real):
-            a, b = rng.choice(len(self.texts), size=2, replace=False)
+        pairs: set[tuple[int, int]] = set()  # each pair once: a repeat would be one entry
+        if n - real > len(self.texts) * (len(self.texts) - 1):
+            raise SystemExit("--real is too small for that many distinct derived entries")
+        while len(pairs) < n - real:
+            a, b = (int(x) for x in rng.choice(len(self.texts), size=2, replace=False))
+            if (a, b) in pairs:
+                continue
+            pairs.add((a, b))
             vector = self.vectors[a] + self.vectors[b] + rng.normal(0, NOISE, self.vectors.shape[1])
             yield (f"{self.texts[a]} {self.texts[b]}",
                    (vector / np.linalg.norm(vector)).astype(np.float32))
@@ -295,6 +301,7 @@ async def measure(gateway: str, key: str, redis_url: str, held: list[str],
         for one in warm:  # sequentially: loads the embedder and verifier off the clock
             await one
         misses = misses[5:]
+        await asyncio.sleep(1.5)  # the gateway flushes its counters every second
         for concurrency in sorted({1, args.concurrency}):
             hits = [paraphrases.pop() for _ in range(min(args.queries, len(paraphrases)))]
             asked = [misses.pop() for _ in range(min(args.queries, len(misses)))]
