@@ -121,7 +121,7 @@ REWORDINGS = ["hi! {lower} thanks", "Hello, {lower}", "{bare}?? cheers", "{bare}
 
 
 def prefill_questions() -> list[str]:
-    """Distinct, real-looking questions (about 3,500), in a fixed shuffled order."""
+    """Distinct, real-looking questions (about 3,000), in a fixed shuffled order."""
     out = [f"How do I {t} in {lang}?" for t, lang in itertools.product(TASKS, LANGUAGES)]
     out += [f"What is the capital of {c}?" for c in COUNTRIES]
     out += [f"What is the best time of year to visit {c}?" for c in COUNTRIES]
@@ -137,6 +137,9 @@ def prefill_questions() -> list[str]:
     out += [f"How do I fix a {a} that {s}?" for a, s in itertools.product(APPLIANCES, SYMPTOMS)]
     out += [f"What is the difference between {a} and {b}?"
             for a, b in itertools.combinations(CONCEPTS, 2)]
+    out += [f"How do I get from {a} to {b}?" for a, b in itertools.permutations(CITIES, 2)]
+    out += [f"What is the time difference between {a} and {b}?"
+            for a, b in itertools.combinations(CITIES, 2)]
     out = list(dict.fromkeys(out))
     random.Random(7).shuffle(out)
     return out
