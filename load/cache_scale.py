@@ -146,7 +146,7 @@ def prefill_questions() -> list[str]:
 
 
 def miss_questions() -> list[str]:
-    """Questions of families never prefilled (about 1,100), shuffled."""
+    """Questions of families never prefilled (about 650), shuffled."""
     out = [f"Why does my {p} {b}?" for p, b in itertools.product(PETS, BEHAVIOURS)]
     out += [f"What is a good name for a {b} in {c}?" for b, c in itertools.product(BUSINESSES,
                                                                                     CITIES)]
