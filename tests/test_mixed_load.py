@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 import uuid
 from collections import Counter
 
@@ -22,11 +23,18 @@ def start(gateways: GatewayRunner, upstream: str, redis_url: str) -> str:
         upstream, redis_url=redis_url, cache_prefix=f"mixed-{uuid.uuid4().hex[:6]}"))
 
 
-def access_log(gateways: GatewayRunner) -> list[dict]:
+def access_log(gateways: GatewayRunner, expected: int, timeout: float = 5.0) -> list[dict]:
+    """The access log's entries, once `expected` of them are written (a writer thread flushes
+    them off the event loop every 100 ms) or the timeout passed."""
     prefix = "INFO smallfirst.access "
-    return [json.loads(line[len(prefix):])
-            for line in gateways.last_process.log.read_text().splitlines()
-            if line.startswith(prefix)]
+    deadline = time.monotonic() + timeout
+    while True:
+        entries = [json.loads(line[len(prefix):])
+                   for line in gateways.last_process.log.read_text().splitlines()
+                   if line.startswith(prefix)]
+        if len(entries) >= expected or time.monotonic() > deadline:
+            return entries
+        time.sleep(0.1)
 
 
 async def test_every_request_is_served_and_accounted_for(
@@ -39,7 +47,7 @@ async def test_every_request_is_served_and_accounted_for(
     assert sum(outcomes.values()) == sent
     assert set(outcomes) <= {"200", "left"}, outcomes  # no 5xx, no transport error
     assert outcomes["left"] > 0
-    logged = access_log(gateways)
+    logged = access_log(gateways, sent)
     assert len(logged) == sent
     statuses = Counter(str(entry["status"]) for entry in logged)
     assert not [s for s in statuses if s.startswith("5")], statuses
@@ -69,4 +77,4 @@ def test_refused_requests_are_counted_too(gateways: GatewayRunner, upstream: str
     assert httpx.post(f"{base}/v1/chat/completions", content=b"{", timeout=10).status_code == 400
     text = asyncio.run(soak.quiesce(base))
     assert soak.gauge(text, "smallfirst_requests_total") == 1
-    assert [entry["status"] for entry in access_log(gateways)] == [400]
+    assert [entry["status"] for entry in access_log(gateways, 1)] == [400]
