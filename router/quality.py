@@ -114,7 +114,8 @@ class QualityCalibrator:
             self.requests += 1
             return entry, shadow
 
-    def label(self, entry: Scored, small: float, large: float, shadow: bool = False) -> None:
+    def label(self, entry: Scored, small: float, large: float, shadow: bool = False,
+              lost: bool = False) -> None:
         """The label of an entered request: both answers' quality in [0, 1]."""
         with self._lock:
             entry.small, entry.large = float(small), float(large)
@@ -122,14 +123,14 @@ class QualityCalibrator:
                 self._samples.append(entry)
             self.labels += 1
             self.shadow_labels += shadow
+            self.lost += lost
             self._since_refresh += 1
             if self._since_refresh >= self.spec.refresh_every:
                 self._refresh()
 
     def lose(self, entry: Scored) -> None:
         """A label that was due and never came counts as the worst case."""
-        self.lost += 1
-        self.label(entry, 0.0, 1.0)
+        self.label(entry, 0.0, 1.0, lost=True)
 
     def _shadow_probability(self, now: float) -> float:
         """The sampling share that keeps the expected shadow calls within the per-minute
