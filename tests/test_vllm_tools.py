@@ -11,24 +11,11 @@ import pytest
 
 from tests.test_vllm import SMALL, vllm_gateway  # noqa: F401  (the gateway over the real vLLM)
 
+# strict: vLLM constrains the arguments to the schema, which a 135M model needs
+from tooling.demo import WEATHER_TOOL as WEATHER
+
 pytestmark = pytest.mark.vllm
 
-# strict: vLLM constrains the call's envelope (<tool_call>{"name": ...}) for a named or required
-# tool choice, and the arguments to the schema only for a strict tool; a 135M model needs both.
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "Get the current weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {"city": {"type": "string", "description": "The city's name."}},
-            "required": ["city"],
-            "additionalProperties": False,
-        },
-        "strict": True,
-    },
-}
 NAMED = {"type": "function", "function": {"name": "get_weather"}}
 
 
