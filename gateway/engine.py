@@ -71,6 +71,14 @@ SHADOW_TIMEOUT_S = 60.0
 UNSUPPORTED_STATUS = (400, 404, 413, 422)
 
 
+class _Served(Exception):  # noqa: N818 (a signal, not an error)
+    """Internal: a semantic cache hit came before the answer: it is served instead."""
+
+    def __init__(self, hit: CacheHit) -> None:
+        super().__init__(hit.kind)
+        self.hit = hit
+
+
 class Escalate(Exception):
     """Internal: the small attempt ended without an acceptable answer."""
 
@@ -141,11 +149,17 @@ class CascadeEngine:
     async def complete(self, call: Call) -> tuple[dict[str, Any], Decision]:
         decision = call.decision = Decision(policy=call.policy.name)
         hit = await self._lookup(call, decision)
-        if hit is not None:
-            return replay_response(hit.answer, call.completion_id), decision
-        response = await self._complete_uncached(call, decision)
-        self._answered(call, cached_from_response(response) if decision.note is None else None)
-        return response, decision
+        if hit is None:
+            try:
+                response = await self._alongside_lookup(
+                    call, self._complete_uncached(call, decision))
+            except _Served as served:
+                hit, decision = served.hit, self._serve_semantic(call, served.hit)
+            else:
+                self._answered(call,
+                               cached_from_response(response) if decision.note is None else None)
+                return response, decision
+        return replay_response(hit.answer, call.completion_id), decision
 
     async def _complete_uncached(self, call: Call, decision: Decision) -> dict[str, Any]:
         if await self._plan(call, decision) == "small":
@@ -211,8 +225,16 @@ class CascadeEngine:
         """
         decision = call.decision = Decision(policy=call.policy.name)
         hit = await self._lookup(call, decision)
-        if hit is not None:
-            return self._replay(call, hit), decision
+        if hit is None:
+            try:
+                return await self._alongside_lookup(
+                    call, self._stream_uncached(call, decision)), decision
+            except _Served as served:
+                hit, decision = served.hit, self._serve_semantic(call, served.hit)
+        return self._replay(call, hit), decision
+
+    async def _stream_uncached(self, call: Call, decision: Decision
+                               ) -> AsyncIterator[dict[str, Any]]:
         if await self._plan(call, decision) == "small":
             small = Assembly()
             mode = call.policy.streaming.mode
@@ -221,12 +243,11 @@ class CascadeEngine:
                     call, decision, small, holdback=mode != StreamMode.BUFFER
                 )
             except Escalate as esc:
-                chunks = await self._escalate(
+                return await self._escalate(
                     call, decision, esc, small, lambda: self._frontier_stream(call),
                     lambda: self._small_chunks(call, small, None, store=False))
-                return chunks, decision
-            return self._small_chunks(call, small, rest, store=True), decision
-        return await self._frontier_stream(call), decision
+            return self._small_chunks(call, small, rest, store=True)
+        return await self._frontier_stream(call)
 
     async def _replay(self, call: Call, hit: CacheHit) -> AsyncIterator[dict[str, Any]]:
         for chunk in replay_chunks(hit.answer, call.completion_id):
@@ -366,17 +387,56 @@ class CascadeEngine:
             return small_answer()
 
     async def _lookup(self, call: Call, decision: Decision) -> CacheHit | None:
+        """An exact hit to serve now; on a miss, a semantic search may go on in
+        `call.semantic_lookup`, alongside the answer (`_alongside_lookup`)."""
         if self.cache is None or not call.read_cache or not call.cacheable:
             return None
         with call.timings.measure("cache"):
-            hit = await self.cache.lookup(call.cache_request())
+            hit, semantic = await self.cache.lookup_staged(call.cache_request())
         decision.cache = hit.kind if hit is not None else "miss"
         if hit is not None:
-            decision.route = Route.CACHE_EXACT if hit.kind == "exact" else Route.CACHE_SEMANTIC
+            decision.route = Route.CACHE_EXACT
             call.served_from_cache = hit.answer.usage
-            if hit.kind == "semantic":
-                self._audit(call, hit)
+        elif semantic is not None:
+            call.semantic_lookup = semantic
+            started = time.perf_counter()  # its time adds to the `cache` step's when it ends
+            semantic.add_done_callback(lambda _: call.timings.add(
+                "cache", (time.perf_counter() - started) * 1000))
         return hit
+
+    async def _alongside_lookup(self, call: Call, work: Awaitable[T]) -> T:
+        """`work` (the answer without the cache) goes on while the semantic lookup ends.
+
+        The lookup decides, within its own deadline, whichever comes first: a hit is served
+        (`_Served`) and the small model's request cancelled; on a miss the answer is awaited.
+        The frontier is never asked before the lookup has ended (`_lookup_settled`)."""
+        lookup = call.semantic_lookup
+        if lookup is None:
+            return await work
+        task = asyncio.ensure_future(work)
+        try:
+            if (hit := await asyncio.shield(lookup)) is not None:
+                raise _Served(hit)
+            return await task
+        finally:
+            call.semantic_lookup = None  # settled: later frontier calls need not wait
+            task.cancel()  # when the hit won; its outcome is read either way
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _lookup_settled(self, call: Call) -> None:
+        """Before the frontier is paid: the pending semantic lookup ends first (it has its
+        deadline), and a hit is served instead."""
+        lookup, call.semantic_lookup = call.semantic_lookup, None
+        if lookup is not None and (hit := await asyncio.shield(lookup)) is not None:
+            raise _Served(hit)
+
+    def _serve_semantic(self, call: Call, hit: CacheHit) -> Decision:
+        """The decision of a request a semantic hit answered, whatever was tried before."""
+        decision = call.decision = Decision(policy=call.policy.name, cache=hit.kind,
+                                            route=Route.CACHE_SEMANTIC)
+        call.served_from_cache, call.small_answer = hit.answer.usage, None
+        self._audit(call, hit)
+        return decision
 
     def _audit(self, call: Call, hit: CacheHit) -> None:
         """The cache's guard may have the small model answer a semantic hit's question in the
@@ -647,6 +707,7 @@ class CascadeEngine:
         """
         if not self.frontiers:
             raise UpstreamError("No frontier model is configured.", code="no_frontier")
+        await self._lookup_settled(call)
         last: BackendFailure | None = None
         for backend in self.frontiers:
             try:

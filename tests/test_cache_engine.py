@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from gateway.backends import OpenAIWireBackend
 from gateway.cache.layered import LayeredCache, build_cache
 from gateway.config import BackendConfig, RetryConfig
+from gateway.embedding import SharedEmbedding
 from gateway.engine import CascadeEngine
 from gateway.policy import Policy
-from gateway.types import Call, Route
+from gateway.types import CachedAnswer, Call, Route
 from tests.conftest import RedisServer, script
 
 POLICY = Policy.model_validate({
@@ -162,3 +165,124 @@ async def test_redis_killed_mid_test_then_back(upstream: str, tmp_path: Path) ->
     finally:
         await cache.close()
         server.kill()
+
+
+# ---- the semantic lookup runs alongside the small model's request ---------------------------
+
+STORED = CachedAnswer(model="small", pieces=["Use strrev."], finish_reason="stop",
+                      usage={"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12})
+
+
+class GatedEmbed:
+    """The real embedder, held back until the test opens the gate (a slow embedding)."""
+
+    def __init__(self, embed: SharedEmbedding) -> None:
+        self.embed, self.gate = embed, threading.Event()
+
+    def __call__(self, texts: list[str]):
+        if not self.gate.wait(60):
+            raise TimeoutError("the gate was never opened")
+        return self.embed(texts)
+
+
+def cascade(upstream: str, cache: LayeredCache) -> CascadeEngine:
+    small = OpenAIWireBackend(BackendConfig(model="hosted_vllm/small", api_base=f"{upstream}/v1"))
+    frontier = OpenAIWireBackend(BackendConfig(model="openai/frontier", api_base=f"{upstream}/v1",
+                                               name="frontier"))
+    return CascadeEngine(small, [frontier], RetryConfig(max_attempts=1), cache=cache)
+
+
+SEMANTIC = Policy.model_validate({
+    "name": "semantic", "route": "cascade", "streaming": {"mode": "buffer"},
+    "confidence": {"scorer": "logprob", "threshold": 0.5},
+    "cache": {"semantic": True, "lookup_deadline_ms": 30_000}})
+
+
+async def semantic_engine(upstream: str, redis_url: str, embed) -> CascadeEngine:
+    cache = build_cache(redis_url, lambda name: SEMANTIC.cache, prefix=uuid.uuid4().hex[:8],
+                        embed=embed)
+    await cache.start()
+    return cascade(upstream, cache)
+
+
+def asked(question: str, key: str, **fields: Any) -> Call:
+    return Call(request_id=uuid.uuid4().hex[:8], policy=SEMANTIC, tenant="acme",
+                params={"messages": [{"role": "user", "content": question + script(key=key,
+                                                                               **fields)}]})
+
+
+def stats(upstream: str) -> dict[str, Any]:
+    return httpx.get(f"{upstream}/stats").json()
+
+
+async def remember(eng: CascadeEngine, question: str, key: str, **fields: Any) -> None:
+    await eng.cache.store(asked(question, key, **fields).cache_request(), STORED)
+
+
+@pytest.mark.parametrize("streamed_", [False, True], ids=["json", "stream"])
+async def test_a_semantic_hit_cancels_the_slow_small_request(
+        upstream: str, redis_url: str, embed: SharedEmbedding, streamed_: bool) -> None:
+    eng = await semantic_engine(upstream, redis_url, embed)
+    key = f"slow-{uuid.uuid4().hex[:6]}"
+    await remember(eng, "How do I reverse a string in PHP?", key, ttft_ms=60_000)
+    c = asked("how do I reverse a string in PHP", key, ttft_ms=60_000)
+    if streamed_:
+        chunks, decision = await asyncio.wait_for(eng.stream(c), 30)
+        text = "".join(contents([chunk async for chunk in chunks]))
+    else:
+        response, decision = await asyncio.wait_for(eng.complete(c), 30)
+        text = response["choices"][0]["message"]["content"]
+    assert (decision.route, decision.cache, text) == (Route.CACHE_SEMANTIC, "semantic",
+                                                      "Use strrev.")
+    for _ in range(100):  # the small model saw the request, and its caller hang up
+        if stats(upstream)["cancelled"].get(key):
+            break
+        await asyncio.sleep(0.05)
+    assert stats(upstream)["keys"][key] == 1 and stats(upstream)["cancelled"][key] == 1
+    await eng.cache.close()
+
+
+async def test_the_small_model_is_asked_while_the_lookup_goes_on(
+        upstream: str, redis_url: str, embed: SharedEmbedding) -> None:
+    gated = GatedEmbed(embed)
+    eng = await semantic_engine(upstream, redis_url, gated)
+    key = f"fast-{uuid.uuid4().hex[:6]}"
+    task = asyncio.ensure_future(eng.complete(asked(
+        "What is the tallest mountain in Africa?", key, text="Kilimanjaro.", logprob=-0.01)))
+    assert await small_model_asked(upstream, key)  # with the embedding still held back
+    assert not task.done()  # the lookup decides first
+    gated.gate.set()
+    response, decision = await asyncio.wait_for(task, 30)
+    assert (decision.route, decision.cache) == (Route.SMALL, "miss")
+    assert response["choices"][0]["message"]["content"] == "Kilimanjaro."
+    await eng.cache.close()
+
+
+async def small_model_asked(upstream: str, key: str) -> bool:
+    for _ in range(200):
+        if stats(upstream)["keys"].get(key):
+            return True
+        await asyncio.sleep(0.05)
+    return False
+
+
+async def test_the_frontier_waits_for_the_lookup_and_a_hit_saves_it(
+        upstream: str, redis_url: str, embed: SharedEmbedding) -> None:
+    gated = GatedEmbed(embed)
+    eng = await semantic_engine(upstream, redis_url, gated)
+    key = f"unsure-{uuid.uuid4().hex[:6]}"
+    fields = {"text": "maybe strrev", "logprob": -3.0}  # rejected: the frontier would answer
+    gated.gate.set()
+    await remember(eng, "How do I reverse a string in PHP?", key, **fields)
+    gated.gate.clear()
+    task = asyncio.ensure_future(eng.complete(asked("how do I reverse a string in PHP", key,
+                                                    **fields)))
+    assert await small_model_asked(upstream, key)  # it answers, and is rejected
+    await asyncio.sleep(0.5)
+    assert not task.done()  # waiting for the lookup, not asking the frontier
+    gated.gate.set()
+    response, decision = await asyncio.wait_for(task, 30)
+    assert decision.route == Route.CACHE_SEMANTIC
+    assert response["choices"][0]["message"]["content"] == "Use strrev."
+    assert stats(upstream)["keys"][key] == 1  # the small model only: no frontier call
+    await eng.cache.close()

@@ -7,6 +7,7 @@ pieces match the original's, so a cached stream equals the original to the byte 
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Protocol
 
 from gateway.types import CachedAnswer, CacheHit, CacheRequest
@@ -15,6 +16,12 @@ from gateway.types import CachedAnswer, CacheHit, CacheRequest
 class ResponseCache(Protocol):
     async def lookup(self, request: CacheRequest) -> CacheHit | None:
         """A hit to serve, or None. Must never raise: a broken cache is a miss."""
+        ...
+
+    async def lookup_staged(self, request: CacheRequest
+                            ) -> tuple[CacheHit | None, asyncio.Task | None]:
+        """An exact hit now, or on a miss a task for the slower layers' hit (or None), which
+        the caller may await alongside other work. Neither may raise."""
         ...
 
     async def store(self, request: CacheRequest, answer: CachedAnswer) -> None:

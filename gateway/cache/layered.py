@@ -1,11 +1,12 @@
 """The response cache the engine calls: exact first, then semantic, never a failure.
 
-Lookup starts the embedding (in a worker thread) while the exact store is read; on an exact
-miss, the semantic index is searched with the tenant, policy and context-hash filter, and the
-nearest candidates must pass the pair verifier. The whole lookup runs under the policy's hard
-deadline: past it, or on any Redis error, the request proceeds as a miss. After an error (also
-one that ends a lookup abandoned at its deadline: a paused or slow Redis) the circuit opens:
-the cache stays out of the way for `retry_after_s`, then tries again, so a dead Redis costs
+Lookup reads the exact store first; on an exact miss, the embedding starts (in a worker
+thread) and the semantic index is searched with the tenant, policy and context-hash filter, and
+the nearest candidates must pass the pair verifier. The engine runs that semantic stage
+alongside the small model's request (`lookup_staged`). The whole lookup runs under the policy's
+hard deadline: past it, or on any Redis error, the request proceeds as a miss. After an error
+(also one that ends a lookup abandoned at its deadline: a paused or slow Redis) the circuit
+opens: the cache stays out of the way for `retry_after_s`, then tries again, so a dead Redis costs
 nothing and a returning one is used at once. A Redis restarted empty loses the search index;
 the next lookup recreates it. An embedder that fails costs the semantic layer only.
 
@@ -23,7 +24,7 @@ import logging
 import math
 import time
 from collections import Counter, OrderedDict
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -117,42 +118,72 @@ class LayeredCache:
     # ---- lookup ----------------------------------------------------------------------------
 
     async def lookup(self, request: CacheRequest) -> CacheHit | None:
+        """Both layers, the semantic one after an exact miss."""
+        hit, semantic = await self.lookup_staged(request)
+        return hit if semantic is None else await semantic
+
+    async def lookup_staged(self, request: CacheRequest
+                            ) -> tuple[CacheHit | None, asyncio.Task | None]:
+        """The exact layer's hit now, and on a miss the semantic search as a task (None where
+        it does not apply). The engine runs that task alongside the small model's request, so
+        a semantic miss costs the request next to nothing. Both stages share the policy's
+        lookup deadline, counted from this call; neither ever raises."""
         settings = self._settings(request)
         if settings is None or self._is_down():
-            return None
+            return None, None
+        deadline = asyncio.get_running_loop().time() + settings.lookup_deadline_ms / 1000
         key = exact_key(request)
+        if settings.exact:
+            found, answer = await self._bounded(
+                self.exact.get(request.tenant, request.policy, key), deadline)
+            if not found:
+                return None, None
+            if answer is not None:
+                self.counts["hit_exact"] += 1
+                return CacheHit("exact", answer), None
         semantic = self._semantic_inputs(request, settings)
-        # A task, not asyncio.timeout: redis-py shields its commands from cancellation, so
-        # only waiting on a separate task holds the deadline whatever Redis does. Past the
-        # deadline it is left to end on its own (the client's socket timeout bounds it), so
-        # that a hung Redis's failure is seen and opens the circuit.
-        work = asyncio.ensure_future(self._lookup(request, settings, key, semantic))
-        done, _ = await asyncio.wait({work}, timeout=settings.lookup_deadline_ms / 1000)
-        if not done:
-            self._tasks.add(work)
-            work.add_done_callback(self._tasks.discard)
-            work.add_done_callback(self._abandoned)
-            self.counts["deadline"] += 1
-            return None
-        try:
-            hit = work.result()
-        except Exception as exc:  # a broken cache is a miss
-            self._failed(exc)
-            return None
-        self._error = None
-        self.counts[f"hit_{hit.kind}" if hit else "miss"] += 1
+        if semantic is None:
+            self.counts["miss"] += 1
+            return None, None
+        return None, asyncio.ensure_future(
+            self._semantic_stage(request, settings, key, semantic, deadline))
+
+    async def _semantic_stage(self, request: CacheRequest, settings: CacheSettings, key: str,
+                              semantic: _Semantic, deadline: float) -> CacheHit | None:
+        found, hit = await self._bounded(
+            self._semantic_lookup(request, settings, key, semantic), deadline)
+        if found:
+            self.counts["hit_semantic" if hit else "miss"] += 1
         return hit
 
-    async def _lookup(self, request: CacheRequest, settings: CacheSettings, key: str,
-                      semantic: _Semantic | None) -> CacheHit | None:
-        # Exact first, then embed: an exact hit (a Redis GET) must not pay for, or compete
-        # with, an embedding it does not need.
-        if settings.exact:
-            answer = await self.exact.get(request.tenant, request.policy, key)
-            if answer is not None:
-                return CacheHit("exact", answer)
-        if semantic is None:
-            return None
+    async def _bounded(self, work: Awaitable[Any], deadline: float) -> tuple[bool, Any]:
+        """(True, result) when `work` ends by `deadline`; (False, None) past it or on an error.
+
+        A task, not asyncio.timeout: redis-py shields its commands from cancellation, so only
+        waiting on a separate task holds the deadline whatever Redis does. Past the deadline
+        it is left to end on its own (the client's socket timeout bounds it), so that a hung
+        Redis's failure is seen and opens the circuit."""
+        task = asyncio.ensure_future(work)
+        left = deadline - asyncio.get_running_loop().time()
+        done, _ = await asyncio.wait({task}, timeout=max(left, 0.0))
+        if not done:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._abandoned)
+            self.counts["deadline"] += 1
+            return False, None
+        try:
+            result = task.result()
+        except Exception as exc:  # a broken cache is a miss
+            self._failed(exc)
+            return False, None
+        self._error = None
+        return True, result
+
+    async def _semantic_lookup(self, request: CacheRequest, settings: CacheSettings, key: str,
+                               semantic: _Semantic) -> CacheHit | None:
+        # Embedded only after an exact miss: an exact hit (a Redis GET) must not pay for, or
+        # compete with, an embedding it does not need.
         vector = self._vector_future(key, request, semantic.text)
         if not self._index_ready:  # Redis came back empty, or was not there at start
             await self._ensure_index()
