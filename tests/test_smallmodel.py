@@ -601,3 +601,14 @@ def test_sigterm_to_the_owner_stops_the_server(tmp_path: Path, waiting: str) -> 
         owner.wait()
         if pid is not None:  # no stray server when the test fails
             smallmodel._signal_group(pid, signal.SIGKILL)
+
+
+def test_free_ports_are_outside_the_ephemeral_range_and_never_repeat() -> None:
+    import socket
+
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    ports = [smallmodel.free_port() for _ in range(50)]
+    assert len(set(ports)) == 50
+    assert all(1024 <= port < low for port in ports)  # no outgoing connection takes them
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports[-1]))  # and they are free
