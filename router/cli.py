@@ -100,8 +100,9 @@ def add_commands(sub) -> None:
     retrain = sub.add_parser(
         "retrain", help="train on the decision log; install only if it holds the quality target")
     _data_args(retrain, required=False)
-    retrain.add_argument("--from-log", nargs="+", type=Path, required=True, metavar="LOG",
-                         help="the gateway's decision log (labelled rows with text)")
+    retrain.add_argument("--from-log", nargs="+", required=True, metavar="LOG",
+                         help="the gateway's decision log: JSON-lines files or Redis Streams "
+                         "(redis://HOST:PORT/DB?stream=KEY), labelled rows with text")
     retrain.add_argument("--policy", required=True,
                          help="policy name (or alias) in --policies, or a policy YAML file")
     retrain.add_argument("--policies", type=Path, default=Path("policies"))

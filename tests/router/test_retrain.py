@@ -10,22 +10,27 @@ from router.cli import main
 from router.retrain import MIN_ROWS, split_by_time
 
 
-def decision_log(path, rows: int, wrong_from: int | None = None) -> None:
+def decision_rows(rows: int, wrong_from: int | None = None) -> list[dict]:
     """Labelled rows as the gateway logs them: easy sums the small model gets right (until
     row `wrong_from`, after which it gets everything wrong), and proofs it gets wrong
     (agreement with the frontier's answer is the label)."""
-    with path.open("w") as out:
-        for i in range(rows):
-            easy = i % 2 == 0
-            prompt = (f"What is {i} plus {i + 1}?" if easy
-                      else f"Prove that the series number {i} converges, with every step.")
-            right = easy and (wrong_from is None or i < wrong_from)
-            out.write(json.dumps({
-                "ts": 1000.0 + i, "request_id": f"r{i}", "policy": "qt",
-                "prompt": prompt, "small_response": f"The answer is {2 * i + 1}",
-                "large_response": f"The answer is {2 * i + 1 if right else 2 * i + 7}",
-                "agreement": 1.0 if right else 0.0,
-            }) + "\n")
+    out = []
+    for i in range(rows):
+        easy = i % 2 == 0
+        prompt = (f"What is {i} plus {i + 1}?" if easy
+                  else f"Prove that the series number {i} converges, with every step.")
+        right = easy and (wrong_from is None or i < wrong_from)
+        out.append({
+            "ts": 1000.0 + i, "request_id": f"r{i}", "policy": "qt",
+            "prompt": prompt, "small_response": f"The answer is {2 * i + 1}",
+            "large_response": f"The answer is {2 * i + 1 if right else 2 * i + 7}",
+            "agreement": 1.0 if right else 0.0,
+        })
+    return out
+
+
+def decision_log(path, rows: int, wrong_from: int | None = None) -> None:
+    path.write_text("".join(json.dumps(row) + "\n" for row in decision_rows(rows, wrong_from)))
 
 
 @pytest.fixture
@@ -56,6 +61,24 @@ def test_a_better_bundle_is_promoted(served, fake_embedder, small_recipe, tmp_pa
     assert summary["candidate"]["small_share"] > summary["current"]["small_share"]
     assert (summary["trained_rows"], summary["held_out_rows"]) == (280, 120)
     assert manifest(served) != before  # swapped in place; the gateway reloads it
+
+
+def test_the_log_may_be_the_replicas_redis_stream(served, fake_embedder, small_recipe,
+                                                  redis_url, capsys):
+    import uuid
+
+    import redis
+
+    key = f"decisions-{uuid.uuid4().hex[:8]}"
+    client = redis.Redis.from_url(redis_url)
+    for row in decision_rows(400):
+        client.xadd(key, {"row": json.dumps(row)})
+    client.close()
+    code = main(["retrain", "--from-log", f"{redis_url}?stream={key}", "--policy", "qt",
+                 "--policies", str(served)])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert code == 0 and summary["promote"], summary
+    assert (summary["trained_rows"], summary["held_out_rows"]) == (280, 120)
 
 
 def test_a_bundle_that_gains_nothing_on_recent_traffic_is_not_promoted(
