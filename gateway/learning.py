@@ -8,7 +8,8 @@ answers (`router.agreement`), or, with `judge: true`, the frontier's own verdict
 
 - A policy with a quality target (`quality.target`) feeds every scored request and its label
   to its calibrator (`router.QualityTargets`, one per process), which draws the shadow sample
-  itself and sets the threshold the engine accepts answers at.
+  itself and sets the threshold the engine accepts answers at. With Redis, the calibrators
+  of every process pool their evidence (`gateway.quality_pool`).
 - Rows go to a JSON-lines file and/or a bounded Redis Stream that every replica appends to;
   `smallfirst router train --from-log FILE|redis://...` turns them into training rows. Other
   policies' shadow calls are budgeted per policy, across replicas when the allowances live
@@ -29,6 +30,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from gateway.quality_pool import QualityPool
 from gateway.ratelimit import Allowances
 from gateway.types import Call, Route
 from router import QualityCalibrator, QualityTargets
@@ -63,7 +65,7 @@ class TrafficLearner:
         self, path: Path | None, ask_frontier: AskFrontier | None,
         rng: Callable[[], float] = random.random, *,
         stream: DecisionStream | None = None, allowances: Allowances | None = None,
-        quality: QualityTargets | None = None,
+        quality: QualityTargets | None = None, pool: QualityPool | None = None,
     ) -> None:
         self.path = path
         self.ask_frontier = ask_frontier
@@ -71,6 +73,7 @@ class TrafficLearner:
         self.stream = stream
         self.allowances = allowances or Allowances()
         self.quality = quality or QualityTargets(rng=rng)
+        self.pool = pool  # shares the calibrators' evidence with the other processes
         self._tasks: set[asyncio.Task] = set()
         self._lock = threading.Lock()
 
@@ -98,9 +101,12 @@ class TrafficLearner:
         if (spec is None or self.ask_frontier is None or decision.confidence is None
                 or decision.escalation not in (None, "low_confidence")):
             return False  # other escalations go to the frontier whatever the threshold
-        calibrator = self.quality.calibrator(call.policy.name, quality_segment(call), spec)
+        segment = quality_segment(call)
+        calibrator = self.quality.calibrator(call.policy.name, segment, spec)
         escalated = decision.escalation == "low_confidence"
         entry, shadow = calibrator.record(decision.confidence, escalated)
+        if self.pool is not None:
+            self.pool.entered(call.policy.name, segment, entry)
         if escalated:
             self._spawn(self._label(call, calibrator, entry, call.frontier_text, "escalation"))
         elif shadow:
@@ -114,6 +120,7 @@ class TrafficLearner:
         case), and log the row where the policy logs such rows."""
         if frontier_text is None:
             await asyncio.to_thread(calibrator.lose, entry)
+            self._pooled(entry, shadow=False, lost=True)
             return
         small = verdict
         if small is None:
@@ -122,11 +129,16 @@ class TrafficLearner:
             small = await asyncio.to_thread(answer_agreement, "".join(call.small_answer.text),
                                             frontier_text)
         await asyncio.to_thread(calibrator.label, entry, small, 1.0, source != "escalation")
+        self._pooled(entry, shadow=source != "escalation", lost=False)
         settings = call.policy.learning
         if (self.path is not None or self.stream is not None) and (
                 source != "escalation" or settings.log_escalations
                 or self.rng() < settings.log_sample_rate):
             await self._write(call, frontier_text, source, verdict)
+
+    def _pooled(self, entry, *, shadow: bool, lost: bool) -> None:
+        if self.pool is not None:
+            self.pool.labelled(entry, shadow, lost)
 
     async def _shadow_label(self, call: Call, calibrator: QualityCalibrator, entry) -> None:
         """The shadow call the calibrator drew (its own draw keeps within the budget)."""
@@ -135,6 +147,7 @@ class TrafficLearner:
         except Exception as exc:  # a label that was due and never came: the worst case
             log.warning("shadow call failed: %s", exc)
             await asyncio.to_thread(calibrator.lose, entry)
+            self._pooled(entry, shadow=False, lost=True)
             return
         source = "judge" if verdict is not None else "shadow"
         await self._label(call, calibrator, entry, text, source, verdict)

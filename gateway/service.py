@@ -24,6 +24,7 @@ from gateway.learning import DecisionStream, TrafficLearner
 from gateway.limits import RateLimiter
 from gateway.policy import LatencyBudget, Policy
 from gateway.policy_store import PolicyStore
+from gateway.quality_pool import QualityPool
 from gateway.ratelimit import Allowances
 from gateway.scoring import BundleRegistry
 from gateway.telemetry.budget import BudgetTracker
@@ -94,10 +95,13 @@ class Gateway:
         stream = (DecisionStream(shared, settings.decision_stream, settings.decision_stream_maxlen)
                   if shared is not None and settings.decision_stream else None)
         if settings.decision_log is not None or stream is not None or engine.frontiers:
+            pool = None if shared is None else QualityPool(
+                shared, f"{settings.cache_prefix}:quality", engine.quality,
+                lambda name: policy.quality_target if (policy := store.get(name)) else None)
             engine.learner = TrafficLearner(
                 settings.decision_log, engine.ask_frontier if engine.frontiers else None,
                 stream=stream, allowances=Allowances(shared, settings.cache_prefix),
-                quality=engine.quality)
+                quality=engine.quality, pool=pool)
         observer = Observer(
             Metrics(budgets=lambda: _budgets(store), quality=engine.quality.snapshot)
             if settings.metrics else None,
@@ -169,6 +173,8 @@ class Gateway:
         self._tasks.append(asyncio.create_task(self._warm_up()))
         if self.limits is not None:
             self._tasks.append(asyncio.create_task(self.limits.renew_forever()))
+        if self.engine.learner is not None and self.engine.learner.pool is not None:
+            self._tasks.append(asyncio.create_task(self.engine.learner.pool.run()))
         if self.settings.watch_policies:
             self._tasks.append(asyncio.create_task(self.policies.watch()))
         with contextlib.suppress(ValueError, NotImplementedError, RuntimeError):
@@ -230,6 +236,8 @@ class Gateway:
         self._tasks.clear()
         if self.engine.learner is not None:
             await self.engine.learner.drain()
+            if self.engine.learner.pool is not None:
+                await self.engine.learner.pool.close()
         if self.limits is not None:
             await self.limits.close()
         if isinstance(self.engine.small, OpenAIWireBackend):

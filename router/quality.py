@@ -101,18 +101,26 @@ class QualityCalibrator:
         """Enter a finished request; returns its window entry and whether to shadow-label it
         (escalated requests are labelled with certainty, by the answer they were served)."""
         with self._lock:
-            now = self.clock()
             probability, shadow = 1.0, False
             if not escalated:
-                probability = self._shadow_probability(now)
+                probability = self._shadow_probability(self.clock())
                 shadow = self.rng() < probability
-                self._accepted_times.append(now)
-            entry = Scored(confidence, probability, seq=self.requests)
-            self._window.append(entry)
-            if len(self._window) > self.spec.window:
-                self._window.popleft()
-            self.requests += 1
-            return entry, shadow
+            return self._append(confidence, probability), shadow
+
+    def enter(self, confidence: float, probability: float) -> Scored:
+        """Enter a request another process scored and drew for (a pooled replica's)."""
+        with self._lock:
+            return self._append(confidence, probability)
+
+    def _append(self, confidence: float, probability: float) -> Scored:
+        if probability < 1:  # accepted: counts in the rate the shadow share follows
+            self._accepted_times.append(self.clock())
+        entry = Scored(confidence, probability, seq=self.requests)
+        self._window.append(entry)
+        if len(self._window) > self.spec.window:
+            self._window.popleft()
+        self.requests += 1
+        return entry
 
     def label(self, entry: Scored, small: float, large: float, shadow: bool = False,
               lost: bool = False) -> None:
