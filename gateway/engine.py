@@ -400,34 +400,33 @@ class CascadeEngine:
         elif semantic is not None:
             call.semantic_lookup = semantic
             started = time.perf_counter()  # its time adds to the `cache` step's when it ends
-            semantic.add_done_callback(lambda _: call.timings.add(
+            semantic.search.add_done_callback(lambda _: call.timings.add(
                 "cache", (time.perf_counter() - started) * 1000))
         return hit
 
     async def _alongside_lookup(self, call: Call, work: Awaitable[T]) -> T:
-        """`work` (the answer without the cache) goes on while the semantic lookup ends.
+        """`work` (the answer without the cache) while the semantic lookup goes on.
 
-        The lookup decides, within its own deadline, whichever comes first: a hit is served
-        (`_Served`) and the small model's request cancelled; on a miss the answer is awaited.
-        The frontier is never asked before the lookup has ended (`_lookup_settled`)."""
-        lookup = call.semantic_lookup
-        if lookup is None:
+        A hit is served (`_Served`) and the small model's request cancelled. The lookup may
+        run past its deadline while the answer is not ready; once it is (or once the
+        frontier would be asked: `_lookup_settled`), the deadline holds."""
+        pending = call.semantic_lookup
+        if pending is None:
             return await work
         task = asyncio.ensure_future(work)
         try:
-            if (hit := await asyncio.shield(lookup)) is not None:
-                raise _Served(hit)
+            await asyncio.wait({pending.search, task}, return_when=asyncio.FIRST_COMPLETED)
+            await self._lookup_settled(call)
             return await task
         finally:
-            call.semantic_lookup = None  # settled: later frontier calls need not wait
             task.cancel()  # when the hit won; its outcome is read either way
             await asyncio.gather(task, return_exceptions=True)
 
     async def _lookup_settled(self, call: Call) -> None:
-        """Before the frontier is paid: the pending semantic lookup ends first (it has its
-        deadline), and a hit is served instead."""
-        lookup, call.semantic_lookup = call.semantic_lookup, None
-        if lookup is not None and (hit := await asyncio.shield(lookup)) is not None:
+        """The pending semantic lookup's outcome, read once (within its deadline): a hit is
+        served instead of what was under way."""
+        pending, call.semantic_lookup = call.semantic_lookup, None
+        if pending is not None and (hit := await self.cache.settle(pending)) is not None:
             raise _Served(hit)
 
     def _serve_semantic(self, call: Call, hit: CacheHit) -> Decision:

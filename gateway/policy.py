@@ -158,8 +158,9 @@ class CacheSettings(_Strict):
     )
     lookup_deadline_ms: float = Field(
         default=10, gt=0, le=MAX_STEP_MS,
-        description="Hard deadline on the whole lookup (exact, embedding, search, "
-        "verification); past it the request proceeds as a miss.",
+        description="Deadline on the lookup (exact, embedding, search, verification), from "
+        "its start; past it the request proceeds as a miss. The semantic search runs "
+        "alongside the small model and may go on past it until the answer is ready.",
     )
     max_entries_per_tenant: int = Field(
         default=10000, ge=1, le=10_000_000,

@@ -262,7 +262,7 @@ class Call:
     timings: Timings = field(default_factory=Timings)
     usage: Usage = field(default_factory=Usage)
     served_from_cache: dict[str, Any] | None = None  # a cache hit's original usage
-    semantic_lookup: asyncio.Task | None = None  # the cache's semantic search, while pending
+    semantic_lookup: Any | None = None  # the cache's semantic search under way (pending)
     prompt: Prompt | None = None  # what the scorers see, built on first use
     decision: Decision | None = None
     small_answer: Assembly | None = None  # what the small model said, when it was asked

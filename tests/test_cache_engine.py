@@ -192,21 +192,27 @@ def cascade(upstream: str, cache: LayeredCache) -> CascadeEngine:
     return CascadeEngine(small, [frontier], RetryConfig(max_attempts=1), cache=cache)
 
 
-SEMANTIC = Policy.model_validate({
-    "name": "semantic", "route": "cascade", "streaming": {"mode": "buffer"},
-    "confidence": {"scorer": "logprob", "threshold": 0.5},
-    "cache": {"semantic": True, "lookup_deadline_ms": 30_000}})
+def semantic_policy(name: str, deadline_ms: float) -> Policy:
+    return Policy.model_validate({
+        "name": name, "route": "cascade", "streaming": {"mode": "buffer"},
+        "confidence": {"scorer": "logprob", "threshold": 0.5},
+        "cache": {"semantic": True, "lookup_deadline_ms": deadline_ms}})
+
+
+SEMANTIC = semantic_policy("semantic", 30_000)
+HASTY = semantic_policy("hasty", 150)  # a lookup deadline the gated embedder overruns
+BY_NAME = {policy.name: policy for policy in (SEMANTIC, HASTY)}
 
 
 async def semantic_engine(upstream: str, redis_url: str, embed) -> CascadeEngine:
-    cache = build_cache(redis_url, lambda name: SEMANTIC.cache, prefix=uuid.uuid4().hex[:8],
-                        embed=embed)
+    cache = build_cache(redis_url, lambda name: BY_NAME[name].cache,
+                        prefix=uuid.uuid4().hex[:8], embed=embed)
     await cache.start()
     return cascade(upstream, cache)
 
 
-def asked(question: str, key: str, **fields: Any) -> Call:
-    return Call(request_id=uuid.uuid4().hex[:8], policy=SEMANTIC, tenant="acme",
+def asked(question: str, key: str, policy: Policy = SEMANTIC, **fields: Any) -> Call:
+    return Call(request_id=uuid.uuid4().hex[:8], policy=policy, tenant="acme",
                 params={"messages": [{"role": "user", "content": question + script(key=key,
                                                                                **fields)}]})
 
@@ -215,8 +221,9 @@ def stats(upstream: str) -> dict[str, Any]:
     return httpx.get(f"{upstream}/stats").json()
 
 
-async def remember(eng: CascadeEngine, question: str, key: str, **fields: Any) -> None:
-    await eng.cache.store(asked(question, key, **fields).cache_request(), STORED)
+async def remember(eng: CascadeEngine, question: str, key: str, policy: Policy = SEMANTIC,
+                   **fields: Any) -> None:
+    await eng.cache.store(asked(question, key, policy, **fields).cache_request(), STORED)
 
 
 @pytest.mark.parametrize("streamed_", [False, True], ids=["json", "stream"])
@@ -286,3 +293,39 @@ async def test_the_frontier_waits_for_the_lookup_and_a_hit_saves_it(
     assert response["choices"][0]["message"]["content"] == "Use strrev."
     assert stats(upstream)["keys"][key] == 1  # the small model only: no frontier call
     await eng.cache.close()
+
+
+async def test_a_lookup_may_outrun_its_deadline_while_the_answer_is_not_ready(
+        upstream: str, redis_url: str, embed: SharedEmbedding) -> None:
+    gated = GatedEmbed(embed)
+    eng = await semantic_engine(upstream, redis_url, gated)
+    key = f"slow-{uuid.uuid4().hex[:6]}"
+    gated.gate.set()
+    await remember(eng, "How do I reverse a string in PHP?", key, HASTY, ttft_ms=60_000)
+    gated.gate.clear()
+    task = asyncio.ensure_future(eng.complete(asked("how do I reverse a string in PHP", key,
+                                                    HASTY, ttft_ms=60_000)))
+    await asyncio.sleep(0.6)  # four times the deadline, the small model still thinking
+    gated.gate.set()
+    response, decision = await asyncio.wait_for(task, 30)
+    assert decision.route == Route.CACHE_SEMANTIC
+    assert response["choices"][0]["message"]["content"] == "Use strrev."
+    assert eng.cache.counts["deadline"] == 0
+    await eng.cache.close()
+
+
+async def test_a_lookup_past_its_deadline_is_given_up_once_the_answer_is_ready(
+        upstream: str, redis_url: str, embed: SharedEmbedding) -> None:
+    gated = GatedEmbed(embed)
+    eng = await semantic_engine(upstream, redis_url, gated)
+    try:
+        key = f"fast-{uuid.uuid4().hex[:6]}"
+        c = asked("What is the tallest mountain in Africa?", key, HASTY, text="Kilimanjaro.",
+                  logprob=-0.01)
+        response, decision = await asyncio.wait_for(eng.complete(c), 30)  # gate still shut
+        assert (decision.route, decision.cache) == (Route.SMALL, "miss")
+        assert response["choices"][0]["message"]["content"] == "Kilimanjaro."
+        assert eng.cache.counts["deadline"] == 1
+    finally:
+        gated.gate.set()
+        await eng.cache.close()

@@ -7,7 +7,6 @@ pieces match the original's, so a cached stream equals the original to the byte 
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any, Protocol
 
 from gateway.types import CachedAnswer, CacheHit, CacheRequest
@@ -18,10 +17,13 @@ class ResponseCache(Protocol):
         """A hit to serve, or None. Must never raise: a broken cache is a miss."""
         ...
 
-    async def lookup_staged(self, request: CacheRequest
-                            ) -> tuple[CacheHit | None, asyncio.Task | None]:
-        """An exact hit now, or on a miss a task for the slower layers' hit (or None), which
-        the caller may await alongside other work. Neither may raise."""
+    async def lookup_staged(self, request: CacheRequest) -> tuple[CacheHit | None, Any]:
+        """An exact hit now, or on a miss the slower layers' search started (or None), for
+        `settle` to read: the caller may run other work meanwhile. Must never raise."""
+        ...
+
+    async def settle(self, pending: Any) -> CacheHit | None:
+        """A started search's hit, waited for until its deadline at most. Never raises."""
         ...
 
     async def store(self, request: CacheRequest, answer: CachedAnswer) -> None:

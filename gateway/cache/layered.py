@@ -1,14 +1,16 @@
 """The response cache the engine calls: exact first, then semantic, never a failure.
 
 Lookup reads the exact store first; on an exact miss, the embedding starts (in a worker
-thread) and the semantic index is searched with the tenant, policy and context-hash filter, and
-the nearest candidates must pass the pair verifier. The engine runs that semantic stage
-alongside the small model's request (`lookup_staged`). The whole lookup runs under the policy's
-hard deadline: past it, or on any Redis error, the request proceeds as a miss. After an error
-(also one that ends a lookup abandoned at its deadline: a paused or slow Redis) the circuit
-opens: the cache stays out of the way for `retry_after_s`, then tries again, so a dead Redis costs
-nothing and a returning one is used at once. A Redis restarted empty loses the search index;
-the next lookup recreates it. An embedder that fails costs the semantic layer only.
+thread) and the semantic index is searched with the tenant, policy and context-hash filter,
+and the nearest candidates must pass the pair verifier. The engine runs that semantic stage
+alongside the small model's request (`lookup_staged`, then `settle`): the search may go on
+while the answer is not ready, but once it is, or once the frontier would be asked, it is
+given up past the policy's deadline. On any Redis error the request proceeds as a miss.
+After an error (also one that ends a lookup given up at its deadline: a paused or slow
+Redis) the circuit opens: the cache stays out of the way for `retry_after_s`, then tries
+again, so a dead Redis costs nothing and a returning one is used at once. A Redis restarted
+empty loses the search index; the next lookup recreates it. An embedder that fails costs the
+semantic layer only.
 
 With a semantic index the cache has a `guard` (`gateway.cache.guard`): the engine hands it
 each semantic hit, a sample of which the small model re-answers in the background. A
@@ -50,6 +52,14 @@ PENDING_VECTORS = 1024
 class _Semantic:
     text: str
     context: str
+
+
+@dataclass(frozen=True)
+class PendingLookup:
+    """A semantic search under way (`LayeredCache.lookup_staged`); `settle` reads it."""
+
+    search: asyncio.Task  # never raises: a broken cache is a miss
+    deadline: float  # the event loop's time past which it may be given up
 
 
 class LayeredCache:
@@ -118,16 +128,15 @@ class LayeredCache:
     # ---- lookup ----------------------------------------------------------------------------
 
     async def lookup(self, request: CacheRequest) -> CacheHit | None:
-        """Both layers, the semantic one after an exact miss."""
-        hit, semantic = await self.lookup_staged(request)
-        return hit if semantic is None else await semantic
+        """Both layers, the semantic one after an exact miss, within the deadline."""
+        hit, pending = await self.lookup_staged(request)
+        return hit if pending is None else await self.settle(pending)
 
     async def lookup_staged(self, request: CacheRequest
-                            ) -> tuple[CacheHit | None, asyncio.Task | None]:
-        """The exact layer's hit now, and on a miss the semantic search as a task (None where
-        it does not apply). The engine runs that task alongside the small model's request, so
-        a semantic miss costs the request next to nothing. Both stages share the policy's
-        lookup deadline, counted from this call; neither ever raises."""
+                            ) -> tuple[CacheHit | None, PendingLookup | None]:
+        """The exact layer's hit now, and on a miss the semantic search started (None where
+        it does not apply), for `settle` to read. The engine runs it alongside the small
+        model's request. The deadline counts from this call; nothing here ever raises."""
         settings = self._settings(request)
         if settings is None or self._is_down():
             return None, None
@@ -145,15 +154,29 @@ class LayeredCache:
         if semantic is None:
             self.counts["miss"] += 1
             return None, None
-        return None, asyncio.ensure_future(
-            self._semantic_stage(request, settings, key, semantic, deadline))
+        search = self._spawn(self._searched(request, settings, key, semantic))
+        return None, PendingLookup(search, deadline)
 
-    async def _semantic_stage(self, request: CacheRequest, settings: CacheSettings, key: str,
-                              semantic: _Semantic, deadline: float) -> CacheHit | None:
-        found, hit = await self._bounded(
-            self._semantic_lookup(request, settings, key, semantic), deadline)
-        if found:
-            self.counts["hit_semantic" if hit else "miss"] += 1
+    async def settle(self, pending: PendingLookup) -> CacheHit | None:
+        """A started semantic search's hit, waiting for it until its deadline at most (the
+        caller may have let it run past the deadline while other work went on)."""
+        left = pending.deadline - asyncio.get_running_loop().time()
+        done, _ = await asyncio.wait({pending.search}, timeout=max(left, 0.0))
+        if not done:  # left to end on its own: a hung Redis's failure still opens the circuit
+            self.counts["deadline"] += 1
+            return None
+        hit = pending.search.result()
+        self.counts["hit_semantic" if hit else "miss"] += 1
+        return hit
+
+    async def _searched(self, request: CacheRequest, settings: CacheSettings, key: str,
+                        semantic: _Semantic) -> CacheHit | None:
+        try:
+            hit = await self._semantic_lookup(request, settings, key, semantic)
+        except Exception as exc:  # a broken cache is a miss
+            self._failed(exc)
+            return None
+        self._error = None
         return hit
 
     async def _bounded(self, work: Awaitable[Any], deadline: float) -> tuple[bool, Any]:
