@@ -164,6 +164,7 @@ def _train(args) -> int:
 
     frame, m = _matrices(args, args.data)
     models = fit(m, TrainConfig(tolerance=args.tolerance))
+    _print_notes(models.notes)
     metadata = {
         "version": args.version or dt.date.today().isoformat(),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -225,6 +226,7 @@ def cmd_eval(args) -> int:
         trained_on = set(bundle.metadata.get("training", {}).get("data", {}))
         setup["evaluation"] = f"bundle {bundle.path} ({bundle.version})"
         setup["in_sample_files"] = sorted(trained_on & {p.name for p in args.data})
+    _print_notes(predictions.notes)
     predictions.baseline_litellm_complexity = evaluate.litellm_complexity(m.prompts)
     args.report.mkdir(parents=True, exist_ok=True)
     sources = frame["source_file"].to_numpy()
@@ -243,6 +245,11 @@ def cmd_eval(args) -> int:
     (args.report / "report.json").write_text(json.dumps(report, indent=2, default=_json) + "\n")
     _print_table(report)
     return 0
+
+
+def _print_notes(notes) -> None:
+    for note in notes:
+        print(f"router: {note}", file=sys.stderr)
 
 
 def _usd_per_call(frame, rows) -> tuple[float, float] | None:
@@ -304,6 +311,7 @@ def cmd_replay(args) -> int:
     frame, m = _matrices(args, args.data)
     if args.cross_fit:
         p = evaluate.crossfit(m, TrainConfig(), args.cross_fit)
+        _print_notes(p.notes)
         scoring = f"cross-fitted, {args.cross_fit} folds by prompt"
     else:
         bundle, loaded = _load_models(args)
