@@ -100,7 +100,8 @@ class TrafficLearner:
             return False  # other escalations go to the frontier whatever the threshold
         calibrator = self.quality.calibrator(call.policy.name, quality_segment(call), spec)
         escalated = decision.escalation == "low_confidence"
-        entry, shadow = calibrator.record(decision.confidence, escalated)
+        entry, shadow = calibrator.record(decision.confidence, escalated, decision.difficulty,
+                                          call.tried_probability)
         if escalated:
             self._spawn(self._label(call, calibrator, entry, call.frontier_text, "escalation"))
         elif shadow:

@@ -324,7 +324,8 @@ def cmd_replay(args) -> int:
     scores = np.where(answered, p.confidence, p.difficulty)
     segments = (frame["task"].astype(str).tolist() if args.segment_by == "task"
                 else ["all"] * len(frame))
-    report = replay(Stream(scores, m.small, m.large, segments), spec, args.seed, args.rate)
+    stream = Stream(scores, m.small, m.large, segments, difficulty=p.difficulty)
+    report = replay(stream, spec, args.seed, args.rate)
     report["setup"].update(
         data=[x.name for x in args.data], policy=args.policy, scoring=scoring,
         score="confidence" if answered.all() else
@@ -334,7 +335,7 @@ def cmd_replay(args) -> int:
     plot(report, f"{', '.join(x.stem for x in args.data)}: seed {args.seed}",
          args.report.with_suffix(".png"))
     keys = ("quality_rel_large", "min_window_quality_rel_large", "small_share", "label_share",
-            "hindsight_small_share", "hindsight_small_share_at_target")
+            "skip_share", "hindsight_small_share", "hindsight_small_share_at_target")
     print(json.dumps({k: round(report[k], 4) for k in keys}))
     return 0
 
