@@ -492,10 +492,21 @@ class CascadeEngine:
             scorer = await self._difficulty_scorer(policy)
             decision.difficulty = await scorer.score(self._prompt(call))
         skip = policy.difficulty.skip_threshold
-        if decision.difficulty is not None and decision.difficulty < skip and self.frontiers:
+        below = decision.difficulty is not None and decision.difficulty < skip
+        if self.frontiers and (below or not self._tries_small(call, decision.difficulty)):
             decision.route, decision.escalation = Route.FRONTIER, "difficulty"
             return "frontier"
         return "small"
+
+    def _tries_small(self, call: Call, difficulty: float | None) -> bool:
+        """Under a quality target, whether the request tries the small model at the skip
+        threshold its labels set (a sampled share below it still does, see `router.quality`)."""
+        spec = call.policy.quality_target
+        if spec is None or difficulty is None:
+            return True
+        calibrator = self.quality.calibrator(call.policy.name, quality_segment(call), spec)
+        tried, call.tried_probability = calibrator.plan(difficulty)
+        return tried
 
     def _prompt(self, call: Call) -> Prompt:
         """The request as the scorers see it, built once; its embedding starts computing

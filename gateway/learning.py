@@ -104,7 +104,8 @@ class TrafficLearner:
         segment = quality_segment(call)
         calibrator = self.quality.calibrator(call.policy.name, segment, spec)
         escalated = decision.escalation == "low_confidence"
-        entry, shadow = calibrator.record(decision.confidence, escalated)
+        entry, shadow = calibrator.record(decision.confidence, escalated, decision.difficulty,
+                                          call.tried_probability)
         if self.pool is not None:
             self.pool.entered(call.policy.name, segment, entry)
         if escalated:

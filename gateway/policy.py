@@ -228,6 +228,16 @@ class QualitySettings(_Strict):
                             description="Below this many labels in the window, escalate all.")
     refresh_every: int = Field(default=_QUALITY.refresh_every, ge=1,
                                description="Labels between two threshold searches.")
+    skip_if_accepted_below: float = Field(
+        default=_QUALITY.skip_if_accepted_below, ge=0, lt=1,
+        description="Learn the difficulty skip threshold: skip the small model below the "
+        "highest difficulty under which small answers would be accepted at less than this "
+        "share of the segment's acceptance rate (an upper confidence bound); 0 turns "
+        "learned skipping off.")
+    skip_explore: float = Field(
+        default=_QUALITY.skip_explore, gt=0, le=1,
+        description="Share of would-be-skipped requests that still try the small model, so "
+        "the skip threshold follows the traffic.")
     segment_by: Literal["none", "tenant"] = Field(
         default="none", description="One threshold per policy, or per policy and tenant.")
 
@@ -271,7 +281,8 @@ class Policy(_Strict):
         if q.target is None:
             return None
         return QualityTarget(q.target, q.confidence, q.window, q.min_labels,
-                             learning.shadow_rate, learning.shadow_per_minute, q.refresh_every)
+                             learning.shadow_rate, learning.shadow_per_minute, q.refresh_every,
+                             q.skip_if_accepted_below, q.skip_explore)
 
     @model_validator(mode="after")
     def _aliases_distinct(self) -> Policy:

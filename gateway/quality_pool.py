@@ -56,8 +56,9 @@ class QualityPool:
     def entered(self, policy: str, segment: str, entry: Scored) -> None:
         pooled = f"{self.origin}-{next(self._numbers)}"
         self._ids[id(entry)] = pooled
-        self._publish({"e": pooled, "p": policy, "s": segment,
-                       "c": repr(entry.confidence), "q": repr(entry.probability)})
+        self._publish({"e": pooled, "p": policy, "s": segment, "c": repr(entry.confidence),
+                       "q": repr(entry.probability), "d": repr(entry.difficulty),
+                       "t": repr(entry.tried)})
 
     def labelled(self, entry: Scored, shadow: bool, lost: bool) -> None:
         pooled = self._ids.pop(id(entry), None)
@@ -128,7 +129,10 @@ class QualityPool:
             if spec is None:  # no quality target here (yet, or any more)
                 return
             calibrator = self.targets.calibrator(event["p"], event["s"], spec)
-            entry = calibrator.enter(float(event["c"]), float(event["q"]))
+            difficulty = event.get("d", "None")
+            entry = calibrator.enter(float(event["c"]), float(event["q"]),
+                                     None if difficulty == "None" else float(difficulty),
+                                     float(event.get("t", "1.0")))
             self._theirs[event["e"]] = calibrator, entry
             while len(self._theirs) > REMEMBERED:
                 self._theirs.popitem(last=False)

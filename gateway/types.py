@@ -268,6 +268,7 @@ class Call:
     small_answer: Assembly | None = None  # what the small model said, when it was asked
     frontier_text: str | None = None  # what the frontier said, when it answered
     frontier_model: str | None = None
+    tried_probability: float = 1.0  # its chance to try the small model (a learned skip)
 
     @property
     def completion_id(self) -> str:

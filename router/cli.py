@@ -165,6 +165,7 @@ def _train(args) -> int:
 
     frame, m = _matrices(args, args.data)
     models = fit(m, TrainConfig(tolerance=args.tolerance))
+    _print_notes(models.notes)
     metadata = {
         "version": args.version or dt.date.today().isoformat(),
         "created": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
@@ -226,6 +227,7 @@ def cmd_eval(args) -> int:
         trained_on = set(bundle.metadata.get("training", {}).get("data", {}))
         setup["evaluation"] = f"bundle {bundle.path} ({bundle.version})"
         setup["in_sample_files"] = sorted(trained_on & {p.name for p in args.data})
+    _print_notes(predictions.notes)
     predictions.baseline_litellm_complexity = evaluate.litellm_complexity(m.prompts)
     args.report.mkdir(parents=True, exist_ok=True)
     sources = frame["source_file"].to_numpy()
@@ -244,6 +246,11 @@ def cmd_eval(args) -> int:
     (args.report / "report.json").write_text(json.dumps(report, indent=2, default=_json) + "\n")
     _print_table(report)
     return 0
+
+
+def _print_notes(notes) -> None:
+    for note in notes:
+        print(f"router: {note}", file=sys.stderr)
 
 
 def _usd_per_call(frame, rows) -> tuple[float, float] | None:
@@ -305,6 +312,7 @@ def cmd_replay(args) -> int:
     frame, m = _matrices(args, args.data)
     if args.cross_fit:
         p = evaluate.crossfit(m, TrainConfig(), args.cross_fit)
+        _print_notes(p.notes)
         scoring = f"cross-fitted, {args.cross_fit} folds by prompt"
     else:
         bundle, loaded = _load_models(args)
@@ -317,7 +325,8 @@ def cmd_replay(args) -> int:
     scores = np.where(answered, p.confidence, p.difficulty)
     segments = (frame["task"].astype(str).tolist() if args.segment_by == "task"
                 else ["all"] * len(frame))
-    report = replay(Stream(scores, m.small, m.large, segments), spec, args.seed, args.rate)
+    stream = Stream(scores, m.small, m.large, segments, difficulty=p.difficulty)
+    report = replay(stream, spec, args.seed, args.rate)
     report["setup"].update(
         data=[x.name for x in args.data], policy=args.policy, scoring=scoring,
         score="confidence" if answered.all() else
@@ -327,7 +336,7 @@ def cmd_replay(args) -> int:
     plot(report, f"{', '.join(x.stem for x in args.data)}: seed {args.seed}",
          args.report.with_suffix(".png"))
     keys = ("quality_rel_large", "min_window_quality_rel_large", "small_share", "label_share",
-            "hindsight_small_share", "hindsight_small_share_at_target")
+            "skip_share", "hindsight_small_share", "hindsight_small_share_at_target")
     print(json.dumps({k: round(report[k], 4) for k in keys}))
     return 0
 

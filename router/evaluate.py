@@ -11,7 +11,7 @@ models, `baseline_tfidf` (prompt-only TF-IDF + logistic regression on the same f
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -40,6 +40,7 @@ class Predictions:
     baseline_tfidf: np.ndarray | None = None
     baseline_litellm_complexity: np.ndarray | None = None
     skip_threshold: float | np.ndarray = 0.0  # per row when folds chose their own
+    notes: list[str] = field(default_factory=list)  # what the data did not allow
 
     def skip_at(self, rows: np.ndarray) -> float | np.ndarray:
         skip = self.skip_threshold
@@ -94,6 +95,9 @@ def transfer(train: Matrices, test: Matrices, config: TrainConfig) -> Prediction
     out = predict(models, test)
     y = training_labels(train, config)
     out.baseline_tfidf = _tfidf_baseline(train.prompts, y, test.prompts)
+    if test.has_answer.any() and models.confidence is None:
+        out.notes.append(f"no confidence model: {int(train.has_answer.sum())} training rows "
+                         "with a small answer (it needs answered rows of both outcomes)")
     return out
 
 
@@ -107,7 +111,14 @@ def crossfit(m: Matrices, config: TrainConfig, k: int, progress=None) -> Predict
     out.skip_threshold = np.zeros(len(folds))
     for fold in progress(range(k), "cross-fit folds") if progress else range(k):
         held = folds == fold
-        part = transfer(m.subset(~held), m.subset(held), config)
+        if not held.any():
+            continue
+        try:
+            part = transfer(m.subset(~held), m.subset(held), config)
+        except ValueError as exc:
+            raise ValueError(f"cross-fit fold {fold + 1} of {k}: {exc}; try fewer folds or "
+                             "more rows") from exc
+        out.notes += [f"fold {fold + 1} of {k}: {note}" for note in part.notes]
         out.difficulty[held], out.confidence[held] = part.difficulty, part.confidence
         out.baseline_tfidf[held] = part.baseline_tfidf
         out.skip_threshold[held] = part.skip_threshold

@@ -18,8 +18,20 @@ passes and everything escalates: a cold start costs frontier calls, never qualit
 that was due and never came (a failed shadow call) counts as the worst case. The window
 forgets old requests, so the threshold follows drifting traffic; a rise is counted as drift.
 
-The gateway (through its traffic learner) and `smallfirst router replay` drive the same
-class, with the same calls, so an offline replay shows what the live gateway would do.
+The same labels set the difficulty skip threshold. Skipping the small model never lowers
+quality (the frontier answers), so it is a cost choice: below the skip threshold, the share
+of small answers the acceptance threshold would accept (an upper confidence bound, over the
+tried requests' difficulty and confidence scores) must stay under `skip_if_accepted_below`
+times the segment's acceptance rate. Relative, not absolute: a strict threshold early on
+accepts little anywhere, and skipping everything then would starve its own labels. A
+`skip_explore` share of the would-be-skipped requests still tries the small model, weighted
+by the inverse of that share, so the estimate follows the traffic. Skipped requests never
+enter the window: the quality bound holds over the requests that tried the small model, and
+the skipped ones are served at the frontier's quality. No skipping before the acceptance
+threshold is set.
+
+The gateway (through its engine and traffic learner) and `smallfirst router replay` drive the
+same class, with the same calls, so an offline replay shows what the live gateway would do.
 """
 
 from __future__ import annotations
@@ -36,6 +48,7 @@ from statistics import NormalDist
 import numpy as np
 
 ESCALATE_ALL = math.inf  # no confidence reaches it
+NO_SKIP = -math.inf  # no difficulty falls below it
 
 
 @dataclass(frozen=True)
@@ -49,6 +62,9 @@ class QualityTarget:
     shadow_rate: float = 0.1  # most share of accepted requests sent for a shadow label
     shadow_per_minute: float = 30  # and at most this many a minute per segment
     refresh_every: int = 20  # labels between two threshold searches
+    skip_if_accepted_below: float = 0.1  # skip where small answers are accepted this rarely,
+    # relative to the segment's acceptance rate
+    skip_explore: float = 0.05  # share of would-be-skipped requests that still try the small
 
 
 @dataclass
@@ -60,6 +76,8 @@ class Scored:
     small: float | None = None  # the small answer's quality, when labelled
     large: float | None = None  # the frontier answer's quality, when labelled
     seq: int = 0  # its place in the segment's traffic
+    difficulty: float | None = None  # its difficulty score, when the policy has one
+    tried: float = 1.0  # the chance it had of trying the small model (below the skip threshold)
 
     @property
     def labelled(self) -> bool:
@@ -72,6 +90,7 @@ class Estimate:
     quality: float | None = None  # estimated served / frontier quality at the threshold
     quality_bound: float | None = None  # its lower confidence bound
     small_share: float = 0.0  # share of the window the threshold accepts
+    skip_threshold: float = NO_SKIP  # below this difficulty, skip the small model
 
 
 @dataclass
@@ -87,6 +106,8 @@ class QualityCalibrator:
     shadow_labels: int = 0
     lost: int = 0
     drifts: int = 0
+    skips: int = 0
+    explored: int = 0  # requests below the skip threshold that tried the small model anyway
     _window: deque = field(default_factory=deque)
     _samples: deque = field(default_factory=deque)  # labelled accepted requests, by label time
     _accepted_times: deque = field(default_factory=deque)
@@ -97,25 +118,42 @@ class QualityCalibrator:
     def threshold(self) -> float:
         return self.estimate.threshold
 
-    def record(self, confidence: float, escalated: bool) -> tuple[Scored, bool]:
-        """Enter a finished request; returns its window entry and whether to shadow-label it
-        (escalated requests are labelled with certainty, by the answer they were served)."""
+    def plan(self, difficulty: float | None) -> tuple[bool, float]:
+        """Whether a request tries the small model, and the chance it had to: below the skip
+        threshold only a `skip_explore` share does, the rest go straight to the frontier."""
+        with self._lock:
+            if difficulty is None or difficulty >= self.estimate.skip_threshold:
+                return True, 1.0
+            share = self.spec.skip_explore
+            tried = self.rng() < share
+            self.explored += tried
+            self.skips += not tried
+            return tried, share
+
+    def record(self, confidence: float, escalated: bool, difficulty: float | None = None,
+               tried: float = 1.0) -> tuple[Scored, bool]:
+        """Enter a finished request that tried the small model (`tried`: the chance it had,
+        from `plan`); returns its window entry and whether to shadow-label it (escalated
+        requests are labelled with certainty, by the answer they were served)."""
         with self._lock:
             probability, shadow = 1.0, False
             if not escalated:
                 probability = self._shadow_probability(self.clock())
                 shadow = self.rng() < probability
-            return self._append(confidence, probability), shadow
+            return self._append(confidence, probability, difficulty, tried), shadow
 
-    def enter(self, confidence: float, probability: float) -> Scored:
+    def enter(self, confidence: float, probability: float, difficulty: float | None = None,
+              tried: float = 1.0) -> Scored:
         """Enter a request another process scored and drew for (a pooled replica's)."""
         with self._lock:
-            return self._append(confidence, probability)
+            return self._append(confidence, probability, difficulty, tried)
 
-    def _append(self, confidence: float, probability: float) -> Scored:
+    def _append(self, confidence: float, probability: float, difficulty: float | None,
+                tried: float) -> Scored:
         if probability < 1:  # accepted: counts in the rate the shadow share follows
             self._accepted_times.append(self.clock())
-        entry = Scored(confidence, probability, seq=self.requests)
+        entry = Scored(confidence, probability, seq=self.requests, difficulty=difficulty,
+                       tried=tried)
         self._window.append(entry)
         if len(self._window) > self.spec.window:
             self._window.popleft()
@@ -159,7 +197,10 @@ class QualityCalibrator:
         while len(self._samples) > self.spec.min_labels and self._samples[0].seq < oldest:
             self._samples.popleft()
         previous = self.estimate.threshold
-        self.estimate = search_threshold(list(self._window), list(self._samples), self.spec)
+        window = list(self._window)
+        estimate = search_threshold(window, list(self._samples), self.spec)
+        estimate.skip_threshold = search_skip(window, estimate.threshold, self.spec)
+        self.estimate = estimate
         if previous != ESCALATE_ALL and self.estimate.threshold > previous:
             self.drifts += 1
 
@@ -172,7 +213,9 @@ class QualityCalibrator:
                 "small_share": e.small_share, "requests": self.requests,
                 "window": len(self._window), "labels": self.labels,
                 "shadow_labels": self.shadow_labels, "lost_labels": self.lost,
-                "threshold_rises": self.drifts,
+                "threshold_rises": self.drifts, "skip_threshold": e.skip_threshold
+                if e.skip_threshold != NO_SKIP else None, "skips": self.skips,
+                "skip_explored": self.explored,
             }
 
 
@@ -237,6 +280,37 @@ def search_threshold(window: list[Scored], sample: list[Scored], spec: QualityTa
         quality_bound=float(spec.target - bound[k] / large_mean),
         small_share=sum(s.confidence >= threshold for s in window) / len(window),
     )
+
+
+def search_skip(window: list[Scored], threshold: float, spec: QualityTarget) -> float:
+    """The highest difficulty below which the share of small answers `threshold` accepts has
+    an upper confidence bound under `spec.skip_if_accepted_below` times the share it accepts
+    over the whole window; NO_SKIP if none.
+
+    Over the window's requests with a difficulty score, each weighted by the inverse of its
+    chance to try the small model (the explored share below the current skip threshold),
+    with one imaginary accepted request added below every candidate, so that few requests
+    never look safe to skip. Skipping costs no quality, so the highest passing candidate
+    is taken (no fixed-sequence order needed).
+    """
+    rows = [s for s in window if s.difficulty is not None]
+    if spec.skip_if_accepted_below <= 0 or threshold == ESCALATE_ALL or not rows:
+        return NO_SKIP
+    d = np.array([s.difficulty for s in rows])
+    order = np.argsort(d, kind="stable")
+    d = d[order]
+    w = 1 / np.array([s.tried for s in rows])[order]
+    accepted = (np.array([s.confidence for s in rows]) >= threshold)[order]
+    pseudo = 1.0  # one imaginary accepted request
+    sum_w = np.cumsum(w)[:-1] + pseudo  # candidate k skips the first k + 1 rows
+    sum_wx = np.cumsum(w * accepted)[:-1] + pseudo
+    sum_w2, sum_w2x = np.cumsum(w**2)[:-1] + pseudo**2, np.cumsum(w**2 * accepted)[:-1] + pseudo**2
+    share = sum_wx / sum_w
+    spread = sum_w2x * (1 - 2 * share) + share**2 * sum_w2  # sum of w^2 (x - share)^2
+    bound = share + NormalDist().inv_cdf(spec.confidence) * np.sqrt(spread) / sum_w
+    limit = spec.skip_if_accepted_below * (w * accepted).sum() / w.sum()
+    passing = np.flatnonzero((bound < limit) & (d[1:] != d[:-1]))
+    return float(d[passing[-1] + 1]) if passing.size else NO_SKIP
 
 
 class QualityTargets:

@@ -1,10 +1,12 @@
 """Replay an outcomes file through the quality-target calibrator the gateway runs.
 
-Each row becomes one request, in a seeded random order: its score is the router's
-confidence in the small answer (the difficulty score where the file has no answers), the
-calibrator's current threshold accepts or escalates it, an escalation is labelled for free
-and an accepted request is labelled when the calibrator draws it for a shadow call, with the
-label such a call would give (both models' scores from the file). The same
+Each row becomes one request, in a seeded random order: below the calibrator's learned skip
+threshold on its difficulty score it goes straight to the frontier (unless drawn to explore);
+otherwise its score is the router's confidence in the small answer (the difficulty score
+where the file has no answers), the calibrator's current threshold accepts or escalates it,
+an escalation is labelled for free and an accepted request is labelled when the calibrator
+draws it for a shadow call, with the label such a call would give (both models' scores from
+the file). The same
 `QualityTargets` object and calls serve live traffic (`gateway.learning`); only the clock is
 simulated, at `rate` requests a second.
 """
@@ -30,6 +32,7 @@ class Stream:
     small: np.ndarray
     large: np.ndarray
     segments: list[str]
+    difficulty: np.ndarray | None = None  # per row, for the learned skip threshold
 
 
 def replay(stream: Stream, spec: QualityTarget, seed: int = 0, rate: float = 10.0) -> dict:
@@ -39,13 +42,21 @@ def replay(stream: Stream, spec: QualityTarget, seed: int = 0, rate: float = 10.
     targets = QualityTargets(rng=random.Random(seed).random, clock=lambda: clock["now"])
     served = np.empty(len(order))
     kept = np.zeros(len(order), bool)
+    skipped = np.zeros(len(order), bool)
+    would_accept = 0  # skipped requests whose small answer the threshold would have accepted
     shadows = 0
     for step, row in enumerate(order):
         clock["now"] = step / rate
         calibrator = targets.calibrator("replay", stream.segments[row], spec)
         score, small, large = stream.scores[row], stream.small[row], stream.large[row]
+        difficulty = None if stream.difficulty is None else float(stream.difficulty[row])
+        tried, chance = calibrator.plan(difficulty)
+        if not tried:
+            skipped[step], served[step] = True, large
+            would_accept += bool(score >= calibrator.threshold)
+            continue
         kept[step] = score >= calibrator.threshold
-        entry, shadow = calibrator.record(score, escalated=not kept[step])
+        entry, shadow = calibrator.record(score, not kept[step], difficulty, chance)
         if not kept[step] or shadow:
             calibrator.label(entry, small, large, shadow=bool(kept[step]))
         shadows += bool(kept[step] and shadow)
@@ -59,6 +70,11 @@ def replay(stream: Stream, spec: QualityTarget, seed: int = 0, rate: float = 10.
         "min_window_quality_rel_large": min(windows),
         "small_share": float(kept.mean()),
         "label_share": shadows / len(order),
+        "skip_share": float(skipped.mean()),
+        # every skip saves a small call (one an escalation would mostly have wasted); where the
+        # threshold would have accepted the small answer, it costs a frontier call
+        "small_calls_saved": int(skipped.sum()),
+        "frontier_calls_added": would_accept,
         "hindsight_small_share": hindsight_share(stream, quality),
         "hindsight_small_share_at_target": hindsight_share(stream, spec.target),
         "requests": len(order),

@@ -117,6 +117,7 @@ class TrainedModels:
     config: TrainConfig
     feature_groups: dict[str, list[str]]
     thresholds: Thresholds
+    notes: tuple[str, ...] = ()  # what the data did not allow, one line each
 
     @property
     def skip_threshold(self) -> float:
@@ -240,7 +241,7 @@ def _oof_logits(
     out = np.zeros((len(y), 2 if tf is not None else 1))
     for k in progress(range(config.inner_folds), "logit folds"):
         held = folds == k
-        if held.all() or not held.any():
+        if held.all() or not held.any() or len(np.unique(y[~held])) < 2:
             continue
         out[held, 0] = _fit_linear(m.embedding[~held], y[~held], config,
                                    weights[~held]).logit(m.embedding[held])
@@ -273,7 +274,7 @@ def _fit_stacked(
     return model, calibrator(oof)
 
 
-def _groups_used(m: Matrices, config: TrainConfig) -> dict[str, list[str]]:
+def _groups_used(m: Matrices, config: TrainConfig, y: np.ndarray) -> dict[str, list[str]]:
     answer_rows = m.hand[m.has_answer]
 
     def carried(name: str) -> bool:  # by more than half the rows with an answer
@@ -288,15 +289,20 @@ def _groups_used(m: Matrices, config: TrainConfig) -> dict[str, list[str]]:
     stacked = ["prompt_embedding", "prompt_ngrams"] if config.lexical_c > 0 else [
         "prompt_embedding"]
     return {"difficulty": [*stacked, *(DIFFICULTY_FEATURES if config.difficulty_hand else ())],
-            "confidence": [*stacked, *confidence] if m.has_answer.any() else []}
+            "confidence": [*stacked, *confidence] if _both_outcomes(y[m.has_answer]) else []}
+
+
+def _both_outcomes(y: np.ndarray) -> bool:
+    return len(np.unique(y)) >= 2
 
 
 def fit(m: Matrices, config: TrainConfig | None = None) -> TrainedModels:
     """Train both models on all rows of `m` (confidence only on rows with an answer)."""
     config = config or TrainConfig()
     y = training_labels(m, config)
-    if len(np.unique(y)) < 2:
-        raise ValueError("training rows need both good-enough and not-good-enough outcomes")
+    if not _both_outcomes(y):
+        raise ValueError(f"all {len(y)} training rows have the same outcome (the small answer "
+                         "good enough, or not, everywhere): a router needs rows of both")
     folds = prompt_folds(m.prompts, config.inner_folds, salt=f"inner{config.seed}")
     neither = np.maximum(m.small, m.large) < 0.5
     sources = source_weights(m.datasets, config.balance_power) if m.datasets else 1.0
@@ -307,7 +313,9 @@ def fit(m: Matrices, config: TrainConfig | None = None) -> TrainedModels:
     tf = lexical.matrix(m.prompts) if config.lexical_c > 0 else None
     logits, linear, lexical_part = _oof_logits(
         m, y, folds, config, weights(config.neither_right_difficulty_linear), tf)
-    groups = _groups_used(m, config)
+    groups = _groups_used(m, config, y)
+    notes = () if groups["confidence"] or not m.has_answer.any() else (
+        "no confidence model: the rows with a small answer all have the same outcome",)
     hand_columns = _columns(DIFFICULTY_FEATURES if config.difficulty_hand else ())
     difficulty, oof_d = _fit_stacked(
         m.hand, logits, y, folds, hand_columns, (linear, lexical_part), config, "difficulty",
@@ -328,4 +336,4 @@ def fit(m: Matrices, config: TrainConfig | None = None) -> TrainedModels:
     else:
         thresholds = choose_thresholds(oof_d[rows], oof_c, m.small[rows], m.large[rows],
                                        target_quality=0.95)
-    return TrainedModels(difficulty, confidence, config, groups, thresholds)
+    return TrainedModels(difficulty, confidence, config, groups, thresholds, notes)

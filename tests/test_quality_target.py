@@ -28,7 +28,8 @@ def stream(n: int = 1500) -> Stream:
     rng = np.random.default_rng(SEED)
     scores = rng.random(n).round(4)
     small = ((scores > 0.4) ^ (rng.random(n) < 0.05)).astype(float)
-    return Stream(scores, small, np.ones(n), ["all"] * n)
+    difficulty = np.clip(scores + rng.normal(0, 0.1, n), 0, 1).round(4)
+    return Stream(scores, small, np.ones(n), ["all"] * n, difficulty)
 
 
 def answer(text: str) -> Assembly:
@@ -52,7 +53,7 @@ class Frontier:
         return "frontier", self.text(params["messages"][0]["content"])
 
 
-async def test_live_learner_and_replay_reach_the_same_thresholds() -> None:
+async def test_live_learner_and_replay_reach_the_same_thresholds_and_skips() -> None:
     data = stream()
     policy = Policy.model_validate({"name": "qt", "quality": QUALITY, "learning": LEARNING})
     ticks = itertools.count()
@@ -62,14 +63,20 @@ async def test_live_learner_and_replay_reach_the_same_thresholds() -> None:
     order = request_order(len(data.scores), SEED)
     frontier = Frontier({str(row): data.small[row] for row in order})
     engine.learner = TrafficLearner(None, frontier.ask, quality=engine.quality)
-    kept = 0
+    kept = skipped = 0
     for row in order:
         request_id = str(row)
         call = Call(request_id, policy, {"messages": [{"role": "user", "content": request_id}]})
+        difficulty = float(data.difficulty[row])
+        if not engine._tries_small(call, difficulty):  # the learned skip: frontier only
+            call.decision = Decision("qt", Route.FRONTIER, difficulty, escalation="difficulty")
+            engine.learner.observe(call)  # no small answer: nothing to learn from
+            skipped += 1
+            continue
         threshold = engine._acceptance_threshold(call)  # what the engine accepts at
         escalated = data.scores[row] < threshold
         call.decision = Decision("qt", Route.ESCALATED if escalated else Route.SMALL,
-                                 confidence=float(data.scores[row]),
+                                 difficulty, confidence=float(data.scores[row]),
                                  escalation="low_confidence" if escalated else None)
         call.small_answer = answer("The answer is 1")
         call.frontier_text = frontier.text(request_id) if escalated else None
@@ -82,9 +89,12 @@ async def test_live_learner_and_replay_reach_the_same_thresholds() -> None:
     (live,) = engine.quality.snapshot()
     (replayed,) = offline["segments"]
     assert live["labels"] > QUALITY["min_labels"] and live["threshold"] is not None
-    for key in ("threshold", "labels", "shadow_labels", "requests", "threshold_rises"):
+    assert live["skip_threshold"] is not None and live["skips"] > 0 and live["skip_explored"] > 0
+    for key in ("threshold", "labels", "shadow_labels", "requests", "threshold_rises",
+                "skip_threshold", "skips", "skip_explored"):
         assert live[key] == replayed[key], key
     assert kept / len(order) == pytest.approx(offline["small_share"])
+    assert skipped / len(order) == pytest.approx(offline["skip_share"])
 
 
 def test_a_quality_target_needs_shadow_labels() -> None:
@@ -130,3 +140,7 @@ def test_the_gateway_escalates_until_labels_show_the_target_holds(
     threshold_series = [line for line in metrics.splitlines()
                         if line.startswith("smallfirst_quality{") and 'figure="threshold"' in line]
     assert len(threshold_series) == 1 and 'policy="qt"' in threshold_series[0]
+    # every small answer is accepted: nothing is worth skipping, and the gauge says so
+    assert segment["skip_threshold"] is None and segment["skips"] == 0
+    assert any(line.startswith("smallfirst_quality{") and 'figure="skips"' in line
+               for line in metrics.splitlines())

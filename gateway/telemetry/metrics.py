@@ -28,7 +28,7 @@ BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 
 BudgetSource = Callable[[], Mapping[str, LatencyBudget]]
 QualitySource = Callable[[], list[dict[str, Any]]]  # `QualityTargets.snapshot`
 QUALITY_FIGURES = ("target", "estimated_quality", "quality_bound", "threshold", "small_share",
-                   "labels", "shadow_labels", "lost_labels")
+                   "labels", "shadow_labels", "lost_labels", "skip_threshold", "skips")
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,8 @@ class Metrics:
                 "smallfirst.quality", callbacks=[self._quality],
                 description="Quality targets held online, per policy and segment: the target, "
                 "estimated quality and its lower bound (served / frontier), the threshold, the "
-                "small share, labels, shadow labels and lost labels")
+                "small share, labels, shadow labels and lost labels, the learned difficulty "
+                "skip threshold and the requests it skipped")
         # Component -> what is wrong (gateway.health); set by the composition root.
         self.degraded: Callable[[], Mapping[str, str]] = dict
         meter.create_observable_gauge(

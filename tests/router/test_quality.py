@@ -163,3 +163,47 @@ def test_replay_names_a_policy_without_a_target(tmp_path, capsys):
     assert main(["replay", "--data", str(data), "--policy", str(policy),
                  "--report", str(tmp_path / "r.json")]) == 2
     assert "sets no quality.target" in capsys.readouterr().err
+
+
+def difficulty_stream(n: int, seed: int, related: bool) -> Stream:
+    """A difficulty score per request; where `related`, easy-looking requests (low scores) get
+    low confidence too, so the threshold rejects nearly all of them."""
+    rng = np.random.default_rng(seed)
+    difficulty = rng.random(n)
+    scores = np.clip(difficulty + rng.normal(0, 0.1, n), 0, 1) if related else rng.random(n)
+    small = (scores >= 0.5).astype(float)
+    flip = rng.random(n) < 0.02
+    small[flip] = 1 - small[flip]
+    return Stream(scores, small, np.ones(n), ["all"] * n, difficulty)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_skip_threshold_rises_where_small_answers_are_rejected(seed):
+    stream = difficulty_stream(6000, seed, related=True)
+    spec = QualityTarget(target=0.95)
+    report = replay(stream, spec, seed=seed)
+    without = replay(stream, QualityTarget(target=0.95, skip_if_accepted_below=0), seed=seed)
+    (segment,) = report["segments"]
+    assert without["skip_share"] == 0 and report["skip_share"] >= 0.25  # fewer small calls
+    assert report["small_calls_saved"] == segment["skips"] == round(report["skip_share"] * 6000)
+    assert 0.2 < segment["skip_threshold"] < 0.5 and segment["skip_explored"] > 0
+    # skipping costs almost no accepted answers, and never quality
+    assert report["frontier_calls_added"] <= 0.05 * report["small_calls_saved"]
+    assert report["small_share"] >= 0.85 * without["small_share"]
+    assert report["quality_rel_large"] >= 0.95 and report["min_window_quality_rel_large"] >= 0.93
+
+
+def test_no_skipping_where_easy_looking_requests_are_accepted():
+    report = replay(difficulty_stream(4000, 2, related=False), QualityTarget(target=0.95))
+    (segment,) = report["segments"]
+    assert report["skip_share"] == 0 and segment["skip_threshold"] is None
+    assert report["small_share"] > 0.3  # the acceptance threshold was set, nothing skipped
+
+
+def test_no_skipping_before_the_acceptance_threshold_is_set():
+    calibrator = QualityCalibrator(QualityTarget(min_labels=10_000), rng=random.Random(0).random)
+    for i in range(500):  # every low-difficulty request rejected, but too few labels
+        entry, _ = calibrator.record(i / 1000, escalated=True, difficulty=i / 1000)
+        calibrator.label(entry, 0.0, 1.0)
+    assert calibrator.threshold == ESCALATE_ALL
+    assert calibrator.plan(0.0) == (True, 1.0) and calibrator.skips == 0
