@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from gateway.policy import LatencyBudget
 from gateway.telemetry.budget import ALLOCATIONS, allocation_ms
 from gateway.telemetry.tracing import otlp_protocol, resource
+from gateway.telemetry.worker_metrics import WorkerExposition
 
 # Seconds, fit for 1 ms cache hits up to 60 s frontier answers.
 BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -125,6 +126,7 @@ class Metrics:
             "smallfirst.degraded", callbacks=[self._degraded],
             description="1 for each dependency the gateway is doing without (see /readyz)")
         self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop, once started
+        self.workers: WorkerExposition | None = None  # set in each of several workers
         meter.create_observable_gauge(
             "smallfirst.asyncio.tasks", callbacks=[self._tasks],
             description="Asyncio tasks alive in the serving loop (a leak grows it)")
@@ -157,6 +159,8 @@ class Metrics:
             yield Observation(1, {"component": component.split(":", 1)[0]})
 
     def prometheus_text(self) -> bytes:
+        if self.workers is not None:
+            return self.workers.merged()
         return generate_latest(self.registry)
 
     def record_rate_limited(self, limit: str, scope: str, counted: str) -> None:
