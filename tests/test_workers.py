@@ -21,6 +21,7 @@ from openai import OpenAI
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.api.workers import RESTARTS, Supervisor, listen
+from gateway.config import ConfigError
 from gateway.telemetry.worker_metrics import WorkerExposition
 from tests.conftest import GatewayRunner, Process, free_port, script, upstream_config
 
@@ -190,3 +191,25 @@ def test_merged_exposition_labels_every_worker_once_per_family(tmp_path: Path) -
     buckets = [s for s in families["smallfirst_request_duration_seconds"].samples
                if s.name.endswith("_count")]
     assert sorted(s.labels["worker"] for s in buckets) == ["0", "1"]
+
+
+def test_workers_come_from_the_file_the_environment_and_the_flag(
+        clean_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from tooling import cli
+
+    def settings(*argv: str) -> int:
+        return cli._serve_settings(cli.build_parser().parse_args(["serve", *argv])).workers
+
+    assert settings() == 1
+    config = tmp_path / "config.yaml"
+    config.write_text("workers: 3\n")
+    assert settings("--config", str(config)) == 3
+    clean_env.setenv("SMALLFIRST_WORKERS", "4")
+    assert settings("--config", str(config)) == 4
+    assert settings("--config", str(config), "--workers", "2") == 2
+    for bad in ("0", "-1", "two"):
+        with pytest.raises(SystemExit):
+            cli.build_parser().parse_args(["serve", "--workers", bad])
+    clean_env.setenv("SMALLFIRST_WORKERS", "0")
+    with pytest.raises(ConfigError, match="workers"):
+        settings()
