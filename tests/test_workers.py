@@ -1,5 +1,6 @@
 """Several workers on one port (`workers: 2`): both serve, `/metrics` counts every request
-whichever worker answers the scrape, a killed worker is replaced, SIGTERM drains them all.
+whichever worker answers the scrape, rate limits hold across workers through Redis, a killed
+worker is replaced, SIGTERM drains them all.
 
 One 2-worker gateway serves the module (each worker takes seconds to import); the SIGTERM test
 stops it, so it comes last.
@@ -23,7 +24,11 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway.api.workers import RESTARTS, Supervisor, listen
 from gateway.config import ConfigError
 from gateway.telemetry.worker_metrics import WorkerExposition
-from tests.conftest import GatewayRunner, Process, free_port, script, upstream_config
+from tests.conftest import GatewayRunner, Process, free_port, script, upstream_config, write
+
+KEY, LIMITED_KEY = "sk-workers", "sk-workers-limited"
+LIMIT = 10  # requests a minute for the limited tenant
+AUTH = {"authorization": f"Bearer {KEY}"}
 
 
 def requests_by_worker(base: str) -> dict[str, float]:
@@ -64,7 +69,7 @@ def ask(base: str, n: int, text: str) -> list[str]:
     """n chat completions through the official client, each on a new connection (a new
     connection is what the kernel hands to one worker or the other)."""
     def one(i: int) -> str:
-        with OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=60) as c:
+        with OpenAI(base_url=f"{base}/v1", api_key=KEY, max_retries=0, timeout=60) as c:
             reply = c.chat.completions.create(
                 model="auto", messages=[{"role": "user", "content": f"{text} {i}"}],
                 extra_headers={"cache-control": "no-cache, no-store"})
@@ -74,11 +79,19 @@ def ask(base: str, n: int, text: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def two_workers(tmp_path_factory: pytest.TempPathFactory,
-                upstream: str) -> Iterator[tuple[str, Process]]:
-    """The base URL and the supervisor of a 2-worker gateway, both workers up."""
-    runner = GatewayRunner(tmp_path_factory.mktemp("workers"))
-    base = runner.start(upstream_config(upstream, workers=2, shutdown_drain_s=1))
+def two_workers(tmp_path_factory: pytest.TempPathFactory, upstream: str,
+                redis_url: str) -> Iterator[tuple[str, Process]]:
+    """The base URL and the supervisor of a 2-worker gateway with Redis, both workers up."""
+    folder = tmp_path_factory.mktemp("workers")
+    keys = write(folder / "keys.yaml", f"""
+        tenants:
+          open: {{keys: [{KEY}]}}
+          limited: {{keys: [{LIMITED_KEY}], limits: {{requests_per_minute: {LIMIT}}}}}
+        """)
+    runner = GatewayRunner(folder)
+    base = runner.start(upstream_config(
+        upstream, workers=2, shutdown_drain_s=1, auth="on", api_keys_file=str(keys),
+        redis_url=redis_url, cache_semantic=False, cache_prefix=f"workers-{free_port()}"))
     supervisor = runner.last_process
     wait_for(lambda: len(workers_of(supervisor.proc.pid)) == 2, what="2 workers")
     wait_for(lambda: all(f'worker="{slot}"' in httpx.get(f"{base}/metrics", timeout=10).text
@@ -101,6 +114,39 @@ def test_both_workers_serve_and_metrics_count_every_request(
     scrapes = [requests_by_worker(base) for _ in range(8)]
     assert all(sum(s.values()) == before + 40 for s in scrapes), scrapes
     assert all(scrapes[-1].get(w, 0) > 0 for w in ("0", "1")), scrapes[-1]  # both served
+
+
+def test_rate_limits_hold_across_workers_through_redis(
+        two_workers: tuple[str, Process]) -> None:
+    base, _ = two_workers
+    before = refusals_by_worker(base)
+
+    def one(i: int) -> int:
+        body = {"model": "auto", "messages": [{"role": "user", "content": f"limited {i}"}]}
+        return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60,
+                          headers={"authorization": f"Bearer {LIMITED_KEY}"}).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        codes = list(pool.map(one, range(3 * LIMIT)))
+    assert codes.count(200) == LIMIT and codes.count(429) == 2 * LIMIT, codes
+    # Both workers refused some: each alone would have admitted up to the limit.
+    wait_for(lambda: sum(refusals_by_worker(base).values()) - sum(before.values()) == 2 * LIMIT,
+             timeout=20, what="the refusals counted")
+    after = refusals_by_worker(base)
+    assert all(after.get(w, 0) > before.get(w, 0) for w in ("0", "1")), (before, after)
+
+
+def refusals_by_worker(base: str) -> dict[str, float]:
+    """Rate-limit refusals counted in Redis, per worker."""
+    totals: dict[str, float] = {}
+    text = httpx.get(f"{base}/metrics", timeout=10).text
+    for family in text_string_to_metric_families(text):
+        if family.name == "smallfirst_rate_limited":
+            for sample in family.samples:
+                assert sample.labels["counted"] == "redis"
+                totals[sample.labels["worker"]] = totals.get(sample.labels["worker"], 0) \
+                    + sample.value
+    return totals
 
 
 def test_a_killed_worker_is_replaced(two_workers: tuple[str, Process]) -> None:
@@ -133,7 +179,7 @@ def test_sigterm_drains_every_worker_and_the_supervisor_exits_0(
     def plain(i: int) -> int:
         body = {"model": "auto", "messages": [{"role": "user", "content": f"drain {i}{slow}"}]}
         return httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60,
-                          headers={"cache-control": "no-cache, no-store"}).status_code
+                          headers={"cache-control": "no-cache, no-store", **AUTH}).status_code
 
     with ThreadPoolExecutor(8) as pool:
         codes = [pool.submit(plain, i) for i in range(8)]
@@ -213,3 +259,15 @@ def test_workers_come_from_the_file_the_environment_and_the_flag(
     clean_env.setenv("SMALLFIRST_WORKERS", "0")
     with pytest.raises(ConfigError, match="workers"):
         settings()
+
+
+def test_a_scrape_while_the_writer_thread_writes_is_served(tmp_path: Path) -> None:
+    from gateway.telemetry.metrics import Metrics
+
+    metrics = Metrics(env={})
+    metrics.requests.add(1, {"policy": "auto", "route": "small"})
+    exposition = metrics.workers = WorkerExposition(metrics.registry, tmp_path, 0)
+    writer = ThreadPoolExecutor(1).submit(lambda: [exposition.write() for _ in range(200)])
+    scrapes = [metrics.prometheus_text() for _ in range(200)]
+    writer.result()
+    assert all(b'worker="0"' in text for text in scrapes)

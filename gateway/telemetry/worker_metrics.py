@@ -33,6 +33,7 @@ class WorkerExposition:
         self.directory = Path(directory)
         self.slot = slot
         self._stop = threading.Event()
+        self._writing = threading.Lock()  # the writer thread and a scrape share the temp file
         self._thread: threading.Thread | None = None
 
     @property
@@ -57,13 +58,17 @@ class WorkerExposition:
     def write(self, text: bytes | None = None) -> None:
         text = generate_latest(self.registry) if text is None else text
         partial = self.path.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_bytes(text)
-        partial.replace(self.path)  # a reader sees the old file or the new one, never half
+        with self._writing:
+            partial.write_bytes(text)
+            partial.replace(self.path)  # a reader sees the old file or the new one, never half
 
     def merged(self) -> bytes:
         """Every worker's series with a `worker` label; this worker's collected just now."""
         own = generate_latest(self.registry)
-        self.write(own)
+        try:
+            self.write(own)
+        except OSError:  # the others miss this worker's newest figures once; the scrape has them
+            log.exception("worker metrics: cannot write %s", self.path)
         texts = {self.slot: own.decode()}
         for path in sorted(self.directory.glob(f"worker-*{SUFFIX}")):
             slot = int(path.name[len("worker-"):-len(SUFFIX)])
