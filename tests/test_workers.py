@@ -8,6 +8,7 @@ stops it, so it comes last.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
@@ -23,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.api.workers import RESTARTS, Supervisor, listen
 from gateway.config import ConfigError
+from gateway.telemetry.metrics import Metrics
 from gateway.telemetry.worker_metrics import WorkerExposition
 from tests.conftest import GatewayRunner, Process, free_port, script, upstream_config, write
 
@@ -219,24 +221,54 @@ def test_a_worker_refusing_its_configuration_stops_the_supervisor_with_status_2(
     assert supervise(2) == 2
 
 
-def test_merged_exposition_labels_every_worker_once_per_family(tmp_path: Path) -> None:
-    from gateway.telemetry.metrics import Metrics
+def worker_metrics(folder: Path, slots: int) -> list[Metrics]:
+    """In-process stand-ins for the workers' metrics, each with a request or more counted."""
+    out = []
+    for slot in range(slots):
+        metrics = Metrics(env={})
+        metrics.requests.add(slot + 1, {"policy": "auto", "route": "small"})
+        metrics.duration.record(0.1, {"policy": "auto"})
+        metrics.workers = WorkerExposition(metrics.registry, folder, slot)
+        metrics.workers.start()
+        out.append(metrics)
+    return out
 
-    metrics = [Metrics(env={}) for _ in range(2)]
-    for slot, m in enumerate(metrics):
-        m.requests.add(slot + 1, {"policy": "auto", "route": "small"})
-        m.duration.record(0.1, {"policy": "auto"})
-        m.workers = WorkerExposition(m.registry, tmp_path, slot)
-    metrics[1].workers.write()
-    text = metrics[0].prometheus_text().decode()
+
+async def test_a_scrape_gets_every_worker_s_figures_as_of_the_scrape(tmp_path: Path) -> None:
+    metrics = worker_metrics(tmp_path, 3)
+    metrics[2].requests.add(5, {"policy": "auto", "route": "small"})  # after its first write
+    text = (await metrics[0].exposition()).decode()
     assert text.count("# TYPE smallfirst_requests_total counter") \
         + text.count("# TYPE smallfirst_requests counter") == 1
     families = {f.name: f for f in text_string_to_metric_families(text)}
     counts = {s.labels["worker"]: s.value for s in families["smallfirst_requests"].samples}
-    assert counts == {"0": 1.0, "1": 2.0}
+    assert counts == {"0": 1.0, "1": 2.0, "2": 8.0}
     buckets = [s for s in families["smallfirst_request_duration_seconds"].samples
                if s.name.endswith("_count")]
-    assert sorted(s.labels["worker"] for s in buckets) == ["0", "1"]
+    assert sorted(s.labels["worker"] for s in buckets) == ["0", "1", "2"]
+    for m in metrics:
+        m.workers.stop()
+
+
+def dead_pid() -> int:
+    import subprocess
+
+    with subprocess.Popen(["true"]) as gone:
+        gone.wait()
+    return gone.pid
+
+
+async def test_a_dead_worker_s_last_figures_are_served_without_waiting_for_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    metrics = worker_metrics(tmp_path, 1)[0]
+    (tmp_path / "worker-1.prom").write_text(
+        f"# smallfirst worker pid={dead_pid()} scrape=0\n"
+        "# HELP smallfirst_requests_total Requests\n# TYPE smallfirst_requests_total counter\n"
+        'smallfirst_requests_total{policy="auto"} 7.0\n')
+    text = (await metrics.exposition()).decode()
+    assert 'smallfirst_requests_total{worker="1",policy="auto"} 7.0' in text
+    assert "did not answer" not in caplog.text
+    metrics.workers.stop()
 
 
 def test_workers_come_from_the_file_the_environment_and_the_flag(
@@ -261,13 +293,11 @@ def test_workers_come_from_the_file_the_environment_and_the_flag(
         settings()
 
 
-def test_a_scrape_while_the_writer_thread_writes_is_served(tmp_path: Path) -> None:
-    from gateway.telemetry.metrics import Metrics
-
-    metrics = Metrics(env={})
-    metrics.requests.add(1, {"policy": "auto", "route": "small"})
-    exposition = metrics.workers = WorkerExposition(metrics.registry, tmp_path, 0)
-    writer = ThreadPoolExecutor(1).submit(lambda: [exposition.write() for _ in range(200)])
-    scrapes = [metrics.prometheus_text() for _ in range(200)]
+def test_a_scrape_while_the_watcher_writes_is_served(tmp_path: Path) -> None:
+    metrics = worker_metrics(tmp_path, 1)[0]
+    exposition = metrics.workers
+    writer = ThreadPoolExecutor(1).submit(lambda: [exposition.write(n) for n in range(200)])
+    scrapes = [asyncio.run(metrics.exposition()) for _ in range(200)]
     writer.result()
     assert all(b'worker="0"' in text for text in scrapes)
+    exposition.stop()

@@ -159,9 +159,13 @@ class Metrics:
             yield Observation(1, {"component": component.split(":", 1)[0]})
 
     def prometheus_text(self) -> bytes:
-        if self.workers is not None:
-            return self.workers.merged()
         return generate_latest(self.registry)
+
+    async def exposition(self) -> bytes:
+        """What `/metrics` serves: this process's text, or every worker's when one of several."""
+        if self.workers is not None:
+            return await self.workers.merged()
+        return self.prometheus_text()
 
     def record_rate_limited(self, limit: str, scope: str, counted: str) -> None:
         self.rate_limited.add(1, {"limit": limit, "scope": scope, "counted": counted})
