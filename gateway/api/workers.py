@@ -4,8 +4,9 @@ The supervisor binds the listening socket once and starts `workers` processes th
 the kernel gives each new connection to whichever worker accepts it first. Workers share
 nothing but Redis: each builds its own Gateway. The supervisor replaces a worker that dies,
 passes SIGTERM and SIGINT on (each worker drains as a single process does) and exits 0 once
-all have stopped cleanly. It gives up, stopping the others, when workers keep dying
-(`RESTARTS` within `RESTART_WINDOW_S`: exit 1) or one refuses its configuration (exit 2).
+all have stopped cleanly; SIGHUP (reload the policies) goes to every worker. It gives up,
+stopping the others, when workers keep dying (`RESTARTS` within `RESTART_WINDOW_S`: exit 1)
+or one refuses its configuration (exit 2).
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._forward)
         signal.signal(signal.SIGINT, self._forward)
+        signal.signal(signal.SIGHUP, lambda sig, frame: self._signal_all(sig))
         try:
             for slot in range(self.workers):
                 self._start(slot)
@@ -86,6 +88,9 @@ class Supervisor:
             self.stopping = True
             # No more replacements; once the workers close their copies, the port refuses.
             self.sock.close()
+        self._signal_all(sig)
+
+    def _signal_all(self, sig: int) -> None:
         for proc in self.procs.values():
             if proc.poll() is None:
                 proc.send_signal(sig)
