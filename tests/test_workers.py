@@ -311,3 +311,16 @@ def test_a_scrape_while_the_watcher_writes_is_served(tmp_path: Path) -> None:
     writer.result()
     assert all(b'worker="0"' in text for text in scrapes)
     exposition.stop()
+
+
+async def test_without_the_shared_folder_a_scrape_serves_this_worker_alone(
+        tmp_path: Path) -> None:
+    import shutil
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    metrics = worker_metrics(shared, 1)[0]
+    shutil.rmtree(shared)
+    text = (await metrics.exposition()).decode()
+    assert 'smallfirst_requests_total{worker="0",' in text
+    metrics.workers.stop()

@@ -39,6 +39,7 @@ class WorkerExposition:
         self.request = self.directory / "scrape"
         self._stop = threading.Event()
         self._writing = threading.Lock()  # the watcher and a scrape share the temp file
+        self._answered = 0  # the latest scrape this worker's file answers
 
     def path(self, slot: int) -> Path:
         return self.directory / f"worker-{slot}.prom"
@@ -51,11 +52,9 @@ class WorkerExposition:
         self._stop.set()
 
     def _watch(self) -> None:
-        answered = 0
         while not self._stop.wait(WATCH_S):
             asked = _read_int(self.request)
-            if asked > answered:
-                answered = asked
+            if asked > self._answered:
                 try:
                     self.write(asked)
                 except Exception:  # a full disk must not end the worker; the next ask may work
@@ -69,13 +68,18 @@ class WorkerExposition:
         with self._writing:
             partial.write_bytes(text)
             partial.replace(self.path(self.slot))  # readers see the old text or the new
+            self._answered = max(self._answered, scrape)
         return text
 
     async def merged(self) -> bytes:
         """Every worker's series, as of this scrape, with a `worker` label."""
         scrape = time.monotonic_ns()  # one clock for every process on the machine
-        _write_atomically(self.request, str(scrape))
-        texts = {self.slot: self.write(scrape).decode()}
+        try:
+            texts = {self.slot: self.write(scrape).decode()}  # before asking: no double work
+            _write_atomically(self.request, str(scrape))
+        except OSError:  # the shared folder is gone or full: this worker's figures alone
+            log.exception("worker metrics: cannot share figures through %s", self.directory)
+            return merge({self.slot: generate_latest(self.registry).decode()})
         deadline = time.monotonic() + ANSWER_S
         while True:
             waiting = self._others(scrape, texts)
