@@ -119,6 +119,9 @@ class Settings(BaseSettings):
     auth: Literal["on", "off"] = "on"
     host: str = "127.0.0.1"
     port: int = 8000
+    workers: int = Field(
+        default=1, ge=1, le=256, description="Processes accepting on the one port, sharing "
+        "nothing but Redis. 1: in Kubernetes add pods instead; on a VM, about one per core.")
     max_body_bytes: int = Field(default=4 * 1024 * 1024, ge=1024)
     max_in_flight: int = Field(default=256, ge=1, description="Beyond this, 429 with Retry-After.")
     connect_timeout_s: float = Field(default=5.0, gt=0)

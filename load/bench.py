@@ -384,7 +384,8 @@ def write_report(out: Path, info: dict[str, Any], ladder_steps: list[Step],
         lines.append(f"| {step.target} | {step.rate:.0f} " + row(step))
     lines += ["", "![time to first byte](benchmarks/streaming.png)", "",
               "Not measured by this script yet: escalation cost over frontier-only, router "
-              "scoring time, several workers, and a long soak's memory.", ""]
+              "scoring time, and a long soak's memory (several workers: `--workers-ladder`).",
+              ""]
     out.write_text("\n".join(lines))
 
 
@@ -487,7 +488,15 @@ async def scenarios(args: argparse.Namespace, procs: Processes) -> dict[str, lis
                                        args.semantic_rates, args.seconds)
         print("streaming", flush=True)
         stream_steps = await streaming(load, targets[0], main, args.stream_rate, args.seconds)
-    return {"ladder": ladder_steps, "cache": cache_steps, "stream": stream_steps}
+        workers = None
+        if args.workers_ladder:
+            from load.workers_bench import workers_ladder
+
+            print("1 against 2 workers", flush=True)
+            workers = await workers_ladder(load, procs, upstream, targets[0], args.rates,
+                                           args.seconds)
+    return {"ladder": ladder_steps, "cache": cache_steps, "stream": stream_steps,
+            "workers": workers}
 
 
 def command(args: argparse.Namespace) -> str:
@@ -517,6 +526,8 @@ def main() -> None:
                         help="the proxy's version (newer [proxy] extras need the separate "
                              "litellm-proxy package)")
     parser.add_argument("--no-redis", action="store_true", help="skip the Redis cache scenarios")
+    parser.add_argument("--workers-ladder", action="store_true",
+                        help="also the ladder through 1 and 2 workers (load/workers_bench.py)")
     parser.add_argument("--note", help="a line for the report (e.g. what else ran)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = parser.parse_args()
@@ -540,6 +551,11 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plots(args.out.parent / "benchmarks", results["ladder"], results["stream"])
     write_report(args.out, info, results["ladder"], results["cache"], results["stream"])
+    if results["workers"]:
+        from load.workers_bench import section
+
+        with args.out.open("a") as out:
+            out.write("\n".join(section(*results["workers"])))
     print(f"wrote {args.out}")
 
 

@@ -145,6 +145,12 @@ def test_invalid_values_are_refused_by_the_schema() -> None:
         chart.validate_schema({"gateway": {"replicas": 0, "replica": 2}})
 
 
+def test_workers_per_pod_reach_the_gateway() -> None:
+    assert Manifests({"gateway": {"workers": 4}}).gateway_env["SMALLFIRST_WORKERS"] == "4"
+    with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmValuesError, match="workers"):
+        chart.validate_schema({"gateway": {"workers": 0}})
+
+
 def schema_paths(node: dict[str, Any], prefix: str = "", refs: bool = True) -> Iterator[str]:
     """Dotted paths of the schema's properties (through shared definitions if `refs`)."""
     if "$ref" in node and refs:
@@ -295,6 +301,7 @@ def test_rendered_config_and_env_load_as_gateway_settings(
         monkeypatch.setenv(key, value if isinstance(value, str) else f"from-secret-{key.lower()}")
     settings = load_settings(path)  # the gateway's own loader: unknown keys fail here
     assert settings.host == "0.0.0.0" and settings.port == VALUES["gateway"]["port"]
+    assert settings.workers == VALUES["gateway"]["workers"] == 1
     assert str(settings.policies) == VALUES["policies"]["mountPath"]
     for key, value in VALUE_SETS[name].get("gateway", {}).get("config", {}).items():
         assert getattr(settings, key) is not None and key in yaml.safe_load(config)
@@ -306,6 +313,7 @@ def test_rendered_config_and_env_load_as_gateway_settings(
     ({"small_api_base": "http://elsewhere/v1"}, "vllm"),
     ({"redis_url": "redis://elsewhere:6379"}, "redis"),
     ({"policies": "/somewhere"}, "policies"),
+    ({"workers": 4}, "gateway.workers"),
 ])
 def test_gateway_config_may_not_shadow_the_chart_s_wiring(config: dict[str, str], use: str) -> None:
     with helm.Chart.load(CHART) as chart, pytest.raises(helm.HelmRenderError) as error:

@@ -21,6 +21,7 @@ def _serve_settings(args: argparse.Namespace) -> Settings:
         host=args.host,
         port=args.port,
         policies=args.policies,
+        workers=args.workers,
         auth="off" if args.no_auth else None,
     )
     from gateway.api.auth import is_loopback
@@ -34,18 +35,64 @@ def _serve_settings(args: argparse.Namespace) -> Settings:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _serve_settings(args)
+    if args.worker is not None:  # one of several, started by the supervisor below
+        from gateway.api.workers import serve_worker
+
+        _log_to_stderr(settings, f"worker {args.worker[0]} ")
+        serve_worker(settings, *args.worker)
+        return 0
+    _check_port_free(settings.host, settings.port)
+    _log_to_stderr(settings)
+    if settings.workers > 1:
+        return _supervise(args, settings)
     from gateway.api.app import create_app
     from gateway.api.server import serve
     from gateway.service import Gateway
 
-    settings = _serve_settings(args)
-    _check_port_free(settings.host, settings.port)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(levelname)s %(name)s %(message)s"
-    )
     gateway = Gateway.from_settings(settings)
     serve(create_app(gateway), gateway)
     return 0
+
+
+def _log_to_stderr(settings: Settings, prefix: str = "") -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(), format=f"{prefix}%(levelname)s %(name)s %(message)s"
+    )
+
+
+def _supervise(args: argparse.Namespace, settings: Settings) -> int:
+    from gateway.api import workers
+
+    if settings.redis_url is None:
+        logging.getLogger("smallfirst.workers").warning(
+            "%d workers without redis_url: each worker keeps its own cache, rate limits and "
+            "shadow-call budgets (a limit of N a minute admits up to %d x N)",
+            settings.workers, settings.workers)
+
+    def command(slot: int, fd: int, directory: Path) -> list[str]:
+        argv = [sys.executable, "-m", "tooling.cli", "serve", "--worker",
+                f"{slot},{fd},{directory}"]
+        for flag, value in (("--config", args.config), ("--host", args.host),
+                            ("--port", args.port), ("--policies", args.policies)):
+            if value is not None:
+                argv += [flag, str(value)]
+        return argv + (["--no-auth"] if args.no_auth else [])
+
+    sock = workers.listen(settings.host, settings.port)
+    return workers.Supervisor(command, settings.workers, sock, settings.shutdown_grace_s).run()
+
+
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {value!r}")
+    return int(value)
+
+
+def _worker_spec(value: str) -> tuple[int, int, Path]:
+    """`SLOT,FD,FOLDER`: how the supervisor starts each worker."""
+    slot, fd, folder = value.split(",", 2)
+    return int(slot), int(fd), Path(folder)
 
 
 def _check_port_free(host: str, port: int) -> None:
@@ -161,6 +208,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int)
     serve.add_argument("--policies", type=Path, help="policy directory")
     serve.add_argument("--no-auth", action="store_true", help="open mode (loopback only)")
+    serve.add_argument("--workers", type=_positive,
+                       help="worker processes on the one port (default 1; see README)")
+    serve.add_argument("--worker", type=_worker_spec, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 
     policy = sub.add_parser("policy", help="policy files").add_subparsers(required=True)

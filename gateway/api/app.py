@@ -287,7 +287,7 @@ def _install_routes(app: FastAPI, gateway: Gateway) -> None:
     async def metrics() -> Response:
         if gateway.observer.metrics is None:
             raise NotFound("Metrics are switched off (SMALLFIRST_METRICS=false).")
-        return Response(gateway.observer.metrics.prometheus_text(),
+        return Response(await gateway.observer.metrics.exposition(),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
     @app.get("/admin/budget")

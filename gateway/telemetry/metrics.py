@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from gateway.policy import LatencyBudget
 from gateway.telemetry.budget import ALLOCATIONS, allocation_ms
 from gateway.telemetry.tracing import otlp_protocol, resource
+from gateway.telemetry.worker_metrics import WorkerExposition
 
 # Seconds, fit for 1 ms cache hits up to 60 s frontier answers.
 BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
@@ -126,6 +127,7 @@ class Metrics:
             "smallfirst.degraded", callbacks=[self._degraded],
             description="1 for each dependency the gateway is doing without (see /readyz)")
         self.loop: asyncio.AbstractEventLoop | None = None  # the serving loop, once started
+        self.workers: WorkerExposition | None = None  # set in each of several workers
         meter.create_observable_gauge(
             "smallfirst.asyncio.tasks", callbacks=[self._tasks],
             description="Asyncio tasks alive in the serving loop (a leak grows it)")
@@ -159,6 +161,12 @@ class Metrics:
 
     def prometheus_text(self) -> bytes:
         return generate_latest(self.registry)
+
+    async def exposition(self) -> bytes:
+        """What `/metrics` serves: this process's text, or every worker's when one of several."""
+        if self.workers is not None:
+            return await self.workers.merged()
+        return self.prometheus_text()
 
     def record_rate_limited(self, limit: str, scope: str, counted: str) -> None:
         self.rate_limited.add(1, {"limit": limit, "scope": scope, "counted": counted})

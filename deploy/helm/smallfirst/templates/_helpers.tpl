@@ -70,7 +70,7 @@ app.kubernetes.io/component: {{ .component }}
 {{/* Settings the chart passes as SMALLFIRST_* variables, which would silently win over the
 same keys in gateway.config: refuse them there and name the value to use instead. */}}
 {{- define "smallfirst.checkGatewayConfig" -}}
-{{- $wired := dict "host" "nothing (the pod listens on all its addresses)" "port" "gateway.port" "policies" "policies" "default_policy" "policies.default" "api_keys_file" "auth" "small_model" "vllm" "small_api_base" "vllm" "log_level" "gateway.logLevel" "watch_policies" "policies" -}}
+{{- $wired := dict "host" "nothing (the pod listens on all its addresses)" "port" "gateway.port" "workers" "gateway.workers" "policies" "policies" "default_policy" "policies.default" "api_keys_file" "auth" "small_model" "vllm" "small_api_base" "vllm" "log_level" "gateway.logLevel" "watch_policies" "policies" -}}
 {{- if or .Values.redis.enabled .Values.redis.external.existingSecret -}}
 {{- $_ := set $wired "redis_url" "redis" -}}
 {{- end -}}
