@@ -599,7 +599,7 @@ def main() -> None:
     plots(args.out.parent / "benchmarks", results["ladder"], results["stream"])
     bench_costs.plots(args.out.parent / "benchmarks", results)
     write_report(args.out, info, results["ladder"], results["cache"], results["stream"],
-                 bench_costs.report(results, args.cost_seconds))
+                 bench_costs.report(results, args))
     print(f"wrote {args.out}")
 
 

@@ -30,7 +30,7 @@ import aiohttp
 import yaml
 
 from load import soak
-from load.bench import HEAD, RULE, Load, Processes, Step, Target, quantile, row
+from load.bench import HEAD, QUANTILES, RULE, Load, Processes, Step, Target, quantile, rates, row
 from load.cache_bench import questions
 from load.harness import ROOT, free_port, start
 
@@ -49,7 +49,9 @@ POLICIES = {
                 "confidence": {"scorer": "learned", "threshold": 0.0}},
 }
 SOAK_SAMPLES = 10
+WARMUP_SAMPLES = 2  # as load.soak's
 Timings = dict[tuple[str, float], list[dict[str, float]]]  # Server-Timing, by target and rate
+SCORED = "scored "  # a response's scores, next to its timings: "scored difficulty": 1
 
 
 async def scenarios(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
@@ -99,8 +101,8 @@ def cascade_gateway(procs: Processes) -> tuple[str, dict[str, int], str]:
 
 
 class Probe:
-    """The load generator over a session that also reads each response's Server-Timing:
-    a measured step's components are kept in `timings`, by target and rate."""
+    """The load generator over a session that also reads each response's Server-Timing and
+    scores: a measured step's are kept in `timings`, by target and rate."""
 
     def __init__(self) -> None:
         self.seen: list[dict[str, float]] = []
@@ -109,9 +111,10 @@ class Probe:
     async def __aenter__(self) -> Probe:
         async def on_end(session: Any, context: Any,
                          params: aiohttp.TraceRequestEndParams) -> None:
-            header = params.response.headers.get("server-timing")
-            if header:
-                self.seen.append(server_timing(header))
+            headers = params.response.headers
+            if "server-timing" in headers:
+                self.seen.append({**server_timing(headers["server-timing"]),
+                                  **scored(headers.get("x-smallfirst-scores", ""))})
 
         trace = aiohttp.TraceConfig()
         trace.on_request_end.append(on_end)
@@ -145,6 +148,12 @@ def server_timing(header: str) -> dict[str, float]:
     return {name: float(ms) for name, ms in re.findall(r"([\w.-]+);dur=([\d.]+)", header)}
 
 
+def scored(header: str) -> dict[str, float]:
+    """`difficulty=0.812, confidence=0.135` -> {"scored difficulty": 1, ...}: which scorers
+    gave an opinion (a learned one has none when the embedding missed its budget)."""
+    return {SCORED + name: 1 for name in re.findall(r"(\w+)=", header)}
+
+
 def prompts(tag: str, suffix: str = "") -> Any:
     """Unique questions (no cache hits, a fresh embedding each) of a realistic shape."""
     asked = [question for question, _ in questions(240)]
@@ -160,10 +169,16 @@ async def escalation(probe: Probe, gateway: str, pids: dict[str, int], frontier:
         Target("direct frontier upstream", f"{frontier}/v1/chat/completions",
                "frontier-stand-in", {"frontier upstream": pids["frontier upstream"]}),
     ]
+    steps, saturated = [], set()
     for target in targets:
         await probe.warm(target, 20, REJECTED)
-    return [await probe.measure(target, rate, seconds, REJECTED)
-            for rate in rates for target in targets]
+    for rate in rates:
+        for target in targets:
+            if target.name not in saturated:
+                steps.append(step := await probe.measure(target, rate, seconds, REJECTED))
+                if step.errors > 0.2 * step.sent or step.q("p99") > 10_000:
+                    saturated.add(target.name)  # the next rate would only queue further
+    return steps
 
 
 async def router(probe: Probe, gateway: str, pids: dict[str, int], rate: float,
@@ -193,15 +208,16 @@ async def soak_memory(workdir: Path, seconds: float, rate: float) -> soak.Soak:
 # ---- the report ------------------------------------------------------------------------
 
 
-def report(results: dict[str, Any], seconds: float) -> list[str]:
+def report(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
     """The markdown sections of the scenarios that ran."""
     lines: list[str] = []
     if results["escalation"]:
-        lines += escalation_section(results["escalation"], results["timings"], seconds)
+        lines += escalation_section(results["escalation"], results["timings"],
+                                    args.cost_seconds)
     if results["router"]:
-        lines += router_section(results["router"], results["timings"], seconds)
+        lines += router_section(results["router"], results["timings"], args.cost_seconds)
     if results["soak"] is not None:
-        lines += soak_section(results["soak"])
+        lines += soak_section(results["soak"], args.soak_s, args.soak_rate)
     return lines
 
 
@@ -217,17 +233,16 @@ def escalation_section(steps: list[Step], timings: Timings, seconds: float) -> l
     for step in steps:
         lines.append(f"| {step.target} | {step.rate:.0f} " + row(step) + f" {served(step)} |")
     lines += ["", "The added cost of trying the small model first (cascade minus frontier-only) "
-              "and of the whole gateway (minus direct), per percentile:", "",
-              "| difference | rate/s " + HEAD, "|---|---" + RULE]
+              "and of the whole gateway (minus direct), per percentile and per process:", "",
+              "| difference | rate/s " + DIFFERENCE_HEAD, "|---|---" + "|---" * 6 + "|"]
     for rate in dict.fromkeys(s.rate for s in steps):
         at = {s.target: s for s in steps if s.rate == rate}
         for a, b in (("cascade, escalated", "frontier-only policy"),
                      ("cascade, escalated", "direct frontier upstream"),
                      ("frontier-only policy", "direct frontier upstream")):
             if a in at and b in at:
-                lines.append(f"| {a} - {b} | {rate:.0f} " + row(at[a], at[b]))
-    return [*lines, "", "(In difference rows the CPU column is the first target's.)", "",
-            *components(steps, timings)]
+                lines.append(f"| {a} - {b} | {rate:.0f} " + difference(at[a], at[b]))
+    return [*lines, "", *components(steps, timings)]
 
 
 def router_section(steps: list[Step], timings: Timings, seconds: float) -> list[str]:
@@ -241,21 +256,35 @@ def router_section(steps: list[Step], timings: Timings, seconds: float) -> list[
     for step in steps:
         lines.append(f"| {step.target} | {step.rate:.0f} " + row(step) + f" {served(step)} |")
     if len(steps) == 2:
-        lines.append(f"| learned - heuristic | {steps[1].rate:.0f} " + row(steps[1], steps[0]))
+        lines += ["", "| difference | rate/s " + DIFFERENCE_HEAD, "|---|---" + "|---" * 6 + "|",
+                  f"| learned - heuristic | {steps[1].rate:.0f} " + difference(*steps[::-1])]
     return [*lines, "", *components(steps, timings)]
 
 
+DIFFERENCE_HEAD = "| p50 | p90 | p99 | p99.9 | max | CPU ms per request |"
+
+
+def difference(step: Step, base: Step) -> str:
+    """`step`'s latency percentiles and CPU per process minus `base`'s."""
+    cells = [f"{step.q(name) - base.q(name):+.1f}" for name, _ in QUANTILES]
+    cpu = ", ".join(f"{process} {ms - base.cpu_ms.get(process, 0.0):+.2f}"
+                    for process, ms in step.cpu_ms.items())
+    return f"| {' | '.join(cells)} | {cpu} |"
+
+
 def components(steps: list[Step], timings: Timings) -> list[str]:
-    """Each step's gateway components from `Server-Timing`, p50 / p99; `-` where one did
-    not run."""
+    """Each step's gateway components from `Server-Timing`, p50 / p99 (`-` where one did
+    not run), and how many responses each scorer gave an opinion on."""
     seen = {(step.target, step.rate): timings.get((step.target, step.rate), [])
             for step in steps}
-    names = list(dict.fromkeys(name for rows in seen.values() for t in rows for name in t))
+    keys = list(dict.fromkeys(key for rows in seen.values() for t in rows for key in t))
+    names = [key for key in keys if not key.startswith(SCORED)]
     if not names:
         return []
-    lines = ["The gateway's own time per component (`Server-Timing`), p50 / p99 in ms:", "",
-             "| target | rate/s | timed | " + " | ".join(names) + " |",
-             "|---|---|---" + "|---" * len(names) + "|"]
+    lines = ["The gateway's own time per component (`Server-Timing`), p50 / p99 in ms, and "
+             "the responses each scorer gave a score for (`x-smallfirst-scores`):", "",
+             "| target | rate/s | timed | " + " | ".join(names) + " | scored |",
+             "|---|---|---" + "|---" * len(names) + "|---|"]
     for (target, rate), rows in seen.items():
         if not rows:
             continue
@@ -264,25 +293,29 @@ def components(steps: list[Step], timings: Timings) -> list[str]:
             values = [t[name] for t in rows if name in t]
             cells.append(f"{quantile(values, 0.5):.1f} / {quantile(values, 0.99):.1f}"
                          if values else "-")
-        lines.append(f"| {target} | {rate:.0f} | {len(rows)} | " + " | ".join(cells) + " |")
+        scores = ", ".join(f"{key.removeprefix(SCORED)} {sum(key in t for t in rows)}"
+                           for key in keys if key.startswith(SCORED))
+        lines.append(f"| {target} | {rate:.0f} | {len(rows)} | " + " | ".join(cells) +
+                     f" | {scores or '-'} |")
     return [*lines, ""]
 
 
-def soak_section(result: soak.Soak) -> list[str]:
+def soak_section(result: soak.Soak, seconds: float, rate: float) -> list[str]:
     samples = result.samples
     lines = ["## Soak: the gateway's memory", "",
-             f"Mixed traffic (`load.soak`: cache hits, small answers, escalations, streams, tool "
-             f"calls, clients leaving mid-stream) at a constant rate, {result.sent} requests; "
-             f"{len(samples)} samples, each taken once nothing was in flight and idle pooled "
-             "connections had expired. Growth: the last sample against the first, and "
-             "against the first after two warm-up samples.", "",
+             f"{seconds:g} s of mixed traffic (`load.soak`: cache hits, small answers, "
+             "escalations, streams, tool calls, clients leaving mid-stream) at "
+             f"{rate:g} requests/s, {result.sent} requests; {len(samples)} samples, each taken "
+             "once nothing was in flight and idle pooled connections had expired. Growth: the "
+             f"last sample against the first, and against the first after {WARMUP_SAMPLES} "
+             "warm-up samples.", "",
              "| measure | start | end | max | growth | after warm-up |",
              "|---|---|---|---|---|---|"]
     for key, name, form in (("rss_mb", "resident memory, MB", "{:.1f}"),
                             ("fds", "open descriptors", "{:d}"),
                             ("tasks", "asyncio tasks", "{:d}")):
         values = [s[key] for s in samples]
-        warm = values[2] if len(values) > 2 else values[0]
+        warm = values[min(WARMUP_SAMPLES, len(values) - 1)]
         cells = [form.format(v) for v in (values[0], values[-1], max(values))]
         lines.append(f"| {name} | " + " | ".join(cells) +
                      f" | {growth(values[0], values[-1])} | {growth(warm, values[-1])} |")
@@ -292,7 +325,7 @@ def soak_section(result: soak.Soak) -> list[str]:
 
 
 def growth(first: float, last: float) -> str:
-    """In percent, and for counts also in units."""
+    """In percent, and for counts (ints) also in units."""
     percent = f"{100 * (last / first - 1):+.1f}%" if first else "-"
     return percent if isinstance(first, float) else f"{percent} ({last - first:+d})"
 
@@ -323,9 +356,8 @@ def plots(folder: Path, results: dict[str, Any]) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--escalation-rates", type=lambda text: [float(v) for v in
-                                                                 text.split(",")],
-                        default=[20.0, 50.0], help="rates of the escalation scenario")
+    parser.add_argument("--escalation-rates", type=rates, default=rates("10,25"),
+                        help="rates of the escalation scenario")
     parser.add_argument("--router-rate", type=float, default=20.0,
                         help="rate of the router scoring scenario")
     parser.add_argument("--cost-seconds", type=float, default=30.0,
