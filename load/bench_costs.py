@@ -101,8 +101,8 @@ def cascade_gateway(procs: Processes) -> tuple[str, dict[str, int], str]:
 
 
 class Probe:
-    """The load generator over a session that also reads each response's Server-Timing and
-    scores: a measured step's are kept in `timings`, by target and rate."""
+    """The load generator, over a session that also reads every response's Server-Timing
+    and scores; those of a measured step are kept in `timings`, by target and rate."""
 
     def __init__(self) -> None:
         self.seen: list[dict[str, float]] = []
@@ -128,8 +128,9 @@ class Probe:
         await self.session.close()
 
     async def warm(self, target: Target, rate: float, suffix: str = "") -> None:
-        """Connections, lazy imports and the upstreams warmed up, nothing kept."""
-        await self.load.step(target, rate, 2.0, prompts("warm", suffix))
+        """Connections, lazy imports and the upstreams warmed up (unique prompts: no cache
+        hits), nothing kept."""
+        await self.load.step(target, rate, 2.0, prompts(f"warm {uuid.uuid4().hex[:8]}", suffix))
 
     async def measure(self, target: Target, rate: float, seconds: float,
                       suffix: str = "") -> Step:
