@@ -230,7 +230,8 @@ def escalation_section(steps: list[Step], timings: Timings, seconds: float) -> l
              "rejects its answer (a scripted mean logprob of -2, confidence 0.14 under the "
              "threshold 0.5) and escalates; frontier-only: a policy with `route: "
              "frontier_only`; direct: the frontier upstream without the gateway.", "",
-             "| target | rate/s " + HEAD + " served |", "|---|---" + RULE + "---|"]
+             *added_cost(steps), "| target | rate/s " + HEAD + " served |",
+             "|---|---" + RULE + "---|"]
     for step in steps:
         lines.append(f"| {step.target} | {step.rate:.0f} " + row(step) + f" {served(step)} |")
     lines += ["", "The added cost of trying the small model first (cascade minus frontier-only) "
@@ -246,6 +247,19 @@ def escalation_section(steps: list[Step], timings: Timings, seconds: float) -> l
     return [*lines, "", *components(steps, timings)]
 
 
+def added_cost(steps: list[Step]) -> list[str]:
+    """The headline: what trying the small model first added at the lowest rate."""
+    at = {s.target: s for s in steps if s.rate == steps[0].rate}
+    cascade, frontier = at.get("cascade, escalated"), at.get("frontier-only policy")
+    if cascade is None or frontier is None:
+        return []
+    cpu = sum(cascade.cpu_ms.values()) - sum(frontier.cpu_ms.values())
+    return [f"**Trying the small model first** added {cascade.q('p50') - frontier.q('p50'):+.1f}"
+            f" ms at p50 and {cascade.q('p99') - frontier.q('p99'):+.1f} ms at p99 to an "
+            f"escalated request at {cascade.rate:.0f}/s, and {cpu:+.2f} ms of CPU (all "
+            "processes), against the frontier-only policy.", ""]
+
+
 def router_section(steps: list[Step], timings: Timings, seconds: float) -> list[str]:
     lines = ["## Router scoring time", "",
              f"Non-streamed, unique questions, {seconds:g} s at {steps[0].rate:.0f}/s per "
@@ -253,13 +267,36 @@ def router_section(steps: list[Step], timings: Timings, seconds: float) -> list[
              "`always_small`, confidence from logprobs); learned: the shipped router bundle "
              "for both (`difficulty` includes waiting for the prompt's embedding, computed "
              "in a worker thread, up to the policy's `embedding` budget).", "",
-             "| policy | rate/s " + HEAD + " served |", "|---|---" + RULE + "---|"]
+             *scoring_time(steps, timings), "| policy | rate/s " + HEAD + " served |",
+             "|---|---" + RULE + "---|"]
     for step in steps:
         lines.append(f"| {step.target} | {step.rate:.0f} " + row(step) + f" {served(step)} |")
     if len(steps) == 2:
         lines += ["", "| difference | rate/s " + DIFFERENCE_HEAD, "|---|---" + "|---" * 6 + "|",
                   f"| learned - heuristic | {steps[1].rate:.0f} " + difference(*steps[::-1])]
     return [*lines, "", *components(steps, timings)]
+
+
+def scoring_time(steps: list[Step], timings: Timings) -> list[str]:
+    """The headline: the learned scorers' time, and what they added end to end."""
+    if len(steps) != 2:
+        return []
+    heuristic, learned = steps
+    seen = timings.get((learned.target, learned.rate), [])
+
+    def step_ms(name: str) -> str:
+        values = [t[name] for t in seen if name in t]
+        return f"{quantile(values, 0.5):.1f} / {quantile(values, 0.99):.1f} ms"
+
+    scored = sum(SCORED + "difficulty" in t for t in seen)
+    cpu = learned.cpu_ms.get("gateway", 0.0) - heuristic.cpu_ms.get("gateway", 0.0)
+    return [f"**The learned scorers** took {step_ms('difficulty')} (difficulty, p50 / p99) and "
+            f"{step_ms('confidence')} (confidence) at {learned.rate:.0f}/s, and added "
+            f"{learned.q('p50') - heuristic.q('p50'):+.1f} ms at p50, "
+            f"{learned.q('p99') - heuristic.q('p99'):+.1f} ms at p99 and {cpu:+.2f} ms of "
+            "gateway CPU per request against the heuristic policy. The difficulty scorer "
+            f"gave a score to {scored} of {len(seen)} requests (the others had none: their "
+            "embedding came after its budget).", ""]
 
 
 DIFFERENCE_HEAD = "| p50 | p90 | p99 | p99.9 | max | CPU ms per request |"
