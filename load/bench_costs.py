@@ -351,8 +351,9 @@ def soak_section(result: soak.Soak, seconds: float, rate: float) -> list[str]:
              "|---|---|---|---|---|---|"]
     for key, name, form in (("rss_mb", "resident memory, MB", "{:.1f}"),
                             ("fds", "open descriptors", "{:d}"),
-                            ("tasks", "asyncio tasks", "{:d}")):
-        values = [s[key] for s in samples]
+                            ("tasks", "asyncio tasks", "{:d}"),
+                            ("redis_clients", "Redis connections", "{:d}")):
+        values = [s[key] or 0 for s in samples]
         warm = values[min(WARMUP_SAMPLES, len(values) - 1)]
         cells = [form.format(v) for v in (values[0], values[-1], max(values))]
         lines.append(f"| {name} | " + " | ".join(cells) +
