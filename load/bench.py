@@ -1,6 +1,7 @@
 """The side-by-side benchmark: runs the scenarios and writes docs/benchmarks.md with its plots.
 
     python -m load.bench [--seconds 6] [--rates 25,50,100,200,300] [--baseline DIR] [--litellm]
+                         [--only NAME,...] [--skip NAME,...] [--soak-s 600]
 
 Everything runs on this machine at once: the scripted upstream (20 ms to the first token:
 the stand-in for a small model, and for what a client would call directly), the gateway, and
@@ -15,7 +16,11 @@ Scenarios:
 - cache: exact hits (in-process cache, and Redis) and semantic hits (Redis, embedding
   included) at rising rates; Redis-backed misses (the cache step before the small model);
 - streaming: time to the first content byte for each stream mode against the direct stream;
-- CPU: every process's CPU seconds per request in each step.
+- CPU: every process's CPU seconds per request in each step;
+- escalation, router, soak (`load.bench_costs`): an escalated request against frontier-only,
+  the learned scorers' time against the heuristic policy, the gateway's memory over a soak.
+
+Scenarios by name (`--only`, `--skip`): ladder, cache, stream, escalation, router, soak.
 """
 
 from __future__ import annotations
@@ -47,6 +52,9 @@ UPSTREAM_TTFT_MS = 20
 SCRIPT = ' <<script {"ttft_ms": %d, "tokens_per_s": %d}>>'
 QUANTILES = (("p50", 0.50), ("p90", 0.90), ("p99", 0.99), ("p99.9", 0.999), ("max", 1.0))
 TIMEOUT_S = 30.0
+SCENARIOS = ("ladder", "cache", "stream", "escalation", "router", "soak", "workers")
+HEAD = "| p50 | p90 | p99 | p99.9 | max | errors | CPU ms per request |"  # of a row()
+RULE = "|---" * 7 + "|"
 
 
 @dataclass
@@ -337,9 +345,8 @@ def row(step: Step, base: Step | None = None) -> str:
 
 
 def write_report(out: Path, info: dict[str, Any], ladder_steps: list[Step],
-                 cache_steps: list[Step], stream_steps: list[Step]) -> None:
-    head = "| p50 | p90 | p99 | p99.9 | max | errors | CPU ms per request |"
-    rule = "|---" * 7 + "|"
+                 cache_steps: list[Step], stream_steps: list[Step], more: list[str]) -> None:
+    """The report of the scenarios that ran; `more`: the sections of `load.bench_costs`."""
     lines = [
         "# Benchmarks", "",
         f"Written by `{info['command']}` ({info['seconds']} s per step). Every process ran on "
@@ -354,39 +361,52 @@ def write_report(out: Path, info: dict[str, Any], ladder_steps: list[Step],
     ]
     if info.get("note"):
         lines += [info["note"], ""]
-    lines += headline(ladder_steps)
-    lines += ["## Overhead ladder (non-streamed, small route, unique prompts)", "",
+    if ladder_steps:
+        lines += headline(ladder_steps) + ladder_section(ladder_steps)
+    if cache_steps:
+        lines += cache_section(cache_steps)
+    if stream_steps:
+        lines += stream_section(stream_steps)
+    lines += [*more, ""]
+    out.write_text("\n".join(lines))
+
+
+def ladder_section(ladder_steps: list[Step]) -> list[str]:
+    lines = ["## Overhead ladder (non-streamed, small route, unique prompts)", "",
               "Each target's latency, then its overhead: the same percentile minus the direct "
               "upstream's at the same rate. CPU: each process's CPU ms per request in the "
-              "step.", "", "| target | rate/s " + head, "|---|---" + rule]
+              "step.", "", "| target | rate/s " + HEAD, "|---|---" + RULE]
     direct = {s.rate: s for s in ladder_steps if s.target == "direct upstream"}
     for step in ladder_steps:
         lines.append(f"| {step.target} | {step.rate:.0f} " + row(step))
-    lines += ["", "| overhead over direct | rate/s " + head, "|---|---" + rule]
+    lines += ["", "| overhead over direct | rate/s " + HEAD, "|---|---" + RULE]
     for step in ladder_steps:
         if step.target != "direct upstream" and step.rate in direct:
             lines.append(f"| {step.target} | {step.rate:.0f} " + row(step, direct[step.rate]))
-    lines += ["", "![latency by rate](benchmarks/ladder.png)", "",
-              "## Cache (non-streamed, end to end)", "",
+    return [*lines, "", "![latency by rate](benchmarks/ladder.png)", ""]
+
+
+def cache_section(cache_steps: list[Step]) -> list[str]:
+    lines = ["## Cache (non-streamed, end to end)", "",
               "Exact hits repeat questions asked once before; semantic hits reword them (only "
               "the share served from the semantic cache is a hit, see `served`); misses are "
               "unique prompts through a gateway with Redis and the semantic cache on.", "",
-              "| kind | rate/s " + head + " served |", "|---|---" + rule + "---|"]
+              "| kind | rate/s " + HEAD + " served |", "|---|---" + RULE + "---|"]
     for step in cache_steps:
         served = ", ".join(f"{k} {v}" for k, v in sorted(step.served.items()))
         lines.append(f"| {step.target} | {step.rate:.0f} " + row(step) + f" {served} |")
-    lines += ["", "## Streaming: time to the first content byte", "",
+    return [*lines, ""]
+
+
+def stream_section(stream_steps: list[Step]) -> list[str]:
+    lines = ["## Streaming: time to the first content byte", "",
               "The upstream streams 16 tokens at 400 tokens/s after its first. Direct mode "
               "relays the first token; holdback (policy auto) holds 16 tokens for judgement; "
               "buffer (quality) judges the whole answer first.", "",
-              "| mode | rate/s " + head, "|---|---" + rule]
+              "| mode | rate/s " + HEAD, "|---|---" + RULE]
     for step in stream_steps:
         lines.append(f"| {step.target} | {step.rate:.0f} " + row(step))
-    lines += ["", "![time to first byte](benchmarks/streaming.png)", "",
-              "Not measured by this script yet: escalation cost over frontier-only, router "
-              "scoring time, and a long soak's memory (several workers: `--workers-ladder`).",
-              ""]
-    out.write_text("\n".join(lines))
+    return [*lines, "", "![time to first byte](benchmarks/streaming.png)", ""]
 
 
 def headline(ladder_steps: list[Step]) -> list[str]:
@@ -413,39 +433,55 @@ def headline(ladder_steps: list[Step]) -> list[str]:
 
 
 def plots(folder: Path, ladder_steps: list[Step], stream_steps: list[Step]) -> None:
+    """The plots of the scenarios that ran (one that did not keep its earlier plot)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     folder.mkdir(parents=True, exist_ok=True)
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=80)
-    for name in dict.fromkeys(s.target for s in ladder_steps):
-        steps = [s for s in ladder_steps if s.target == name]
+    if ladder_steps:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), dpi=80)
+        for name in dict.fromkeys(s.target for s in ladder_steps):
+            steps = [s for s in ladder_steps if s.target == name]
+            for ax, q in zip(axes, ("p50", "p99"), strict=True):
+                ax.plot([s.rate for s in steps], [s.q(q) for s in steps], marker="o",
+                        label=name)
         for ax, q in zip(axes, ("p50", "p99"), strict=True):
-            ax.plot([s.rate for s in steps], [s.q(q) for s in steps], marker="o", label=name)
-    for ax, q in zip(axes, ("p50", "p99"), strict=True):
-        ax.set(xlabel="requests/s", ylabel=f"{q} latency, ms", yscale="log", title=q)
+            ax.set(xlabel="requests/s", ylabel=f"{q} latency, ms", yscale="log", title=q)
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(folder / "ladder.png")
+    if stream_steps:
+        fig, ax = plt.subplots(figsize=(6, 3.4), dpi=80)
+        for step in stream_steps:
+            ordered = sorted(step.latencies)
+            ax.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))],
+                    label=step.target)
+        ax.set(xlabel="time to first content byte, ms", ylabel="share of requests",
+               xscale="log")
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(folder / "ladder.png")
-    fig, ax = plt.subplots(figsize=(6, 3.4), dpi=80)
-    for step in stream_steps:
-        ordered = sorted(step.latencies)
-        ax.plot(ordered, [(i + 1) / len(ordered) for i in range(len(ordered))],
-                label=step.target)
-    ax.set(xlabel="time to first content byte, ms", ylabel="share of requests", xscale="log")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(folder / "streaming.png")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(folder / "streaming.png")
 
 
 # ---- the run ---------------------------------------------------------------------------
 
 
-async def scenarios(args: argparse.Namespace, procs: Processes) -> dict[str, list[Step]]:
+async def scenarios(args: argparse.Namespace, procs: Processes) -> dict[str, Any]:
+    from load import bench_costs  # it builds on this module
+
+    results: dict[str, Any] = {"ladder": [], "cache": [], "stream": []}
+    if {"ladder", "cache", "stream"} & args.scenarios:
+        results.update(await gateway_scenarios(args, procs))
+    return {**results, **await bench_costs.scenarios(args, procs)}
+
+
+async def gateway_scenarios(args: argparse.Namespace,
+                            procs: Processes) -> dict[str, list[Step]]:
+    """The overhead ladder, cache and streaming scenarios that `args` select."""
     up_port = free_port()
     upstream = f"http://127.0.0.1:{up_port}"
     up_pid = procs.add(start([sys.executable, "-m", "load.upstream", "--port", str(up_port)],
@@ -480,16 +516,21 @@ async def scenarios(args: argparse.Namespace, procs: Processes) -> dict[str, lis
         load = Load(session)
         for target in targets:  # warm up connections, lazy imports and the upstream
             await load.step(target, 50, 2.0, unique("warm"))
-        print("overhead ladder", flush=True)
-        ladder_steps = await ladder(load, targets, args.rates, args.seconds)
-        print("cache", flush=True)
-        memory = Target("in-process", main.url, "auto", pids)
-        cache_steps = await cache_hits(load, memory, redis, args.hit_rates,
-                                       args.semantic_rates, args.seconds)
-        print("streaming", flush=True)
-        stream_steps = await streaming(load, targets[0], main, args.stream_rate, args.seconds)
+        ladder_steps, cache_steps, stream_steps = [], [], []
+        if "ladder" in args.scenarios:
+            print("overhead ladder", flush=True)
+            ladder_steps = await ladder(load, targets, args.rates, args.seconds)
+        if "cache" in args.scenarios:
+            print("cache", flush=True)
+            memory = Target("in-process", main.url, "auto", pids)
+            cache_steps = await cache_hits(load, memory, redis, args.hit_rates,
+                                           args.semantic_rates, args.seconds)
+        if "stream" in args.scenarios:
+            print("streaming", flush=True)
+            stream_steps = await streaming(load, targets[0], main, args.stream_rate,
+                                           args.seconds)
         workers = None
-        if args.workers_ladder:
+        if "workers" in args.scenarios:
             from load.workers_bench import workers_ladder
 
             print("1 against 2 workers", flush=True)
@@ -510,6 +551,14 @@ def rates(text: str) -> list[float]:
     return [float(value) for value in text.split(",")]
 
 
+def names(text: str) -> set[str]:
+    chosen = {name.strip() for name in text.split(",") if name.strip()}
+    if unknown := chosen - set(SCENARIOS):
+        raise argparse.ArgumentTypeError(f"unknown scenarios {', '.join(sorted(unknown))}; "
+                                         f"choose from {', '.join(SCENARIOS)}")
+    return chosen
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=6.0, help="length of each step")
@@ -526,11 +575,17 @@ def main() -> None:
                         help="the proxy's version (newer [proxy] extras need the separate "
                              "litellm-proxy package)")
     parser.add_argument("--no-redis", action="store_true", help="skip the Redis cache scenarios")
-    parser.add_argument("--workers-ladder", action="store_true",
-                        help="also the ladder through 1 and 2 workers (load/workers_bench.py)")
+    parser.add_argument("--only", type=names, default=set(SCENARIOS), metavar="NAME,...",
+                        help=f"run only these scenarios ({', '.join(SCENARIOS)})")
+    parser.add_argument("--skip", type=names, default=set(), metavar="NAME,...",
+                        help="run all scenarios but these")
     parser.add_argument("--note", help="a line for the report (e.g. what else ran)")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    from load import bench_costs  # it builds on this module
+
+    bench_costs.add_arguments(parser)
     args = parser.parse_args()
+    args.scenarios = args.only - args.skip
     try:
         import uvloop
 
@@ -550,12 +605,13 @@ def main() -> None:
     info["load_after"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     args.out.parent.mkdir(parents=True, exist_ok=True)
     plots(args.out.parent / "benchmarks", results["ladder"], results["stream"])
-    write_report(args.out, info, results["ladder"], results["cache"], results["stream"])
-    if results["workers"]:
+    bench_costs.plots(args.out.parent / "benchmarks", results)
+    more = bench_costs.report(results, args)
+    if results.get("workers"):
         from load.workers_bench import section
 
-        with args.out.open("a") as out:
-            out.write("\n".join(section(*results["workers"])))
+        more += section(*results["workers"])
+    write_report(args.out, info, results["ladder"], results["cache"], results["stream"], more)
     print(f"wrote {args.out}")
 
 

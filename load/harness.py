@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from tooling.smallmodel import free_port  # noqa: F401 (the benchmarks' one import of it)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

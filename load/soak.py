@@ -184,8 +184,8 @@ def _row(s: dict) -> str:
             f"{s['requests']:>9}")
 
 
-def _stack(work: Path) -> tuple[str, int, str, list]:
-    """Start the upstream, Valkey and a gateway; their handles to stop."""
+def stack(work: Path) -> tuple[str, int, str, list]:
+    """Start the upstream, Valkey and a gateway; their handles, for `stop`."""
     from tooling.redis_local import RedisLocal
 
     upstream_port, port = free_port(), free_port()
@@ -204,6 +204,11 @@ def _stack(work: Path) -> tuple[str, int, str, list]:
     return base, gateway.pid, valkey.url, [gateway, upstream, valkey]
 
 
+def stop(handles: list) -> None:
+    for handle in handles:
+        handle.terminate() if hasattr(handle, "terminate") else handle.stop()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration-s", type=float, default=900)
@@ -213,14 +218,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check", action="store_true", help="exit 1 on descriptor/task growth")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as work:
-        base, pid, redis_url, handles = _stack(Path(work))
+        base, pid, redis_url, handles = stack(Path(work))
         try:
             print(HEADER, flush=True)
             soak = asyncio.run(run(base, pid, redis_url, duration_s=args.duration_s,
                                    every_s=args.every_s, rate=args.rate, echo=True))
         finally:
-            for handle in handles:
-                handle.terminate() if hasattr(handle, "terminate") else handle.stop()
+            stop(handles)
     growth = soak.growth(args.warmup_samples)
     print(f"requests {soak.sent}: {dict(soak.outcomes)}")
     print(f"growth after {args.warmup_samples} warm-up samples: RSS {growth['rss_pct']:+.1f}%, "

@@ -11,6 +11,7 @@ JSON-mode request (``response_format``) with a JSON object, as a real provider w
 Run it as its own process::
 
     python -m load.upstream --host 127.0.0.1 --port 9100 [--model-name NAME] [--stand-in-note]
+        [--script JSON]
 
 or in-process with ``create_app()``. Endpoints: ``POST /v1/chat/completions``,
 ``POST /v1/completions``, ``POST /v1/messages`` (Anthropic wire format), ``GET /v1/models``,
@@ -19,7 +20,8 @@ or in-process with ``create_app()``. Endpoints: ``POST /v1/chat/completions``,
 
 The script is a JSON object from the ``x-upstream-script`` request header or, since a gateway
 forwards only the body, from a directive ``<<script {...}>>`` anywhere in the last user message.
-The header, when present, replaces the directive. Fields are those of ``Script`` below.
+The header, when present, replaces the directive. Fields are those of ``Script`` below; those
+a request leaves out come from the server's ``--script`` (none by default).
 """
 
 from __future__ import annotations
@@ -167,15 +169,19 @@ def _check_tool_call(spec: JSON) -> None:
         raise BadRequest("tool_call must be true or {name?: str, arguments?: JSON object}")
 
 
-def read_script(header: str | None, last_user_text: str) -> Script:
-    """The header's script if there is one, else the directive in the last user message."""
+def read_script(header: str | None, last_user_text: str, defaults: JSON | None = None) -> Script:
+    """The header's script if there is one, else the directive in the last user message; the
+    fields either leaves out are taken from `defaults` (the server's --script)."""
     if header:
         try:
             raw = json.loads(header)
         except json.JSONDecodeError as exc:
             raise BadRequest(f"{SCRIPT_HEADER} is not JSON: {exc}") from exc
-        return Script.from_mapping(raw)
-    return Script.from_mapping(_directive(last_user_text))
+    else:
+        raw = _directive(last_user_text)
+    if defaults and isinstance(raw, dict):
+        raw = {**defaults, **raw}
+    return Script.from_mapping(raw)
 
 
 def _directive(text: str) -> object:
@@ -858,7 +864,8 @@ def endpoint(fmt: WireFormat) -> Callable[[Request], Awaitable[Response]]:
         state: UpstreamState = request.app.state.upstream
         try:
             call = fmt.parse(await _json_object(request), state.model_name)
-            script = read_script(request.headers.get(SCRIPT_HEADER), call.last_user_text)
+            script = read_script(request.headers.get(SCRIPT_HEADER), call.last_user_text,
+                                 state.defaults)
         except BadRequest as exc:
             return fmt.error(400, str(exc), {})
         attempt = state.stats.record(script.key, request.url.path)
@@ -886,6 +893,7 @@ def endpoint(fmt: WireFormat) -> Callable[[Request], Awaitable[Response]]:
 class UpstreamState:
     model_name: str
     stand_in_note: str = ""  # prefix of every default answer (see --stand-in-note)
+    defaults: JSON = field(default_factory=dict)  # script fields every request starts from
     stats: Stats = field(default_factory=Stats)
 
 
@@ -908,9 +916,13 @@ async def stats_reset(request: Request) -> Response:
     return JSONResponse({"reset": True})
 
 
-def create_app(model_name: str = DEFAULT_MODEL_NAME, stand_in_note: str = "") -> Starlette:
+def create_app(model_name: str = DEFAULT_MODEL_NAME, stand_in_note: str = "",
+               defaults: JSON | None = None) -> Starlette:
     """The scripted upstream as an ASGI app; each app keeps its own counters. A
-    `stand_in_note` opens every default answer, so a reader cannot take it for a model's."""
+    `stand_in_note` opens every default answer, so a reader cannot take it for a model's.
+    `defaults` are script fields for every request, each overridden by the request's own
+    script (e.g. one process per model, each with its own `ttft_ms`)."""
+    Script.from_mapping(defaults or {})  # a bad default fails here, not on every request
     routes = [
         Route("/v1/chat/completions", endpoint(OPENAI_CHAT), methods=["POST"]),
         Route("/v1/completions", endpoint(OPENAI_COMPLETIONS), methods=["POST"]),
@@ -921,7 +933,7 @@ def create_app(model_name: str = DEFAULT_MODEL_NAME, stand_in_note: str = "") ->
         Route("/stats/reset", stats_reset, methods=["POST"]),
     ]
     app = Starlette(routes=routes)
-    app.state.upstream = UpstreamState(model_name, stand_in_note)
+    app.state.upstream = UpstreamState(model_name, stand_in_note, dict(defaults or {}))
     return app
 
 
@@ -954,12 +966,16 @@ def main(argv: list[str] | None = None) -> None:
         "--stand-in-note", nargs="?", const=STAND_IN_NOTE, default="", metavar="TEXT",
         help=f"open every default answer with TEXT (without TEXT: {STAND_IN_NOTE!r}), so "
         "nobody takes the stand-in's answers for a model's; scripted text is left as it is")
+    parser.add_argument(
+        "--script", type=json.loads, default={}, metavar="JSON",
+        help='script fields for every request, e.g. \'{"ttft_ms": 60}\'; a request\'s own '
+        "script overrides them field by field")
     args = parser.parse_args(argv)
     note = args.stand_in_note
     if note and not note.endswith((" ", "\n")):
         note += " "
     config = uvicorn.Config(
-        create_app(args.model_name, note),
+        create_app(args.model_name, note, args.script),
         host=args.host,
         port=args.port,
         log_level=args.log_level,

@@ -3,7 +3,7 @@ gateway with `workers: 1` and one with `workers: 2`, side by side with the direc
 
     python -m load.workers_bench [--rates 100,200,300] [--seconds 20]
 
-Also `python -m load.bench --workers-ladder` (a section of docs/benchmarks.md). CPU per
+Also `python -m load.bench --only workers` (a section of docs/benchmarks.md). CPU per
 request counts every worker's process; `share` is each worker's part of the requests, from the
 gateway's own `/metrics`. Two workers can only help where the machine has a core to spare.
 """

@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from load.upstream import SCRIPT_HEADER, create_app, split_text
+from load.upstream import SCRIPT_HEADER, BadRequest, create_app, split_text
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TOOLS = [
@@ -137,6 +137,23 @@ async def test_header_script_wins_over_directive(client: httpx.AsyncClient) -> N
     assert reply["model"] == "frontier-x"
     plain = (await client.post("/v1/chat/completions", json=body)).json()
     assert plain["choices"][0]["message"]["content"] == "from the directive"
+
+
+async def test_server_defaults_fill_what_a_script_leaves_out() -> None:
+    app = create_app("test-model", defaults={"text": "default text", "model": "small-x"})
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://upstream") as client:
+        plain = (await client.post("/v1/chat/completions", json=chat())).json()
+        scripted = (await client.post("/v1/chat/completions",
+                                      json=chat(directive({"text": "own text"})))).json()
+    assert plain["choices"][0]["message"]["content"] == "default text"
+    assert scripted["choices"][0]["message"]["content"] == "own text"
+    assert plain["model"] == scripted["model"] == "small-x"
+
+
+def test_a_bad_server_default_fails_at_start() -> None:
+    with pytest.raises(BadRequest, match="ttft_ms"):
+        create_app("test-model", defaults={"ttft_ms": -1})
 
 
 async def test_directive_is_read_from_the_last_user_message_only(
