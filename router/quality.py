@@ -25,10 +25,11 @@ tried requests' difficulty and confidence scores) must stay under `skip_if_accep
 times the segment's acceptance rate. Relative, not absolute: a strict threshold early on
 accepts little anywhere, and skipping everything then would starve its own labels. A
 `skip_explore` share of the would-be-skipped requests still tries the small model, weighted
-by the inverse of that share, so the estimate follows the traffic. Skipped requests never
-enter the window: the quality bound holds over the requests that tried the small model, and
-the skipped ones are served at the frontier's quality. No skipping before the acceptance
-threshold is set.
+by the inverse of that share, so the estimate follows the traffic. A skipped request enters
+the window as what it is, an answer the frontier served (no loss, like an escalation, but
+never below or above any threshold: it is neither labelled nor counted as tried), so
+skipping does not make the threshold stricter for the rest. No skipping before the
+acceptance threshold is set.
 
 The gateway (through its engine and traffic learner) and `smallfirst router replay` drive the
 same class, with the same calls, so an offline replay shows what the live gateway would do.
@@ -49,6 +50,7 @@ import numpy as np
 
 ESCALATE_ALL = math.inf  # no confidence reaches it
 NO_SKIP = -math.inf  # no difficulty falls below it
+SKIPPED = -math.inf  # a skipped request's confidence: below every threshold
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,7 @@ class Scored:
     seq: int = 0  # its place in the segment's traffic
     difficulty: float | None = None  # its difficulty score, when the policy has one
     tried: float = 1.0  # the chance it had of trying the small model (below the skip threshold)
+    skipped: bool = False  # served by the frontier without trying the small model
 
     @property
     def labelled(self) -> bool:
@@ -127,8 +130,17 @@ class QualityCalibrator:
             share = self.spec.skip_explore
             tried = self.rng() < share
             self.explored += tried
-            self.skips += not tried
+            if not tried:
+                self.skips += 1
+                self._enter(Scored(SKIPPED, 1.0, 0.0, 1.0, self.requests, difficulty, share,
+                                   skipped=True))
             return tried, share
+
+    def _enter(self, entry: Scored) -> None:
+        self._window.append(entry)
+        if len(self._window) > self.spec.window:
+            self._window.popleft()
+        self.requests += 1
 
     def record(self, confidence: float, escalated: bool, difficulty: float | None = None,
                tried: float = 1.0) -> tuple[Scored, bool]:
@@ -154,10 +166,7 @@ class QualityCalibrator:
             self._accepted_times.append(self.clock())
         entry = Scored(confidence, probability, seq=self.requests, difficulty=difficulty,
                        tried=tried)
-        self._window.append(entry)
-        if len(self._window) > self.spec.window:
-            self._window.popleft()
-        self.requests += 1
+        self._enter(entry)
         return entry
 
     def label(self, entry: Scored, small: float, large: float, shadow: bool = False,
@@ -265,7 +274,8 @@ def search_threshold(window: list[Scored], sample: list[Scored], spec: QualityTa
     total = sum_e + n_a * mean_a
     bound = (total + NormalDist().inv_cdf(spec.confidence)
              * np.sqrt(var_e + n_a**2 * np.maximum(spread_a, 0) / weights**2)) / n
-    last_of_tie = np.r_[c[1:] != c[:-1], True]  # a threshold accepts every equal score
+    # a threshold accepts every equal score, and never a skipped request
+    last_of_tie = np.r_[c[1:] != c[:-1], True] & np.isfinite(c)
     failed = np.flatnonzero((bound > 0) & last_of_tie)
     k = (failed[0] if failed.size else len(c)) - 1  # the last index of the passing run
     while k >= 0 and not last_of_tie[k]:
@@ -293,7 +303,7 @@ def search_skip(window: list[Scored], threshold: float, spec: QualityTarget) -> 
     never look safe to skip. Skipping costs no quality, so the highest passing candidate
     is taken (no fixed-sequence order needed).
     """
-    rows = [s for s in window if s.difficulty is not None]
+    rows = [s for s in window if s.difficulty is not None and not s.skipped]
     if spec.skip_if_accepted_below <= 0 or threshold == ESCALATE_ALL or not rows:
         return NO_SKIP
     d = np.array([s.difficulty for s in rows])

@@ -53,6 +53,16 @@ class Frontier:
         return "frontier", self.text(params["messages"][0]["content"])
 
 
+class Difficulty:
+    """The difficulty scorer: each request's score from the stream (the prompt is its row)."""
+
+    def __init__(self, scores: np.ndarray) -> None:
+        self.scores = scores
+
+    async def score(self, prompt: Any) -> float:
+        return float(self.scores[int(prompt.text)])
+
+
 async def test_live_learner_and_replay_reach_the_same_thresholds_and_skips() -> None:
     data = stream()
     policy = Policy.model_validate({"name": "qt", "quality": QUALITY, "learning": LEARNING})
@@ -63,16 +73,17 @@ async def test_live_learner_and_replay_reach_the_same_thresholds_and_skips() -> 
     order = request_order(len(data.scores), SEED)
     frontier = Frontier({str(row): data.small[row] for row in order})
     engine.learner = TrafficLearner(None, frontier.ask, quality=engine.quality)
+    engine.difficulty = {"always_small": Difficulty(data.difficulty)}
     kept = skipped = 0
     for row in order:
         request_id = str(row)
         call = Call(request_id, policy, {"messages": [{"role": "user", "content": request_id}]})
-        difficulty = float(data.difficulty[row])
-        if not engine._tries_small(call, difficulty):  # the learned skip: frontier only
-            call.decision = Decision("qt", Route.FRONTIER, difficulty, escalation="difficulty")
+        call.decision = Decision("qt")
+        if await engine._plan(call, call.decision) == "frontier":  # the learned skip
             engine.learner.observe(call)  # no small answer: nothing to learn from
             skipped += 1
             continue
+        difficulty = call.decision.difficulty
         threshold = engine._acceptance_threshold(call)  # what the engine accepts at
         escalated = data.scores[row] < threshold
         call.decision = Decision("qt", Route.ESCALATED if escalated else Route.SMALL,
