@@ -22,8 +22,7 @@ from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-from router import QualityCalibrator, QualityTargets
-from router.quality import QualityTarget, Scored
+from router import QualityCalibrator, QualityTarget, QualityTargets, Scored
 
 log = logging.getLogger("smallfirst.quality")
 

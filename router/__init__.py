@@ -13,12 +13,12 @@ from router.embedding import DIM, Embedder
 from router.features import FEATURE_NAMES, feature_row
 from router.pairs.vectors import Embed, cache_vector, windows
 from router.pairs.verifier import PairDiff, PairVerifier, VerifierError, changed_part_cosines
-from router.quality import QualityCalibrator, QualityTarget, QualityTargets
+from router.quality import QualityCalibrator, QualityTarget, QualityTargets, Scored
 from router.serving import DEFAULT_BUNDLE, RouterBundle
 
 __all__ = [
     "DEFAULT_BUNDLE", "DIM", "FEATURE_NAMES", "BundleError", "Embed", "Embedder", "PairDiff",
     "PairVerifier", "QualityCalibrator", "QualityTarget", "QualityTargets", "RouterBundle",
-    "VerifierError", "answer_agreement", "cache_vector",
+    "Scored", "VerifierError", "answer_agreement", "cache_vector",
     "changed_part_cosines", "feature_row", "windows",
 ]

@@ -10,7 +10,7 @@ def test_exported_members():
     assert set(router.__all__) == {
         "BundleError", "DEFAULT_BUNDLE", "DIM", "Embed", "Embedder", "FEATURE_NAMES",
         "PairDiff", "PairVerifier", "QualityCalibrator", "QualityTarget", "QualityTargets",
-        "RouterBundle", "VerifierError", "answer_agreement",
+        "RouterBundle", "Scored", "VerifierError", "answer_agreement",
         "cache_vector", "changed_part_cosines", "feature_row", "windows",
     }
     for name in router.__all__:
