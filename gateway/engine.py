@@ -504,8 +504,12 @@ class CascadeEngine:
         spec = call.policy.quality_target
         if spec is None or difficulty is None:
             return True
-        calibrator = self.quality.calibrator(call.policy.name, quality_segment(call), spec)
+        segment = quality_segment(call)
+        calibrator = self.quality.calibrator(call.policy.name, segment, spec)
         tried, call.tried_probability = calibrator.plan(difficulty)
+        pool = self.learner and self.learner.pool
+        if not tried and pool:  # the other processes' windows count it too
+            pool.skipped(call.policy.name, segment, difficulty, call.tried_probability)
         return tried
 
     def _prompt(self, call: Call) -> Prompt:

@@ -59,6 +59,10 @@ class QualityPool:
                        "q": repr(entry.probability), "d": repr(entry.difficulty),
                        "t": repr(entry.tried)})
 
+    def skipped(self, policy: str, segment: str, difficulty: float, share: float) -> None:
+        self._publish({"skip": "1", "p": policy, "s": segment, "d": repr(difficulty),
+                       "t": repr(share)})
+
     def labelled(self, entry: Scored, shadow: bool, lost: bool) -> None:
         pooled = self._ids.pop(id(entry), None)
         if pooled is not None:
@@ -123,7 +127,13 @@ class QualityPool:
     def _apply(self, event: dict[str, str]) -> None:
         if event.get("o") == self.origin:
             return
-        if "e" in event:
+        if "skip" in event:
+            spec = self.spec_for(event["p"])
+            if spec is None:
+                return
+            self.targets.calibrator(event["p"], event["s"], spec).enter_skipped(
+                float(event["d"]), float(event["t"]))
+        elif "e" in event:
             spec = self.spec_for(event["p"])
             if spec is None:  # no quality target here (yet, or any more)
                 return

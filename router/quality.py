@@ -132,9 +132,17 @@ class QualityCalibrator:
             self.explored += tried
             if not tried:
                 self.skips += 1
-                self._enter(Scored(SKIPPED, 1.0, 0.0, 1.0, self.requests, difficulty, share,
-                                   skipped=True))
+                self._skip(difficulty, share)
             return tried, share
+
+    def enter_skipped(self, difficulty: float, share: float) -> None:
+        """Enter a request another process skipped (a pooled replica's)."""
+        with self._lock:
+            self._skip(difficulty, share)
+
+    def _skip(self, difficulty: float, share: float) -> None:
+        self._enter(Scored(SKIPPED, 1.0, 0.0, 1.0, self.requests, difficulty, share,
+                           skipped=True))
 
     def _enter(self, entry: Scored) -> None:
         self._window.append(entry)

@@ -69,11 +69,15 @@ async def test_another_process_sets_the_same_threshold_from_pooled_evidence(
         theirs = b_targets.calibrator("qt", "all", SPEC)
         assert await until(lambda: theirs.labels == mine.labels)
         assert (theirs.requests, theirs.threshold) == (mine.requests, mine.threshold)
+        a.skipped("qt", "all", 0.05, 0.05)  # a request A sent straight to the frontier
+        assert await until(lambda: theirs.requests == mine.requests + 1)
+        assert theirs.snapshot()["window"] == mine.snapshot()["window"] + 1
         # ...and a process started later catches up from what the stream holds.
         c_targets, c = process(redis_url, key, 4)
         tasks.append(asyncio.create_task(c.run()))
         late = c_targets.calibrator("qt", "all", SPEC)
-        assert await until(lambda: late.labels == mine.labels)
+        assert await until(lambda: late.labels == mine.labels
+                           and late.requests == mine.requests + 1)
         assert late.threshold == mine.threshold
     finally:
         for task in tasks:
