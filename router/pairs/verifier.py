@@ -431,7 +431,11 @@ class PairDiff:
     @classmethod
     def of(cls, a: str, b: str) -> PairDiff:
         b, typos = align_typos(a, b, _spelling_variant)
-        a, b = canonical(a), canonical(b)
+        return cls.of_canonical(canonical(a), canonical(b), typos)
+
+    @classmethod
+    def of_canonical(cls, a: str, b: str, typos: int = 0) -> PairDiff:
+        """The comparison of two texts already in canonical form."""
         ta, tb = tokens(a), tokens(b)
         matcher = difflib.SequenceMatcher(None, ta, tb, autojunk=False)
         return cls(a, b, typos, ta, tb, matcher.get_opcodes())
@@ -467,7 +471,8 @@ class PairDiff:
     @cached_property
     def question(self) -> PairDiff:
         """The comparison of the last lines alone (meant for prompts sharing their context)."""
-        return PairDiff.of(_last_line_text(self.text_a), _last_line_text(self.text_b))
+        return PairDiff.of_canonical(_last_line_text(self.text_a),
+                                     _last_line_text(self.text_b))
 
     def compared_texts(self) -> tuple[str, str]:
         """The texts whose cosine is `diff_cosine`: the changed content of each side, or,
