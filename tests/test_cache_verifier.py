@@ -197,6 +197,23 @@ def test_prompts_sharing_their_context_compare_their_whole_last_lines() -> None:
     assert other_table.compared_texts() == other_table.diff_texts() == ("775", "776")
 
 
+def test_prompts_sharing_their_context_are_judged_by_their_questions() -> None:
+    """A long shared context must not make two different questions after it look alike:
+    the model reads the pair of last lines, as it would the two questions alone, at the
+    last lines' cosine; the vetoes still read the whole prompts."""
+    table = "Sales (CSV):\nregion,revenue\nNorth,2121\nSouth,775\n"
+    first, second = "Which region had the highest total revenue?", "List the regions."
+    whole = features(table + first, table + second, cosine=0.99, diff_cosine=0.3)
+    alone = features(first, second, cosine=0.3, diff_cosine=0.3)
+    model = [i for i, name in enumerate(FEATURES) if name not in VETOES]
+    np.testing.assert_array_equal(whole[model], alone[model])
+    verifier = PairVerifier.load()
+    assert verifier.probability_of(whole) == verifier.probability_of(alone)
+    assert verifier.probability_of(whole) < verifier.threshold_for(0.01)
+    # a context that differs is still vetoed, whatever the questions
+    assert vetoed(features(table + first, table.replace("775", "776") + first, 0.99, 0.99))
+
+
 def test_fixture_columns_match_the_embedding_path(embed) -> None:
     """The fixture's precomputed cosines come from the same code path as serving, within the
     embedder's documented noise across CPUs: its activations are quantized per call, so a

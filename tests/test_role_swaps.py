@@ -113,9 +113,11 @@ def test_typos_are_still_aligned_in_words_and_in_a_name_that_names_nothing_else(
 
 def test_an_older_model_reads_past_the_veto_only_column() -> None:
     verifier = PairVerifier.load()
-    assert verifier.data["features"][-1] != "swapped_roles"  # fitted before the column
+    # a model fitted before the column (the trees never split on a veto-only column)
+    older = PairVerifier({**verifier.data, "features": FEATURES[:-1]})
     row = features("How do I sort a list in Python?", "how do i sort a list in python", 0.99, 1.0)
-    assert verifier.probability_of(row) >= verifier.threshold_for(0.01)
+    assert older.probability_of(row) == verifier.probability_of(row)
+    assert older.probability_of(row) >= older.threshold_for(0.01)
     # a model fitted on other columns is still refused
     body = {**verifier.data, "features": FEATURES[1:]}
     with pytest.raises(VerifierError, match="feature set"):

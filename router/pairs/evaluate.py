@@ -24,7 +24,7 @@ import numpy as np
 from router.pairs import training
 from router.pairs.training import pair_matrix, read_pairs, row_id
 from router.pairs.vectors import Embed
-from router.pairs.verifier import FEATURES, PairVerifier
+from router.pairs.verifier import PairVerifier
 
 TARGET_FALSE_HITS = 0.01
 TARGET_HITS = 0.5
@@ -72,7 +72,7 @@ def evaluate(
     if frame.empty:
         raise ValueError(f"{pairs}: no rows left that the verifier was not trained on")
     x = pair_matrix(frame, embed)
-    cosine = x[:, FEATURES.index("cosine")]
+    cosine = training.pair_cosines(frame, embed)
     prob = np.array([verifier.probability_of(row) for row in x])
     chosen = verifier.threshold_for(max_false_hit_rate) if threshold is None else threshold
     served = (prob >= chosen) & (cosine >= min_cosine)
@@ -167,7 +167,7 @@ def holdout_by_kind(
     y = frame.same_answer.to_numpy().astype(int)
     kinds = frame.kind.to_numpy()
     names = np.array(training.groups(frame))
-    cosine = x[:, FEATURES.index("cosine")]
+    cosine = training.pair_cosines(frame, embed, cache_dir)
     folds = folds or kind_folds(kinds, min_rows)
     prob = np.full(len(frame), np.nan)
     threshold = np.full(len(frame), np.nan)

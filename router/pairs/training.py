@@ -123,6 +123,24 @@ def pair_matrix(frame: Any, embed: Embed | None,
                                                                     strict=True)])
 
 
+def pair_cosines(frame: Any, embed: Embed | None,
+                 cache_dir: Path | None = EMBEDDING_CACHE) -> np.ndarray:
+    """The cosine of each pair's whole texts, as the cache's search sees it (its
+    `semantic_min_cosine` gate): the verifier's `cosine` column holds the last lines' when
+    two prompts share their context."""
+    if "cosine" in frame.columns:
+        return frame.cosine.to_numpy()
+    vectors_id = getattr(embed, "vectors_id", None)
+    return _whole_cosines(list(zip(frame.q1, frame.q2, strict=True)), embed,
+                          cache_dir if vectors_id is not None else None)
+
+
+def _whole_cosines(pairs: list[tuple[str, str]], embed: Embed | None,
+                   cache_dir: Path | None) -> np.ndarray:
+    return _cached(cache_dir, "cache-pairs", [getattr(embed, "vectors_id", None), pairs],
+                   lambda: _pair_cosines(embed, pairs))
+
+
 def _embedding_inputs(
     pairs: list[tuple[str, str]], embed: Embed | None, cache_dir: Path | None
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -131,8 +149,7 @@ def _embedding_inputs(
     vectors_id = getattr(embed, "vectors_id", None)
     if vectors_id is None:
         cache_dir = None
-    cosine = _cached(cache_dir, "cache-pairs", [vectors_id, pairs],
-                     lambda: _pair_cosines(embed, pairs))
+    cosine = _whole_cosines(pairs, embed, cache_dir)
     diffs = [PairDiff.of(a, b) for a, b in pairs]
     diff = _cached(cache_dir, "cache-diffs", [vectors_id, [d.compared_texts() for d in diffs]],
                    lambda: changed_part_cosines(embed, diffs))

@@ -22,7 +22,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -402,9 +402,13 @@ def _symmetric(words: list[str], first: int, gap_start: int, gap_end: int) -> bo
                for k, w in enumerate(joined) if k >= len(before))
 
 
-def _last_line(text: str) -> list[str]:
+def _last_line_text(text: str) -> str:
     lines = [line for line in text.strip().splitlines() if line.strip()]
-    return _content(tokens(lines[-1])) if lines else []
+    return lines[-1] if lines else ""
+
+
+def _last_line(text: str) -> list[str]:
+    return _content(tokens(_last_line_text(text)))
 
 
 def _context(text: str) -> list[str] | None:
@@ -427,7 +431,11 @@ class PairDiff:
     @classmethod
     def of(cls, a: str, b: str) -> PairDiff:
         b, typos = align_typos(a, b, _spelling_variant)
-        a, b = canonical(a), canonical(b)
+        return cls.of_canonical(canonical(a), canonical(b), typos)
+
+    @classmethod
+    def of_canonical(cls, a: str, b: str, typos: int = 0) -> PairDiff:
+        """The comparison of two texts already in canonical form."""
         ta, tb = tokens(a), tokens(b)
         matcher = difflib.SequenceMatcher(None, ta, tb, autojunk=False)
         return cls(a, b, typos, ta, tb, matcher.get_opcodes())
@@ -454,13 +462,24 @@ class PairDiff:
         only_a, only_b = self.changed()
         return " ".join(_content(only_a)), " ".join(_content(only_b))
 
+    @cached_property
+    def shares_context(self) -> bool:
+        """Two multi-line prompts with the same context: they differ in their last lines."""
+        context = _context(self.text_a)
+        return context is not None and context == _context(self.text_b)
+
+    @cached_property
+    def question(self) -> PairDiff:
+        """The comparison of the last lines alone (meant for prompts sharing their context)."""
+        return PairDiff.of_canonical(_last_line_text(self.text_a),
+                                     _last_line_text(self.text_b))
+
     def compared_texts(self) -> tuple[str, str]:
         """The texts whose cosine is `diff_cosine`: the changed content of each side, or,
         when two multi-line prompts share their context, their whole last lines (the changed
         words alone of "Which region had the highest total revenue?" and "Identify the top
         region by revenue." leave out the region and the revenue they both ask about)."""
-        context = _context(self.text_a)
-        if context is not None and context == _context(self.text_b):
+        if self.shares_context:
             return " ".join(_last_line(self.text_a)), " ".join(_last_line(self.text_b))
         return self.diff_texts()
 
@@ -472,7 +491,21 @@ def features(a: str, b: str, cosine: float, diff_cosine: float) -> np.ndarray:
 
 def features_of(diff: PairDiff, cosine: float, diff_cosine: float) -> np.ndarray:
     """`features` of a pair already compared (serving reuses the comparison for the
-    changed-part cosine)."""
+    changed-part cosine).
+
+    Two prompts sharing their context are judged as the pair of their last lines, the
+    question each asks of it (their cosine, `diff_cosine`, in both cosine columns): the
+    whole texts would make any two questions after one long context look like
+    near-duplicates, and the model would learn the context's length, not the questions.
+    The vetoes still read the whole texts."""
+    whole = _values(diff, cosine, diff_cosine)
+    if diff.shares_context:
+        asked = _values(diff.question, diff_cosine, diff_cosine)
+        whole.update({k: v for k, v in asked.items() if k not in VETOES})
+    return np.array([whole[name] for name in FEATURES], dtype=np.float64)
+
+
+def _values(diff: PairDiff, cosine: float, diff_cosine: float) -> dict[str, float]:
     a, b = diff.text_a, diff.text_b
     ta, tb = diff.a, diff.b
     sa, sb = set(ta), set(tb)
@@ -529,7 +562,7 @@ def features_of(diff: PairDiff, cosine: float, diff_cosine: float) -> np.ndarray
         "context_changed": float(_context_changed(a, b)),
         "swapped_roles": _swapped_roles(a, b),
     }
-    return np.array([values[name] for name in FEATURES], dtype=np.float64)
+    return values
 
 
 def _context_changed(a: str, b: str) -> bool:
@@ -538,8 +571,15 @@ def _context_changed(a: str, b: str) -> bool:
     return ca is not None and cb is not None and _content(ca) != _content(cb)
 
 
-_DIFF_COSINE = FEATURES.index("diff_cosine")
-assert MONOTONE["diff_cosine"] == 1  # `PairVerifier.accept` relies on it
+_COSINE, _DIFF_COSINE = FEATURES.index("cosine"), FEATURES.index("diff_cosine")
+assert MONOTONE["diff_cosine"] == MONOTONE["cosine"] == 1  # `PairVerifier.accept` relies on it
+
+
+def _set_diff_cosine(x: np.ndarray, diff: PairDiff, value: float) -> None:
+    """Put the changed-part cosine in every column that holds it (see `features_of`)."""
+    x[_DIFF_COSINE] = value
+    if diff.shares_context:
+        x[_COSINE] = value
 
 
 def vetoed(x: np.ndarray) -> bool:
@@ -631,11 +671,11 @@ class PairVerifier:
         if vetoed(x) or self.probability_of(x) < threshold:
             return None
         if all(diff.compared_texts()):
-            x[_DIFF_COSINE] = -np.inf
+            _set_diff_cosine(x, diff, -np.inf)
             lowest = self.probability_of(x)
             if lowest >= threshold:
                 return lowest
-        x[_DIFF_COSINE] = changed_part_cosine()  # embeds only when both sides have content
+        _set_diff_cosine(x, diff, changed_part_cosine())  # embeds only when both have content
         probability = self.probability_of(x)
         return probability if probability >= threshold else None
 
