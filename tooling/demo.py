@@ -40,9 +40,10 @@ STAND_IN_NOTE = "[stand-in frontier, not a real model] "
 # SmolLM2 answers this in 8 tokens at a geometric-mean token probability of 0.91 (the
 # default policy accepts from 0.5).
 EASY = "What is the capital of Japan?"
-# The same question in other words: the shipped pair verifier accepts it (0.987 against its
-# 0.982 threshold at the default 1% false-hit target); it refuses many other rewordings.
-PARAPHRASE = "What is Japan's capital?"
+# The same question typed another way: the shipped pair verifier accepts it (0.997 against its
+# 0.995 threshold at the default 1% false-hit target). It refuses most rewordings at that
+# target ("What is Japan's capital?" scores 0.992): a wrong answer costs more than a miss.
+PARAPHRASE = "what is the capital of japan"
 # SmolLM2 rambles here at 0.40, below the default policy's 0.5: escalated as low_confidence.
 HARD = "Summarise the plot of Dostoevsky's The Idiot in two sentences."
 # The shipped router bundle scores this 0.31 (P(the small model's answer is good enough));
