@@ -75,8 +75,8 @@ async def guarded_cache(redis_url: str, embed: SharedEmbedding, pol: Policy) -> 
 # the verifier compares questions that differ only in their wording.
 SAYS_PARIS = script(text="Paris.", ttft_ms=300)  # the audit's answer comes late
 CACHED = "What is the capital of France?" + SAYS_PARIS
-SERVED = "what's the capital of france" + SAYS_PARIS  # verifier: 0.990
-CLOSER = "what is the capital of france" + SAYS_PARIS  # verifier: 0.9996
+SERVED = "What is the capital of France? Thank you." + SAYS_PARIS  # verifier: 0.9977
+CLOSER = "what is the capital of france" + SAYS_PARIS  # verifier: 0.9998 (threshold 0.995)
 
 
 def scripted(upstream: str, cache: LayeredCache) -> CascadeEngine:
@@ -103,7 +103,8 @@ async def test_a_disagreeing_entry_raises_its_bar_then_stops(
         await cache.guard.drain()  # type: ignore[union-attr]
         fields = (await entry_fields(cache))[CACHED]
         assert fields["audits"] == "1" and fields["disagreements"] == "1"
-        assert 0.98 < float(fields["min_probability"]) < 0.995
+        threshold = cache.verifier.threshold_for(pol.cache.semantic_max_false_hit_rate)
+        assert threshold < float(fields["min_probability"]) < 0.9995  # SERVED's, not CLOSER's
 
         # the same rewording is no longer served from this entry; a closer one still is
         _, decision = await eng.complete(call(pol, SERVED))
