@@ -26,6 +26,10 @@ from gateway.config import BackendConfig
 
 Headers = dict[str, str] | None
 
+# Idle pooled connections to the small model are dropped before the server's own keep-alive
+# (uvicorn's and so vLLM's: 5 s) ends them: a request sent on one the server is closing fails.
+SMALL_KEEPALIVE_S = 4.0
+
 # Parameters of an OpenAI chat request that are forwarded to the model.
 FORWARDED_PARAMS = (
     "messages", "temperature", "top_p", "max_tokens", "stop", "seed", "user", "tools",

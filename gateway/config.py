@@ -131,6 +131,10 @@ class Settings(BaseSettings):
     body_timeout_s: float = Field(default=30.0, gt=0)
     send_timeout_s: float = Field(default=30.0, gt=0)
     max_header_bytes: int = Field(default=64 * 1024, ge=1024)
+    keep_alive_s: float = Field(
+        default=75.0, gt=0, description="How long an idle client connection stays open for "
+        "its next request: longer than clients' and load balancers' own idle timeouts (5 to "
+        "60 s), so the gateway never closes a connection a client is about to reuse.")
     shutdown_grace_s: float = Field(
         default=30.0, gt=0, description="On SIGTERM, how long requests and streams in flight "
         "may take to finish (new connections are refused meanwhile); then they are cut.")

@@ -7,8 +7,9 @@ each process publishes what its calibrators see (a scored request with the proba
 had of a shadow label; a label or a lost one; a request skipped straight to the frontier) and
 enters every other process's events into its own calibrators, so all of them estimate from
 the whole traffic: one cold start, and a shadow share that follows the whole traffic's rate,
-so `shadow_per_minute` holds for the fleet. Events are published in batches off the request path; a Redis failure only delays
-the pooling (each process keeps its own evidence), it never fails a request.
+so `shadow_per_minute` holds for the fleet. Events are published in batches off the request
+path; a Redis failure only delays the pooling (each process keeps its own evidence), it never
+fails a request.
 """
 
 from __future__ import annotations

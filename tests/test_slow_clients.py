@@ -143,3 +143,28 @@ def test_a_reader_that_never_reads_is_cut_and_the_upstream_call_closed(
         while in_flight(slow_gateway) and time.monotonic() < deadline:
             time.sleep(0.1)
         assert in_flight(slow_gateway) == 0
+
+
+def test_an_idle_connection_outlives_the_clients_own_keep_alive(slow_gateway: str) -> None:
+    """Clients (httpx: 5 s, aiohttp: 15 s) and load balancers drop idle connections first;
+    were the gateway to close one as a client reuses it, that request would fail."""
+    request = b"GET /healthz HTTP/1.1\r\nHost: gateway\r\n\r\n"
+    with closing(connect(slow_gateway)) as sock:
+        sock.sendall(request)
+        assert read_response(sock).startswith(b"HTTP/1.1 200")
+        time.sleep(6)  # idle past uvicorn's default keep-alive (5 s) and the head's 1 s
+        sock.sendall(request)
+        assert read_response(sock).startswith(b"HTTP/1.1 200")
+
+
+def read_response(sock: socket.socket) -> bytes:
+    """One whole response (headers and a content-length body) from a kept-alive connection."""
+    reply = b""
+    while b"\r\n\r\n" not in reply:
+        reply += sock.recv(65536)
+    head, body = reply.split(b"\r\n\r\n", 1)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += sock.recv(65536)
+    return reply

@@ -2,9 +2,12 @@
 it lacks against slow or endless request heads (slowloris). Uvicorn's keep-alive timer is
 reset by every byte, so a client trickling a header a byte at a time would hold its
 connection forever, and it buffers header lines without bound. Here each request head must
-arrive whole within `header_timeout_s` of the connection opening (or of the previous
-response), in at most `max_header_bytes`; otherwise the client gets a 408 or 431 and the
-connection is closed. The request body's own deadline is the ASGI guard's (`RequestGuard`)."""
+arrive whole within `header_timeout_s` of the connection opening (or, on a kept-alive
+connection, of the next request's first byte), in at most `max_header_bytes`; otherwise the
+client gets a 408 or 431 and the connection is closed. Between requests, uvicorn's keep-alive
+timer (`keep_alive_s`) closes an idle connection silently: a 408 written to an idle
+connection would be read as the answer to the request a client is just sending on it. The
+request body's own deadline is the ASGI guard's (`RequestGuard`)."""
 
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ def guarded_protocol(header_timeout_s: float, max_header_bytes: int) -> type[asy
     class GuardedHttpProtocol(HttpToolsProtocol):
         _timer: asyncio.TimerHandle | None = None
         _head_bytes = 0
+        _idle = False  # between a response and the next request's first byte
 
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
@@ -34,6 +38,9 @@ def guarded_protocol(header_timeout_s: float, max_header_bytes: int) -> type[asy
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            if self._idle:  # the next request on a kept-alive connection begins
+                self._idle = False
+                self._await_head()
             waiting = self._timer is not None
             super().data_received(data)
             if waiting and self._timer is not None:  # the head is still incomplete
@@ -47,8 +54,7 @@ def guarded_protocol(header_timeout_s: float, max_header_bytes: int) -> type[asy
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
-            if not self.transport.is_closing():
-                self._await_head()  # the next request on this connection
+            self._idle = True  # keep-alive bounds the wait; the head's timer starts with it
 
         def _await_head(self) -> None:
             self._head_done()

@@ -60,6 +60,7 @@ def serve(app: object, gateway: Gateway, sockets: list[socket.socket] | None = N
     config = uvicorn.Config(app, host=settings.host, port=settings.port,
                             log_level=settings.log_level, access_log=False,
                             timeout_graceful_shutdown=settings.shutdown_grace_s,
+                            timeout_keep_alive=settings.keep_alive_s,
                             http=guarded_protocol(settings.header_timeout_s,
                                                   settings.max_header_bytes))
     DrainingServer(config, gateway, settings.shutdown_drain_s, supervisor).run(sockets)
