@@ -241,10 +241,7 @@ async def test_a_semantic_hit_cancels_the_slow_small_request(
         text = response["choices"][0]["message"]["content"]
     assert (decision.route, decision.cache, text) == (Route.CACHE_SEMANTIC, "semantic",
                                                       "Use strrev.")
-    for _ in range(100):  # the small model saw the request, and its caller hang up
-        if stats(upstream)["cancelled"].get(key):
-            break
-        await asyncio.sleep(0.05)
+    await upstream_saw(upstream, "cancelled", key)  # the small model's caller hung up
     assert stats(upstream)["keys"][key] == 1 and stats(upstream)["cancelled"][key] == 1
     await eng.cache.close()
 
@@ -266,8 +263,13 @@ async def test_the_small_model_is_asked_while_the_lookup_goes_on(
 
 
 async def small_model_asked(upstream: str, key: str) -> bool:
+    return await upstream_saw(upstream, "keys", key)
+
+
+async def upstream_saw(upstream: str, counter: str, key: str) -> bool:
+    """Whether the upstream's `counter` (its /stats) counts `key` within 10 s."""
     for _ in range(200):
-        if stats(upstream)["keys"].get(key):
+        if stats(upstream)[counter].get(key):
             return True
         await asyncio.sleep(0.05)
     return False
