@@ -622,13 +622,44 @@ class CascadeEngine:
         rejected = await self._judge(call, decision, small, may_escalate,
                                      await self._samples(call, samples))
         if rejected is not None:
-            await _aclose(chunks)
+            if prefix_done and self._labels_escalations(call):
+                call.small_rest = self._finish_for_label(call, small, chunks)
+            else:
+                await _aclose(chunks)
             if prefix_done:
                 spent = small.usage or {"completion_tokens": small.tokens}
                 call.usage.add(spent, self.small.name)
                 self._small_done(call, small)
             raise Escalate(rejected)
         return chunks if prefix_done else None
+
+    def _labels_escalations(self, call: Call) -> bool:
+        return call.policy.quality_target is not None and self.learner is not None \
+            and bool(self.frontiers)
+
+    def _finish_for_label(self, call: Call, small: Assembly,
+                          chunks: AsyncIterator[dict[str, Any]]) -> asyncio.Task:
+        """A held-back prefix was rejected: the small model finishes its answer in the
+        background, unseen by the client, so that the quality target's label compares whole
+        answers (a prefix would understate every small answer, and the target would never
+        let the small model serve). True when the answer ended in time."""
+        gap = self._small_deadlines(call).gap_s
+        budget = call.policy.latency_budget.escalation / 1000
+
+        async def finish() -> bool:
+            try:
+                async with asyncio.timeout(budget):
+                    async for chunk in _with_gap_deadline(chunks, gap):
+                        small.absorb(chunk)
+            except (BackendFailure, TimeoutError):
+                return False
+            finally:
+                await _aclose(chunks)
+            return small.finish_reason is not None
+
+        task = asyncio.create_task(finish())
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return task
 
     def _start_samples(self, call: Call, holdback: bool) -> asyncio.Task | None:
         """Draw the policy's extra small-model answers alongside the main stream (vLLM shares

@@ -118,8 +118,10 @@ class TrafficLearner:
                      frontier_text: str | None, source: str, verdict: float | None = None,
                      ) -> None:
         """Label the calibrator's entry (a missing frontier answer counts as the worst
-        case), and log the row where the policy logs such rows."""
-        if frontier_text is None:
+        case), and log the row where the policy logs such rows. An escalated answer held
+        back as a prefix is labelled once the small model has finished it (`small_rest`)."""
+        finished = call.small_rest is None or await asyncio.shield(call.small_rest)
+        if frontier_text is None or not finished:
             await asyncio.to_thread(calibrator.lose, entry)
             self._pooled(entry, shadow=False, lost=True)
             return

@@ -266,6 +266,7 @@ class Call:
     prompt: Prompt | None = None  # what the scorers see, built on first use
     decision: Decision | None = None
     small_answer: Assembly | None = None  # what the small model said, when it was asked
+    small_rest: asyncio.Task | None = None  # a rejected prefix's answer finishing, for a label
     frontier_text: str | None = None  # what the frontier said, when it answered
     frontier_model: str | None = None
     tried_probability: float = 1.0  # its chance to try the small model (a learned skip)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import itertools
+import json
 import random
+import time
 from typing import Any
 
 import httpx
@@ -155,3 +157,39 @@ def test_the_gateway_escalates_until_labels_show_the_target_holds(
     assert segment["skip_threshold"] is None and segment["skips"] == 0
     assert any(line.startswith("smallfirst_quality{") and 'figure="skips"' in line
                for line in metrics.splitlines())
+
+
+HOLDBACK_QT_POLICY = QT_POLICY.replace("{mode: buffer}", "{mode: holdback, holdback_tokens: 4}")
+LONG_ANSWER = " ".join(f"word{i}" for i in range(40))  # ten times the held prefix
+
+
+def test_a_rejected_held_prefix_is_labelled_by_the_whole_small_answer(
+    gateways: Any, upstream: str, tmp_path: Any
+) -> None:
+    """In holdback, an escalated answer was cut at its prefix; compared as a prefix, a small
+    answer that matches the frontier's word for word would look 10% as good and the target
+    would never let it serve. The small model finishes it in the background for the label."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "qt.yaml").write_text(HOLDBACK_QT_POLICY)
+    base = gateways.start(upstream_config(upstream, default_policy="qt"), policies=policies)
+    routes = []
+    with httpx.Client(base_url=base, timeout=30) as client:
+        for i in range(40):
+            body = {"model": "qt", "stream": True, "messages": [{"role": "user", "content": (
+                f"q{i}" + script(text=LONG_ANSWER, logprob=-0.2))}]}
+            with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                assert response.status_code == 200
+                text = "".join(
+                    (json.loads(line[6:])["choices"] or [{}])[0].get("delta", {}).get(
+                        "content") or ""
+                    for line in response.iter_lines()
+                    if line.startswith("data: {"))
+                routes.append(response.headers["x-smallfirst-route"])
+            assert text.split() == LONG_ANSWER.split()  # the client sees one whole answer
+            if routes[-1] == "escalated":
+                time.sleep(0.05)  # the label lands once the small answer has finished
+        (segment,) = client.get("/admin/quality").json()["segments"]
+    assert set(routes[:10]) == {"escalated"}  # the cold start
+    assert routes[-10:] == ["small"] * 10, routes
+    assert segment["labels"] >= 10 and segment["threshold"] < 0.99
