@@ -78,16 +78,26 @@ class QualityPool:
     # ---- the exchange ------------------------------------------------------------------
 
     async def run(self) -> None:
-        """Publish this process's events and enter everyone else's, until cancelled."""
+        """Publish this process's events and enter everyone else's, until cancelled.
+
+        A cancellation is not passed on to a Redis command under way: redis-py may never
+        finish unwinding a cancelled blocking read, which hung shutdown. The exchange ends on
+        its own within the read's block time (or the socket timeout), unawaited."""
         while True:
+            exchange = asyncio.ensure_future(self._exchange())
             try:
-                await self._flush()
-                await self._read()
+                await asyncio.shield(exchange)
             except asyncio.CancelledError:
+                exchange.add_done_callback(lambda t: t.cancelled() or t.exception())
                 raise
-            except Exception as exc:  # Redis away: evidence stays local until it is back
-                log.warning("quality pool: %s; retrying in %.0fs", exc, RETRY_S)
-                await asyncio.sleep(RETRY_S)
+
+    async def _exchange(self) -> None:
+        try:
+            await self._flush()
+            await self._read()
+        except Exception as exc:  # Redis away: evidence stays local until it is back
+            log.warning("quality pool: %s; retrying in %.0fs", exc, RETRY_S)
+            await asyncio.sleep(RETRY_S)
 
     async def close(self) -> None:
         with contextlib.suppress(Exception):

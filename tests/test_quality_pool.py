@@ -130,3 +130,17 @@ def test_a_gateway_with_redis_and_a_frontier_pools(redis_url: str) -> None:
         frontier_model="openai/frontier", frontier_api_base="http://127.0.0.1:9/v1"))
     assert gateway.engine.learner.pool is not None
     assert gateway.engine.learner.pool.key == "smallfirst:quality"
+
+
+async def test_cancelling_the_exchange_never_hangs(redis_url: str, key: str) -> None:
+    """Shutdown cancels the pool's loop, often in the middle of a Redis command; redis-py
+    could take for ever to unwind that, and the gateway's shutdown waited with it."""
+    writer_targets, writer = process(redis_url, key, 1)
+    for round_no in range(20):
+        serve(writer_targets, writer, "qt", 300, seed=round_no)
+        reader_targets, reader = process(redis_url, key, 2)
+        tasks = [asyncio.create_task(p.run()) for p in (writer, reader)]
+        await asyncio.sleep(0.02 * (round_no % 5))
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 5)
