@@ -4,7 +4,8 @@ target and for a sampled decision log.
 A request the small model answered can be labelled when the frontier answers the same
 prompt: on every escalation (free), or by a shadow call made in the background for a
 budgeted sample of requests the small model kept. The label is agreement between the two
-answers (`router.agreement`), or, with `judge: true`, the frontier's own verdict.
+answers (`router.agreement`), or, with `judge: true`, the frontier's own verdict (on
+escalations too, within the policy's shadow budget).
 
 - A policy with a quality target (`quality.target`) feeds every scored request and its label
   to its calibrator (`router.QualityTargets`, one per process), which draws the shadow sample
@@ -109,10 +110,26 @@ class TrafficLearner:
         if self.pool is not None:
             self.pool.entered(call.policy.name, segment, entry)
         if escalated:
-            self._spawn(self._label(call, calibrator, entry, call.frontier_text, "escalation"))
+            self._spawn(self._escalation_label(call, calibrator, entry))
         elif shadow:
             self._spawn(self._shadow_label(call, calibrator, entry))
         return True
+
+    async def _escalation_label(self, call: Call, calibrator: QualityCalibrator, entry
+                                ) -> None:
+        """An escalation's label: the frontier's verdict where the policy asks for a judge
+        (within the shadow budget, once the small answer is whole), else the agreement."""
+        verdict = None
+        learning = call.policy.learning
+        if learning.judge and call.frontier_text is not None \
+                and (call.small_rest is None or await asyncio.shield(call.small_rest)) \
+                and await self.allowances.take(f"judge:{call.policy.name}",
+                                               learning.shadow_per_minute):
+            try:
+                verdict = await self._judge(call, call.frontier_text)
+            except Exception as exc:  # the agreement labels it instead
+                log.warning("judge call failed: %s", exc)
+        await self._label(call, calibrator, entry, call.frontier_text, "escalation", verdict)
 
     async def _label(self, call: Call, calibrator: QualityCalibrator, entry,
                      frontier_text: str | None, source: str, verdict: float | None = None,
