@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import re
-import shutil
 import sys
 import uuid
 from pathlib import Path
@@ -32,7 +31,8 @@ import yaml
 from load import soak
 from load.bench import HEAD, QUANTILES, RULE, Load, Processes, Step, Target, quantile, rates, row
 from load.cache_bench import questions
-from load.harness import ROOT, free_port, start
+from load.harness import free_port, start
+from tooling.stand_in import fixed_threshold_policies
 
 SMALL_TTFT_MS = 20
 FRONTIER_TTFT_MS = 60
@@ -78,7 +78,8 @@ async def scenarios(args: argparse.Namespace, procs: Processes) -> dict[str, Any
 
 def cascade_gateway(procs: Processes) -> tuple[str, dict[str, int], str]:
     """A small and a frontier upstream and a gateway cascading from one to the other, with
-    the shipped policies and this benchmark's; the gateway, its processes, the frontier."""
+    the shipped policies (`auto` at its fixed stand-in threshold) and this benchmark's; the
+    gateway, its processes, the frontier."""
     upstreams = {}
     for name, ttft_ms in (("small upstream", SMALL_TTFT_MS),
                           ("frontier upstream", FRONTIER_TTFT_MS)):
@@ -87,8 +88,7 @@ def cascade_gateway(procs: Processes) -> tuple[str, dict[str, int], str]:
             [sys.executable, "-m", "load.upstream", "--port", str(port),
              "--script", json.dumps({"ttft_ms": ttft_ms})],
             f"http://127.0.0.1:{port}/health")).pid
-    policies = procs.workdir / "cascade-policies"
-    shutil.copytree(ROOT / "policies", policies)
+    policies = fixed_threshold_policies(procs.workdir / "cascade-policies")
     for name, policy in POLICIES.items():
         (policies / f"{name}.yaml").write_text(yaml.safe_dump({"name": name, **policy}))
     frontier = upstreams["frontier upstream"][0]

@@ -39,6 +39,7 @@ import httpx
 import yaml
 
 from load.harness import ROOT, free_port
+from tooling.stand_in import fixed_threshold_policies
 
 LIMITED_KEY = "sk-replicas-limited"
 LOAD_KEY = "sk-replicas-load"
@@ -96,8 +97,7 @@ def keys_file(path: Path, limit: int) -> Path:
 def replica_config(upstream: str, redis_url: str, prefix: str, limit: int,
                    workdir: Path) -> dict[str, Any]:
     """Every replica's settings but its port: the upstream plays both models."""
-    policies = workdir / "policies"
-    shutil.copytree(ROOT / "policies", policies)
+    policies = fixed_threshold_policies(workdir / "policies")
     default = policies / "default.yaml"
     default.write_text(default.read_text() + "\n" + yaml.safe_dump(POLICY_EXTRA))
     return {

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import time
 from collections.abc import Iterator
@@ -19,11 +21,17 @@ import yaml
 
 from gateway.embedding import SharedEmbedding
 from tooling.smallmodel import free_port
+from tooling.stand_in import fixed_threshold_policies
 
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 ROOT = Path(__file__).resolve().parent.parent
-POLICIES = ROOT / "policies"
+SHIPPED_POLICIES = ROOT / "policies"
+# What the scripted upstream's tests run: `auto` and `chat` at fixed thresholds, so that a
+# script's logprobs decide the route (the shipped ones hold a quality target, tested apart).
+POLICIES = fixed_threshold_policies(
+    Path(tempfile.mkdtemp(prefix="smallfirst-test-policies-")) / "policies")
+atexit.register(shutil.rmtree, POLICIES.parent, True)
 
 
 def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 60) -> None:

@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 
 from gateway.api.auth import hash_key, is_loopback
-from tests.conftest import POLICIES, write
+from tests.conftest import POLICIES, SHIPPED_POLICIES, write
 from tooling import cli
 from tooling.cli import main, policy_schema
 
 
 def test_policy_check_exit_codes(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["policy", "check", str(POLICIES)]) == 0
+    assert main(["policy", "check", str(SHIPPED_POLICIES)]) == 0
     out = capsys.readouterr().out
     assert "ok  auto  (auto, default)" in out
 

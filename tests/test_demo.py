@@ -180,8 +180,15 @@ def test_demo_policies_are_a_valid_copy_with_the_routed_policy(tmp_path: Path) -
     assert routed.difficulty.scorer == "learned"
     assert routed.difficulty.skip_threshold == demo.SKIP_THRESHOLD
     assert policies.by_name["auto"].cache.lookup_deadline_ms == demo.LOOKUP_DEADLINE_MS
-    assert yaml.safe_load((target / "chat.yaml").read_text()) == yaml.safe_load(
-        shipped["chat.yaml"])
+    # the stand-in frontier cannot label answers: auto and chat judge by a fixed threshold,
+    # and keep everything else as shipped
+    for name, policy in (("default.yaml", "auto"), ("chat.yaml", "chat")):
+        assert policies.by_name[policy].quality_target is None
+        assert policies.by_name[policy].confidence.scorer == "logprob"
+        assert yaml.safe_load(shipped[name])["quality"]["target"] == 0.95
+    assert policies.by_name["chat"].streaming == load_policy_dir(ROOT / "policies").by_name[
+        "chat"].streaming
+    assert (target / "quality.yaml").read_text() == shipped["quality.yaml"]
     # the shipped files are untouched
     assert {p.name: p.read_text() for p in (ROOT / "policies").glob("*.yaml")} == shipped
 

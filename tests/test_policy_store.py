@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway.policy_store import PolicyError, PolicyStore, load_policy_dir, load_policy_file
-from tests.conftest import POLICIES, write
+from tests.conftest import SHIPPED_POLICIES, write
 from tooling.cli import policy_schema
 
 
@@ -126,13 +126,13 @@ def test_store_keeps_the_last_good_set_on_a_bad_reload(tmp_path: Path) -> None:
 
 
 def test_shipped_policies_are_valid() -> None:
-    policies = load_policy_dir(POLICIES)
+    policies = load_policy_dir(SHIPPED_POLICIES)
     names = {n for p in policies.policies for n in p.names}
     assert {"auto", "default", "chat", "fast", "autocomplete", "quality"} <= names
 
 
 def test_schema_json_is_up_to_date() -> None:
-    assert (POLICIES / "schema.json").read_text() == policy_schema(), (
+    assert (SHIPPED_POLICIES / "schema.json").read_text() == policy_schema(), (
         "regenerate it: smallfirst policy schema > policies/schema.json"
     )
 

@@ -16,10 +16,10 @@ from gateway.config import RetryConfig
 from gateway.engine import CascadeEngine
 from gateway.learning import TrafficLearner
 from gateway.policy import Policy
-from gateway.types import Assembly, Call, Decision, Route
+from gateway.types import Assembly, Call, Decision, Prompt, Route
 from router import QualityTargets
 from router.replay import Stream, replay, request_order
-from tests.conftest import script, upstream_config
+from tests.conftest import SHIPPED_POLICIES, script, upstream_config
 
 SEED = 7
 QUALITY = {"target": 0.9, "min_labels": 30, "window": 800, "refresh_every": 5}
@@ -193,3 +193,58 @@ def test_a_rejected_held_prefix_is_labelled_by_the_whole_small_answer(
     assert set(routes[:10]) == {"escalated"}  # the cold start
     assert routes[-10:] == ["small"] * 10, routes
     assert segment["labels"] >= 10 and segment["threshold"] < 0.99
+
+
+def test_the_shipped_auto_and_chat_hold_a_quality_target(
+    gateways: Any, upstream: str
+) -> None:
+    """Out of the box, a gateway with a frontier keeps no small answer until labels show the
+    95% target holds: a cold start escalates, and every escalation is labelled whole."""
+    base = gateways.start(upstream_config(upstream), policies=SHIPPED_POLICIES)
+    with httpx.Client(base_url=base, timeout=30) as client:
+        for i, policy in enumerate(("auto", "chat", "auto")):
+            body = {"model": policy, "stream": True, "messages": [{"role": "user", "content": (
+                f"Name primary colour {i}." + script(text=LONG_ANSWER, logprob=-0.01))}]}
+            with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                response.read()
+                assert response.headers["x-smallfirst-route"] == "escalated"
+                assert response.headers["x-smallfirst-escalation"] == "low_confidence"
+        segments = {}
+        for _ in range(100):  # the labels land once the small answers have finished
+            segments = {s["policy"]: s for s in client.get("/admin/quality").json()["segments"]}
+            if segments.get("auto", {}).get("labels") == 2 and segments.get(
+                    "chat", {}).get("labels") == 1:
+                break
+            time.sleep(0.1)
+    assert segments["auto"]["labels"] == 2 and segments["chat"]["labels"] == 1
+    assert segments["auto"]["threshold"] is None  # escalate all: too few labels yet
+
+
+@pytest.mark.parametrize(("judge", "label"), [(False, "agreement"), (True, 1.0)])
+async def test_with_a_judge_an_escalation_is_labelled_by_its_verdict(judge: bool,
+                                                                     label: Any) -> None:
+    """Two good free-text answers share few words: token overlap would call the small one
+    wrong, and a quality target would escalate such traffic for ever. The judge says yes."""
+    from router import answer_agreement
+
+    small_text, frontier_text = "Blue.", "Azure, on a cloudless day."
+    asked: list[str] = []
+
+    async def ask(params: dict[str, Any]) -> tuple[str, str]:
+        asked.append(params["messages"][0]["content"])
+        return "frontier", "yes"
+
+    policy = Policy.model_validate({"name": "qt", "quality": QUALITY,
+                                    "learning": {**LEARNING, "judge": judge}})
+    learner = TrafficLearner(None, ask)
+    messages = [{"role": "user", "content": "Sky colour?"}]
+    call = Call("r1", policy, {"messages": messages}, prompt=Prompt(messages))
+    call.decision = Decision("qt", Route.ESCALATED, confidence=0.1,
+                             escalation="low_confidence")
+    call.small_answer, call.frontier_text = answer(small_text), frontier_text
+    learner.observe(call)
+    await learner.drain()
+    (scored,) = learner.quality.calibrator("qt", "all", policy.quality_target)._window
+    expected = answer_agreement(small_text, frontier_text) if label == "agreement" else label
+    assert expected < 0.5 or judge
+    assert scored.small == expected and len(asked) == judge

@@ -8,7 +8,7 @@ import json
 import openai
 import pytest
 
-from tests.conftest import GatewayRunner
+from tests.conftest import SHIPPED_POLICIES, GatewayRunner
 
 pytestmark = pytest.mark.vllm
 
@@ -24,7 +24,7 @@ WEATHER = {"type": "function", "function": {
 @pytest.fixture(scope="module")
 def small_only(vllm_api_base: str, session_gateways: GatewayRunner) -> openai.OpenAI:
     base = session_gateways.start({"small_model": f"hosted_vllm/{SMALL}",
-                                   "small_api_base": vllm_api_base})
+                                   "small_api_base": vllm_api_base}, policies=SHIPPED_POLICIES)
     return openai.OpenAI(base_url=f"{base}/v1", api_key="unused", max_retries=0, timeout=180)
 
 

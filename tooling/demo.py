@@ -30,6 +30,7 @@ from gateway.config import Settings
 from gateway.deadlines import MIN_SAMPLES
 from tooling import smallmodel
 from tooling.redis_local import RedisLocal, RedisLocalError
+from tooling.stand_in import fixed_threshold_policies
 
 POLICIES = Path(__file__).resolve().parent.parent / "policies"
 SYSTEM = "You are a concise, helpful assistant."
@@ -152,18 +153,15 @@ def _start_redis(redis: RedisLocal) -> str | None:
 
 
 def _demo_policies(target: Path, cached: bool) -> Path:
-    """A copy of the shipped policies plus `routed`; the shipped files stay as they are."""
-    shutil.copytree(POLICIES if POLICIES.is_dir() else Path("policies"), target)
+    """A copy of the shipped policies plus `routed`; the shipped files stay as they are. The
+    frontier is a stand-in whose answers cannot label the small model's, so `auto` and `chat`
+    judge by fixed thresholds rather than hold their quality target."""
+    fixed_threshold_policies(target, POLICIES if POLICIES.is_dir() else Path("policies"))
     if cached:
         default = target / "default.yaml"
-        text = default.read_text()
-        auto = yaml.safe_load(text)
-        if "cache" in auto:
-            auto["cache"]["lookup_deadline_ms"] = LOOKUP_DEADLINE_MS
-            default.write_text(yaml.safe_dump(auto, sort_keys=False))
-        else:  # appended, so the file keeps its comments
-            default.write_text(text.rstrip("\n") + "\ncache:\n  lookup_deadline_ms: "
-                               f"{LOOKUP_DEADLINE_MS}  # a loaded machine; default 10\n")
+        auto = yaml.safe_load(default.read_text())
+        auto.setdefault("cache", {})["lookup_deadline_ms"] = LOOKUP_DEADLINE_MS
+        default.write_text(yaml.safe_dump(auto, sort_keys=False))
     (target / "routed.yaml").write_text(yaml.safe_dump(ROUTED_POLICY, sort_keys=False))
     return target
 
@@ -190,7 +188,9 @@ async def _serve_and_show(settings: Settings, keep_running: bool, began: float,
         await _wait_ready(client, root, began)
         await _fit_deadlines(client)
         print(f"== gateway at {base} (frontier: a scripted stand-in, not a real model; its "
-              "answers say so)\n", flush=True)
+              "answers say so). Its answers cannot label the small model's, so policies auto "
+              "and chat keep answers above a fixed confidence here; with a real frontier they "
+              "hold a 95% quality target learned from labels\n", flush=True)
         await _tour(client, root, cached=settings.redis_url is not None, tools=tools)
     if keep_running:
         print(f"Gateway running at {base}; try:\n  curl {base}/chat/completions "
