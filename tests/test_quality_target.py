@@ -126,13 +126,18 @@ cache: {enabled: false}
 """
 
 
+def qt_gateway(gateways: Any, upstream: str, tmp_path: Any, policy: str) -> str:
+    """A gateway whose only policy is `qt`, given as YAML."""
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "qt.yaml").write_text(policy)
+    return gateways.start(upstream_config(upstream, default_policy="qt"), policies=policies)
+
+
 def test_the_gateway_escalates_until_labels_show_the_target_holds(
     gateways: Any, upstream: str, tmp_path: Any
 ) -> None:
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "qt.yaml").write_text(QT_POLICY)
-    base = gateways.start(upstream_config(upstream, default_policy="qt"), policies=policies)
+    base = qt_gateway(gateways, upstream, tmp_path, QT_POLICY)
     routes = []
     with httpx.Client(base_url=base, timeout=30) as client:
         for i in range(60):
@@ -169,10 +174,7 @@ def test_a_rejected_held_prefix_is_labelled_by_the_whole_small_answer(
     """In holdback, an escalated answer was cut at its prefix; compared as a prefix, a small
     answer that matches the frontier's word for word would look 10% as good and the target
     would never let it serve. The small model finishes it in the background for the label."""
-    policies = tmp_path / "policies"
-    policies.mkdir()
-    (policies / "qt.yaml").write_text(HOLDBACK_QT_POLICY)
-    base = gateways.start(upstream_config(upstream, default_policy="qt"), policies=policies)
+    base = qt_gateway(gateways, upstream, tmp_path, HOLDBACK_QT_POLICY)
     routes = []
     with httpx.Client(base_url=base, timeout=30) as client:
         for i in range(40):
