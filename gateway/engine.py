@@ -518,7 +518,9 @@ class CascadeEngine:
         if call.prompt is None:
             policy = call.policy
             prompt = Prompt(call.params["messages"], has_tools=bool(call.params.get("tools")))
-            wants = "learned" in (policy.difficulty.scorer, policy.confidence.scorer)
+            wants = policy.difficulty.scorer == "learned" or (
+                policy.confidence.scorer == "learned"
+                and _judged(policy, self._escalation_enabled(call)))
             if wants and self.embed is not None:
                 embed = self.embed
                 future = asyncio.ensure_future(asyncio.to_thread(embed, [prompt.text]))
@@ -719,13 +721,16 @@ class CascadeEngine:
         and flagged."""
         policy = call.policy
         answer = replace(small.answer(), samples=samples)
-        with call.timings.measure("confidence"):
-            scorer = await self._confidence_scorer(policy)
-            decision.confidence = await scorer.score(self._prompt(call), answer)
+        judged = _judged(policy, may_escalate)
+        if judged:
+            with call.timings.measure("confidence"):
+                scorer = await self._confidence_scorer(policy)
+                decision.confidence = await scorer.score(self._prompt(call), answer)
         floor = policy.confidence.min_token_logprob
-        confident = (decision.confidence is not None
-                     and decision.confidence >= self._acceptance_threshold(call)
-                     and (floor is None or all(lp >= floor for lp in answer.token_logprobs)))
+        confident = not judged or (
+            decision.confidence is not None
+            and decision.confidence >= self._acceptance_threshold(call)
+            and (floor is None or all(lp >= floor for lp in answer.token_logprobs)))
         rejected = ("invalid_tool_call" if not _tool_calls_parse(small) else
                     "invalid_json" if not _json_parses(call, small) else
                     None if confident else "low_confidence")
@@ -822,6 +827,12 @@ async def _read_small(
             ):
                 return small.finish_reason is None
     return False
+
+
+def _judged(policy: Policy, may_escalate: bool) -> bool:
+    """Whether the small answer is scored: a learned model is not run where nothing could
+    be escalated (its prompt embedding costs a few ms of CPU and would decide nothing)."""
+    return may_escalate or policy.confidence.scorer != "learned"
 
 
 def _tool_calls_parse(small: Assembly) -> bool:

@@ -72,6 +72,22 @@ async def test_one_embedding_serves_both_scorers(upstream: str, tmp_path) -> Non
     assert embed.texts == [prompt]
 
 
+@pytest.mark.parametrize("mode", ["buffer", "holdback"])
+async def test_with_nowhere_to_escalate_the_learned_confidence_is_not_run(
+        upstream: str, tmp_path, mode: str) -> None:
+    """No frontier: a learned score would cost the prompt's embedding and decide nothing."""
+    embed = CountingEmbed()
+    engine = learned_engine(upstream, tmp_path, embed)
+    engine.frontiers = []
+    pol = policy(confidence={"scorer": "learned", "threshold": 1.0},
+                 streaming={"mode": mode, "holdback_tokens": 2})
+    chunks, decision = await engine.stream(call("Spider legs?" + script(text="Eight legs."), pol))
+    async for _ in chunks:
+        pass
+    assert (decision.route, decision.confidence, decision.note) == (Route.SMALL, None, None)
+    assert embed.texts == []
+
+
 async def test_a_broken_bundle_scores_without_an_opinion(upstream: str, tmp_path) -> None:
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "bundle.json").write_text("{}")
