@@ -271,3 +271,42 @@ async def test_server_without_query_engine_is_a_clear_error(tmp_path,
     finally:
         await cache.close()
         plain.kill()
+
+
+class HeldStore(MemoryExactStore):
+    """An exact store whose writes wait for `release` and whose reads fail while `down`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release, self.down = None, False
+
+    async def put(self, *args: Any) -> None:
+        await self.release.wait()
+        await super().put(*args)
+
+    async def get(self, *args: Any) -> CachedAnswer | None:
+        if self.down:
+            raise ConnectionError("Connection refused")
+        return await super().get(*args)
+
+
+async def test_a_write_begun_before_a_failure_does_not_hide_it() -> None:
+    """Redis went away while a write was in flight; the write's late success said nothing
+    about Redis now, yet it cleared the failure, and /readyz stopped listing the cache."""
+    import asyncio
+
+    store = HeldStore()
+    store.release = asyncio.Event()
+    cache = LayeredCache(store, settings_for(), retry_after_s=0.05)
+    writing = asyncio.create_task(cache.store(request(), ANSWER))
+    await asyncio.sleep(0)
+    store.down = True
+    assert await cache.lookup(request(seed=1)) is None
+    assert "Connection refused" in cache.health()
+    store.release.set()
+    await writing
+    assert "Connection refused" in cache.health()  # still down, still listed
+    store.down = False
+    await asyncio.sleep(0.06)  # past retry_after_s: the next lookup tries Redis again
+    assert await cache.lookup(request()) is not None
+    assert cache.health() is None  # a call begun after the failure clears it

@@ -84,6 +84,7 @@ class LayeredCache:
         self._flushed: Counter[str] = Counter()
         self._down_until = 0.0
         self._error: str | None = None  # the last Redis failure, until a call succeeds
+        self._failed_at = -math.inf  # when it failed (a call begun before says nothing)
         self._index_ready = False
         self._vectors: OrderedDict[str, asyncio.Future] = OrderedDict()
         self._tasks: set[asyncio.Task] = set()
@@ -171,12 +172,13 @@ class LayeredCache:
 
     async def _searched(self, request: CacheRequest, settings: CacheSettings, key: str,
                         semantic: _Semantic) -> CacheHit | None:
+        began = time.monotonic()
         try:
             hit = await self._semantic_lookup(request, settings, key, semantic)
         except Exception as exc:  # a broken cache is a miss
             self._failed(exc)
             return None
-        self._error = None
+        self._succeeded(began)
         return hit
 
     async def _bounded(self, work: Awaitable[Any], deadline: float) -> tuple[bool, Any]:
@@ -186,6 +188,7 @@ class LayeredCache:
         waiting on a separate task holds the deadline whatever Redis does. Past the deadline
         it is left to end on its own (the client's socket timeout bounds it), so that a hung
         Redis's failure is seen and opens the circuit."""
+        began = time.monotonic()
         task = asyncio.ensure_future(work)
         left = deadline - asyncio.get_running_loop().time()
         done, _ = await asyncio.wait({task}, timeout=max(left, 0.0))
@@ -200,7 +203,7 @@ class LayeredCache:
         except Exception as exc:  # a broken cache is a miss
             self._failed(exc)
             return False, None
-        self._error = None
+        self._succeeded(began)
         return True, result
 
     async def _semantic_lookup(self, request: CacheRequest, settings: CacheSettings, key: str,
@@ -288,7 +291,7 @@ class LayeredCache:
         settings = self._settings(request)
         if settings is None or self._is_down():
             return
-        key = exact_key(request)
+        key, began = exact_key(request), time.monotonic()
         try:
             if settings.exact:  # written first: it never waits for the embedding
                 await self.exact.put(request.tenant, request.policy, key, answer,
@@ -301,7 +304,7 @@ class LayeredCache:
                     await self.semantic.put(request.tenant, request.policy, key,
                                             semantic.context, semantic.text, vector, answer,
                                             settings.ttl_s, settings.max_entries_per_tenant)
-            self._error = None
+            self._succeeded(began)
         except Exception as exc:  # a broken cache skips the write
             self._failed(exc)
         finally:
@@ -371,12 +374,19 @@ class LayeredCache:
         if not task.cancelled() and task.exception() is not None:
             self._failed(task.exception())
 
+    def _succeeded(self, began: float) -> None:
+        """A call begun after the last failure clears it. One begun before (a search or a
+        write in flight when Redis went away) says nothing about Redis now, and clearing on
+        it hid an open circuit from /readyz until the next failure."""
+        if began > self._failed_at:
+            self._error = None
+
     def _failed(self, exc: BaseException) -> None:
         self.counts["error"] += 1
         if "no such index" in str(exc).lower() or "unknown index" in str(exc).lower():
             self._index_ready = False
             return
-        self._error = f"{type(exc).__name__}: {exc}"
+        self._error, self._failed_at = f"{type(exc).__name__}: {exc}", time.monotonic()
         if not self._is_down():
             log.warning("cache: %s: %s; serving misses for %.1fs", type(exc).__name__, exc,
                         self.retry_after_s)
