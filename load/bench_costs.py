@@ -222,6 +222,12 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> list[str]:
     return lines
 
 
+def steps_table(label: str, steps: list[Step]) -> list[str]:
+    """One row per step: its latency percentiles and what served it."""
+    return [f"| {label} | rate/s " + HEAD + " served |", "|---|---" + RULE + "---|",
+            *(f"| {s.target} | {s.rate:.0f} " + row(s) + f" {served(s)} |" for s in steps)]
+
+
 def escalation_section(steps: list[Step], timings: Timings, seconds: float) -> list[str]:
     lines = ["## Escalation cost over frontier-only", "",
              f"Non-streamed, unique prompts, {seconds:g} s per step. The small model answers "
@@ -230,10 +236,7 @@ def escalation_section(steps: list[Step], timings: Timings, seconds: float) -> l
              "rejects its answer (a scripted mean logprob of -2, confidence 0.14 under the "
              "threshold 0.5) and escalates; frontier-only: a policy with `route: "
              "frontier_only`; direct: the frontier upstream without the gateway.", "",
-             *added_cost(steps), "| target | rate/s " + HEAD + " served |",
-             "|---|---" + RULE + "---|"]
-    for step in steps:
-        lines.append(f"| {step.target} | {step.rate:.0f} " + row(step) + f" {served(step)} |")
+             *added_cost(steps), *steps_table("target", steps)]
     lines += ["", "The added cost of trying the small model first (cascade minus frontier-only) "
               "and of the whole gateway (minus direct), per percentile and per process:", "",
               "| difference | rate/s " + DIFFERENCE_HEAD, "|---|---" + "|---" * 6 + "|"]
@@ -267,10 +270,7 @@ def router_section(steps: list[Step], timings: Timings, seconds: float) -> list[
              "`always_small`, confidence from logprobs); learned: the shipped router bundle "
              "for both (`difficulty` includes waiting for the prompt's embedding, computed "
              "in a worker thread, up to the policy's `embedding` budget).", "",
-             *scoring_time(steps, timings), "| policy | rate/s " + HEAD + " served |",
-             "|---|---" + RULE + "---|"]
-    for step in steps:
-        lines.append(f"| {step.target} | {step.rate:.0f} " + row(step) + f" {served(step)} |")
+             *scoring_time(steps, timings), *steps_table("policy", steps)]
     if len(steps) == 2:
         lines += ["", "| difference | rate/s " + DIFFERENCE_HEAD, "|---|---" + "|---" * 6 + "|",
                   f"| learned - heuristic | {steps[1].rate:.0f} " + difference(*steps[::-1])]

@@ -33,16 +33,24 @@ LIMIT = 10  # requests a minute for the limited tenant
 AUTH = {"authorization": f"Bearer {KEY}"}
 
 
-def requests_by_worker(base: str) -> dict[str, float]:
-    """`smallfirst_requests_total` summed per worker, from one scrape of the shared port."""
-    totals: dict[str, float] = {}
+def scraped(base: str, family: str) -> list:
+    """One metric family's samples, from one scrape of the shared port."""
     text = httpx.get(f"{base}/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
-        if family.name == "smallfirst_requests":
-            for sample in family.samples:
-                worker = sample.labels["worker"]
-                totals[worker] = totals.get(worker, 0) + sample.value
+    return [sample for found in text_string_to_metric_families(text) if found.name == family
+            for sample in found.samples]
+
+
+def per_worker(samples: list) -> dict[str, float]:
+    totals: dict[str, float] = {}
+    for sample in samples:
+        worker = sample.labels["worker"]
+        totals[worker] = totals.get(worker, 0) + sample.value
     return totals
+
+
+def requests_by_worker(base: str) -> dict[str, float]:
+    """`smallfirst_requests_total` summed per worker."""
+    return per_worker(scraped(base, "smallfirst_requests"))
 
 
 def workers_of(supervisor: int) -> dict[int, str]:
@@ -140,15 +148,10 @@ def test_rate_limits_hold_across_workers_through_redis(
 
 def refusals_by_worker(base: str) -> dict[str, float]:
     """Rate-limit refusals counted in Redis, per worker."""
-    totals: dict[str, float] = {}
-    text = httpx.get(f"{base}/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
-        if family.name == "smallfirst_rate_limited":
-            for sample in family.samples:
-                assert sample.labels["counted"] == "redis"
-                totals[sample.labels["worker"]] = totals.get(sample.labels["worker"], 0) \
-                    + sample.value
-    return totals
+    samples = scraped(base, "smallfirst_rate_limited")
+    for sample in samples:
+        assert sample.labels["counted"] == "redis"
+    return per_worker(samples)
 
 
 def test_sighup_reloads_the_policies_in_every_worker(two_workers: tuple[str, Process]) -> None:
