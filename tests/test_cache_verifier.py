@@ -116,6 +116,49 @@ def test_typo_alignment_never_turns_a_word_into_its_opposite() -> None:
     assert (fixed, count) == ("How do I make money?", 1)
 
 
+@pytest.mark.parametrize("cached, new", [
+    ("How do I bake bread at home?", "How do I make bread at home?"),
+    ("What is 310 miles in feet?", "What is 310 mules in feet?"),
+    ("How can I cook hummus at home?", "How can I cook humus at home?"),
+])
+def test_typo_alignment_never_turns_one_real_word_into_another(cached: str, new: str) -> None:
+    assert align_typos(cached, new, _spelling_variant) == (new, 0)
+
+
+def test_typo_alignment_never_hides_a_negation() -> None:
+    """"haven" is one letter from "have": aligned, "haven't" became "have't", which no
+    negation list holds, and the negation veto did not fire."""
+    cached = "Give me a SQL query that returns customers who have ordered within 30 days."
+    new = "Give me a SQL query that returns customers who haven't ordered within 30 days."
+    assert align_typos(cached, new, _spelling_variant) == (new, 0)
+    assert vetoed(features(cached, new, cosine=0.97, diff_cosine=0.9))
+
+
+@pytest.mark.parametrize("cached, new", [
+    ("Is 5 > 3?", "Is 5 < 3?"),
+    ("What is 6*3?", "What is 6/3?"),
+    ("x = 5, find x^2", "x = 5, find x*2"),
+])
+def test_a_changed_operator_is_vetoed(cached: str, new: str) -> None:
+    """The words and numbers are the same; the question is not."""
+    assert vetoed(features(cached, new, cosine=0.95, diff_cosine=1.0))
+    assert not vetoed(features("What is 6*3?", "what is 6 * 3", cosine=0.95, diff_cosine=1.0))
+
+
+def test_a_question_only_typos_apart_reads_as_the_cached_one() -> None:
+    """The search's cosine of a misspelt question is low ("recioe" is three word pieces the
+    embedder never saw together); corrected and canonical, the question is the cached one."""
+    cached, new = "What's a good recipe for beef stew?", "What's a good recioe for beef stew?"
+    cosine = FEATURES.index("cosine")
+    assert features(cached, new, cosine=0.8, diff_cosine=1.0)[cosine] == 1.0
+    assert features(cached, "What's a good recipe for fish stew?", 0.8, 0.5)[cosine] == 0.8
+    # the same holds for another spelling of the same conversion
+    assert features("Convert 250 miles to kilometers.", "How many km is 250 miles?",
+                    0.85, 1.0)[cosine] == 1.0
+    verifier = PairVerifier.load()
+    assert verifier.probability(cached, new, 0.8, 1.0) >= verifier.threshold_for(0.01)
+
+
 def test_a_case_change_is_not_vetoed() -> None:
     verifier = PairVerifier.load()
     x = features("How do I sort a list in Python?", "how do i sort a list in python", 0.99, 1.0)

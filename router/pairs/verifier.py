@@ -50,14 +50,15 @@ FEATURES = [
     "first_diff", "last_diff", "one_side_empty", "last_line_changed", "inserted_content",
     "context_changed",
     # Veto only, after the model's columns: the shipped trees index columns by position and
-    # never split on it (vetoed rows are left out of training), so it needs no retraining.
-    "swapped_roles",
+    # never split on them (vetoed rows are left out of training).
+    "swapped_roles", "operators_changed",
 ]
 # A difference of these kinds changes the answer whatever the model says: rejected outright.
 VETOES = [
     "numbers_changed", "numbers_reordered", "negation_flip", "opposites", "direction_changes",
     "units_changed", "quantities_changed", "unit_order_changed", "months_changed",
     "entities_changed", "languages_changed", "context_changed", "swapped_roles",
+    "operators_changed",
 ]
 # The probability may only fall as these grow (+1: only rise); keeps the model sane on
 # families it never saw.
@@ -70,7 +71,7 @@ _TOKEN = re.compile(
     r"\d{1,3}(?:,\d{3})+(?:\.\d+)?(?![\d,])"  # 1,743 (thousands)
     r"|\d+(?:\.\d+)?"  # 42, 3.5 (211,3798 in a CSV row is two numbers)
     r"|[a-z][a-z0-9]*(?:['’][a-z]+)*[+#]*"  # words, c++, c#, don't
-    r"|[$%€£¥#+]"
+    r"|[$%€£¥#+*/<>=^]"
 )
 _NUMBER = re.compile(r"\d+(?:[.,]\d+)*")
 _SENTENCE_END = re.compile(r"(?:[.!?:]\s+|\n)")
@@ -144,6 +145,7 @@ fortran cobol zig nim crystal lisp scheme racket prolog vb vba delphi pascal ass
 """.split())
 
 WH_WORDS = frozenset("what which who whom whose why when where how".split())
+OPERATORS = frozenset("+*/<>=^")
 
 def tokens(text: str) -> list[str]:
     """Lower-cased word tokens; number words become digits, `1,743` becomes `1743`."""
@@ -232,14 +234,23 @@ INFLECTIONS = frozenset("s es ed d ing able ly er ers al".split())
 def _spelling_variant(a: str, b: str) -> bool:
     """A typo of the same word: one letter added, dropped, changed or two swapped ("recioe"/
     "recipe", "mteers"/"meters"; two edits in long words), not another form of it ("mean"/
-    "means"), another common word ("where"/"there"), another name ("Austria"/"Australia") or
-    its opposite ("ascending"/"descending")."""
+    "means"), another word ("bake"/"make", "where"/"there": both are in the dictionary),
+    another name ("Austria"/"Australia") or its opposite ("ascending"/"descending")."""
     short, long_ = sorted((a, b), key=len)
     if long_.startswith(short) and long_[len(short):] in INFLECTIONS:
         return False
-    if (a in STOPWORDS and b in STOPWORDS) or _opposites({a}, {b}, set()):
+    if (a in _dictionary() and b in _dictionary()) or _opposites({a}, {b}, set()):
         return False
     return _edits(a, b) <= (2 if len(short) >= 8 else 1)
+
+
+@lru_cache(maxsize=1)
+def _dictionary() -> Any:
+    """English words (about 160,000, from `pyspellchecker`'s frequency list, which leaves
+    common misspellings out): a word in it is not a typo of another one."""
+    from spellchecker import SpellChecker
+
+    return SpellChecker(language="en", distance=1).word_frequency
 
 
 def _edits(a: str, b: str) -> int:
@@ -526,7 +537,9 @@ def _values(diff: PairDiff, cosine: float, diff_cosine: float) -> dict[str, floa
     span = sum(max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in diff.opcodes if tag != "equal")
     da, db = diff.diff_texts()
     values = {
-        "cosine": cosine,
+        # The same words once canonical and typos corrected: the same question, whatever a
+        # typo or another spelling ("km" / "kilometers") did to the search's embedding.
+        "cosine": 1.0 if ta == tb else cosine,
         "diff_cosine": diff_cosine,
         "normalized_equal": float(ta == tb),
         "bag_equal": float(sorted(ta) == sorted(tb)),
@@ -561,6 +574,8 @@ def _values(diff: PairDiff, cosine: float, diff_cosine: float) -> dict[str, floa
         "inserted_content": len(_content(diff.inserted())),
         "context_changed": float(_context_changed(a, b)),
         "swapped_roles": _swapped_roles(a, b),
+        "operators_changed": float(sorted(t for t in ta if t in OPERATORS)
+                                   != sorted(t for t in tb if t in OPERATORS)),
     }
     return values
 
