@@ -215,7 +215,7 @@ class Gateway:
             except Exception as exc:
                 log.error("router bundle %r cannot be loaded: %s", name, exc)
         if semantic and self.cache.verifier is not None:
-            self.cache.verifier.probability(WARM_UP_PROMPT, WARM_UP_PROMPT.lower(), 1.0, 1.0)
+            self.cache.verifier.warm()
 
     async def _warm_small_model(self) -> bool:
         """One token from the small model; its time seeds the adaptive first-token deadline."""

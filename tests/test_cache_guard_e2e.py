@@ -75,8 +75,8 @@ async def guarded_cache(redis_url: str, embed: SharedEmbedding, pol: Policy) -> 
 # the verifier compares questions that differ only in their wording.
 SAYS_PARIS = script(text="Paris.", ttft_ms=300)  # the audit's answer comes late
 CACHED = "What is the capital of France?" + SAYS_PARIS
-SERVED = "What is the capital of France? Thank you." + SAYS_PARIS  # verifier: 0.9977
-CLOSER = "what is the capital of france" + SAYS_PARIS  # verifier: 0.9998 (threshold 0.995)
+SERVED = "What's the capital of France?" + SAYS_PARIS  # verifier: 0.9927
+CLOSER = "what is the capital of france" + SAYS_PARIS  # verifier: 0.9993 (threshold 0.984)
 
 
 def scripted(upstream: str, cache: LayeredCache) -> CascadeEngine:
@@ -176,16 +176,16 @@ async def test_past_the_budget_hits_are_served_unaudited(
 # ---- the real small model ------------------------------------------------------------------
 
 SMALL = "smollm2-135m-instruct"
-# Questions and rewordings the verifier serves (lower case, no question mark, a spelling):
-# each entry meets two rewordings, the second rated at least as close as the first.
+# Questions and rewordings the verifier serves: each entry meets a rewording, then one rated
+# closer still (after a disagreement an entry serves only pairs rated above the audited one).
 STREAM = [
     ("What is the capital of France?",
-     ["what is the capital of france", "What is the capital of france?"]),
-    ("How tall is Mount Everest?", ["how tall is mount everest", "how tall is mount everest?"]),
-    ("Who wrote Romeo and Juliet?", ["who wrote romeo and juliet", "Who wrote Romeo and Juliet"]),
-    ("What color is the sky?", ["what color is the sky", "What colour is the sky?"]),
+     ["What's the capital of France?", "what is the capital of france"]),
+    ("How tall is Mount Everest?", ["How high is Mount Everest?", "how tall is mount everest"]),
+    ("Who wrote Romeo and Juliet?", ["Who wrote Romeo & Juliet?", "who wrote romeo and juliet"]),
+    ("What color is the sky?", ["What is the color of the sky?", "What colour is the sky?"]),
     ("How many legs does a spider have?",
-     ["how many legs does a spider have", "how many legs does a spider have?"]),
+     ["How many legs has a spider?", "how many legs does a spider have"]),
 ]
 # Entries planted with another question's answer: false hits the audits must catch.
 PLANTED = {"What is the capital of France?": "Spiders have eight legs.",

@@ -19,6 +19,7 @@ from router.pairs.verifier import (
     PairDiff,
     PairVerifier,
     VerifierError,
+    _dictionary,
     _spelling_variant,
     diff_cosines,
     features,
@@ -44,6 +45,8 @@ PAIRS = training.DEFAULT_PAIRS
      "Notes:\nAlice owns item 1.\nCarol owns item 2.\nWho owns item 2?"),
     ("Convert one mile to kilometers.", "Convert two miles to kilometers."),
     ("What is 1 + 1?", "What is 1 + 2?"),
+    ("What is 5 - 3?", "What is 3 - 5?"),
+    ("What is 5 km minus 3 km?", "What is 3 km minus 5 km?"),
 ])
 def test_hard_differences_are_vetoed(cached: str, new: str) -> None:
     assert vetoed(features(cached, new, cosine=0.99, diff_cosine=0.99))
@@ -68,6 +71,9 @@ def test_hard_differences_are_vetoed(cached: str, new: str) -> None:
     ("It may be slow.", "It might be slow."),
     ("List customers with at least one order.", "List customers with an order."),
     ("Rename the column to a new one.", "Give the column a new name."),
+    # an amount moved past a date is not two numbers trading places
+    ("Add 155 days to the 28th of September 2019. What's the date?",
+     "If today is the 28th of September 2019, what will the date be in 155 days?"),
 ])
 def test_other_spellings_of_the_same_thing_are_not_vetoed(cached: str, new: str) -> None:
     assert not vetoed(features(cached, new, cosine=0.95, diff_cosine=0.9))
@@ -102,10 +108,30 @@ def test_conversion_forms_keep_direction_amount_and_surroundings() -> None:
     assert vetoed(features("What is 32 feet in miles?", "How many feet is 32 miles?", 0.95, 0.9))
     assert vetoed(features("5 km to miles?", "How many miles is 50 km?", 0.95, 0.9))
     assert canonical("Quick question: what is 5 km in miles? Thanks!") == \
-        "Quick question: convert 5 km to mile? Thanks!"
+        "convert 5 km to mile?"
     # a qualifier after the target may matter, and "5 days in June" converts nothing
     assert canonical("Convert 5 cups to ml for baking.") == "Convert 5 cup to ml for baking."
     assert canonical("What happened 5 days in June?") == "What happened 5 day in June?"
+
+
+@pytest.mark.parametrize("said, asked", [
+    ("Capital of Indonesia? Thanks in advance!", "Capital of Indonesia?"),
+    ("Hi there, what does the name Amara mean? Please help.", "what does the name Amara mean?"),
+    ("Hello! Which city is the capital of Peru?", "Which city is the capital of Peru?"),
+    ("Please, translate this: 'hola'", "translate this: 'hola'"),
+    ("Hey, can you name the capital of Kenya?", "name the capital of Kenya?"),
+    ("Could you please convert 426 metres to feet? Thank you!", "convert 426 meter to ft?"),
+    ("Please answer this: How far is Pluto from the Sun?", "How far is Pluto from the Sun?"),
+    ("I'd like you to name the capital of Chile. I'd really appreciate it.",
+     "name the capital of Chile."),
+    # courtesy inside the question is the question
+    ("Hello world program in C", "Hello world program in C"),
+    ("How do I say thank you in French?", "How do I say thank you in French?"),
+    ("Can you speak French?", "Can you speak French?"),
+    ("Thanks!", "Thanks!"),
+])
+def test_a_greeting_or_a_thank_you_around_a_question_is_left_out(said: str, asked: str) -> None:
+    assert canonical(said) == asked
 
 
 def test_typo_alignment_never_turns_a_word_into_its_opposite() -> None:
@@ -143,6 +169,12 @@ def test_a_changed_operator_is_vetoed(cached: str, new: str) -> None:
     """The words and numbers are the same; the question is not."""
     assert vetoed(features(cached, new, cosine=0.95, diff_cosine=1.0))
     assert not vetoed(features("What is 6*3?", "what is 6 * 3", cosine=0.95, diff_cosine=1.0))
+
+
+def test_warming_the_verifier_loads_its_word_list() -> None:
+    _dictionary.cache_clear()
+    PairVerifier.load().warm()
+    assert _dictionary.cache_info().currsize == 1
 
 
 def test_a_question_only_typos_apart_reads_as_the_cached_one() -> None:

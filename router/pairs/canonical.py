@@ -2,7 +2,8 @@
 
 "163 km" and "163 kilometers", "CHF" and "Swiss francs", "2025-10-05" and "the 5th of
 October 2025", "C sharp" and "C#", "How much is 5 EUR in USD?" and "5 euros to US dollars?"
-ask the same thing; the verifier should see the same tokens and keep its vetoes for real
+ask the same thing, with or without a greeting or a thank-you around it ("Hi! ... Thanks in
+advance!"); the verifier should see the same tokens and keep its vetoes for real
 differences (another unit, another date). Canonical names are lower case, so they never
 look like a named entity. Typos in the new question are aligned
 with the cached one's words first, so "Siwss feancs" still reads as "Swiss francs"; place
@@ -207,10 +208,30 @@ _CONVERSIONS = tuple(re.compile(r"\b" + pattern + r"(?=\s*(?:[?.!,:;]|$))", re.I
 ))
 
 
+# Courtesy around a question, never inside it: a greeting only when punctuation ends it
+# ("Hello world in C" keeps its "Hello"), "can you" only before a verb that asks for an answer
+# ("Can you speak French?" keeps it), a thank-you only after a sentence or a comma ("How do I
+# say thank you" keeps its "thank you").
+_ASKING = ("convert|translate|name|explain|give|list|write|calculate|compute|find|summari[sz]e|"
+           "describe|suggest|recommend|define|tell")
+_GREETING = re.compile(
+    r"^\s*(?:(?:hi|hello|hey|greetings|good (?:morning|afternoon|evening))(?: there| all)?"
+    r"\s*[,!.:;\-]+\s*|please,?\s+|quick question\s*[:,\-]\s*|"
+    r"(?:please )?answer this(?: question)?\s*:\s*|"
+    rf"(?:can|could|would|will) you(?: please)?\s+(?=(?:{_ASKING})\b)|"
+    r"i(?:'d| would) like you to\s+|i need you to\s+)+", re.IGNORECASE)
+_SIGN_OFF = re.compile(
+    r"(?:(?<=[?.!,])|(?<=[?.!,][\"')]))\s*(?:(?:please help(?: me)?|please|pls|thanks|thank you|"
+    r"thx|many thanks|much appreciated|cheers|any help is appreciated|"
+    r"i(?:'d| would)(?: really)? appreciate it)"
+    r"(?: (?:a lot|so much|in advance))?[\s.!?]*)+$", re.IGNORECASE)
+
+
 def canonical(text: str) -> str:
-    """The text with dates as `year month day`, units, currencies, countries and languages
-    under one name each, and requests to convert an amount as `convert 5 eur to usd`;
-    everything else (case included) is left as it was."""
+    """The text without a greeting or a thank-you around it, with dates as `year month day`,
+    units, currencies, countries and languages under one name each, and requests to convert an
+    amount as `convert 5 eur to usd`; everything else (case included) is left as it was."""
+    text = _SIGN_OFF.sub("", _GREETING.sub("", text)) or text
     text = text.replace("°", " ")  # 25°C: the symbol after a number, as "25 c"
     for pattern, order in _DATES:
         text = pattern.sub(lambda m, order=order: _date(m, order), text)

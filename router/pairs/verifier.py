@@ -144,6 +144,7 @@ julia r perl erlang elixir lua dart bash shell powershell sql objc matlab ocaml 
 fortran cobol zig nim crystal lisp scheme racket prolog vb vba delphi pascal assembly solidity
 """.split())
 
+ARTICLES = frozenset(("a", "an", "the"))
 WH_WORDS = frozenset("what which who whom whose why when where how".split())
 OPERATORS = frozenset("+*/<>=^")
 
@@ -215,6 +216,20 @@ def _quantities(words: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
         if word in units and word not in order:
             order.append(word)
     return pairs, order
+
+
+def _unarticled(words: list[str]) -> list[str]:
+    return [w for w in words if w not in ARTICLES]
+
+
+def _number_order(words: list[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """The bare numbers in order, and the amounts (a number and its unit) in order: "5 - 3"
+    and "3 - 5" differ, "5 km minus 3 km" and "3 km minus 5 km" too, but "add 155 day to
+    2019 9 28" and "2019 9 28 ... in 155 day" do not (an amount moved past a date)."""
+    bound = [i for i, (w, nxt) in enumerate(zip(words, words[1:], strict=False))
+             if _is_number(w) and nxt in UNITS]
+    bare = [w for i, w in enumerate(words) if _is_number(w) and i not in bound]
+    return bare, [(words[i], words[i + 1]) for i in bound]
 
 
 def _counted(numbers: list[str]) -> list[str]:
@@ -537,9 +552,10 @@ def _values(diff: PairDiff, cosine: float, diff_cosine: float) -> dict[str, floa
     span = sum(max(i2 - i1, j2 - j1) for tag, i1, i2, j1, j2 in diff.opcodes if tag != "equal")
     da, db = diff.diff_texts()
     values = {
-        # The same words once canonical and typos corrected: the same question, whatever a
-        # typo or another spelling ("km" / "kilometers") did to the search's embedding.
-        "cosine": 1.0 if ta == tb else cosine,
+        # The same words once canonical and typos corrected (articles aside): the same
+        # question, whatever a typo or another spelling ("km" / "kilometers", "the UK" /
+        # "Britain") did to the search's embedding.
+        "cosine": 1.0 if _unarticled(ta) == _unarticled(tb) else cosine,
         "diff_cosine": diff_cosine,
         "normalized_equal": float(ta == tb),
         "bag_equal": float(sorted(ta) == sorted(tb)),
@@ -549,7 +565,8 @@ def _values(diff: PairDiff, cosine: float, diff_cosine: float) -> dict[str, floa
         "content_only_max": max(len(rest_a), len(rest_b)),
         "typo_pairs": diff.typos,
         "numbers_changed": float(_counted(nums_a) != _counted(nums_b)),
-        "numbers_reordered": float(sorted(nums_a) == sorted(nums_b) and nums_a != nums_b),
+        "numbers_reordered": float(sorted(nums_a) == sorted(nums_b)
+                                   and _number_order(ta) != _number_order(tb)),
         "negation_flip": float(_negations(ta) % 2 != _negations(tb) % 2),
         "opposites": _opposites(sa - sb, sb - sa, sa | sb),
         "direction_changes": direction,
@@ -693,6 +710,11 @@ class PairVerifier:
         _set_diff_cosine(x, diff, changed_part_cosine())  # embeds only when both have content
         probability = self.probability_of(x)
         return probability if probability >= threshold else None
+
+    def warm(self) -> None:
+        """Load what a first comparison would (the word list typos are told apart with, about
+        0.2 s), so no request pays for it."""
+        self.probability("Say hello.", "Say helo.", 1.0, 1.0)
 
     def threshold_for(self, max_false_hit_rate: float) -> float:
         """The lowest threshold whose calibrated worst-kind false-hit rate meets the target.
