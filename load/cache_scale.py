@@ -16,7 +16,10 @@ a time, then `--concurrency` at once, all with `Cache-Control: no-store` so the 
 at its size. Prints the gateway's own `cache` step time (Server-Timing) p50/p90/p99/max,
 end-to-end latency, the share served from the cache, and the lookups past the policy's
 `lookup_deadline_ms` (served as misses; the gateway's own counter), plus the fill time, the
-index's document count and memory, and the load average.
+index's document count and memory, and the load average. Then the lookup alone: the same
+kinds of query, one at a time, through the gateway's cache code in this process (exact read,
+embedding, KNN search, verifier) timed to its end, with no HTTP, upstream or load generator
+competing for the cores: what the policy's deadline is measured against.
 
 How the vectors were made (the index is synthetic; only some entries are real questions):
 `--real` distinct questions are generated from templates (tasks in programming languages,
@@ -50,9 +53,11 @@ import yaml
 
 from gateway.api.openai_types import ChatCompletionRequest
 from gateway.cache.fingerprint import context_hash, exact_key
+from gateway.cache.layered import build_cache
 from gateway.cache.redis_exact import Keys, RedisExactStore, connect
 from gateway.cache.semantic import SemanticIndex
 from gateway.embedding import SharedEmbedding
+from gateway.policy import CacheSettings
 from gateway.types import CachedAnswer, CacheRequest
 from load.cache_bench import LANGUAGES, TASKS, start_valkey
 from load.harness import ROOT, free_port, start
@@ -320,6 +325,44 @@ async def measure(gateway: str, key: str, redis_url: str, held: list[str],
     return results
 
 
+async def direct_lookups(redis_url: str, settings: CacheSettings, tenant: str, held: list[str],
+                         misses: list[str], count: int) -> None:
+    """The lookup alone, in this process, one at a time: the exact read, the embedding, the
+    KNN search and the verifier, timed to the end of the search whatever the deadline, with
+    no HTTP, no upstream and no load generator on the machine's cores."""
+    cache = build_cache(redis_url, lambda _: settings, prefix=PREFIX, embed=SharedEmbedding())
+    await cache.start()
+    cache.verifier.warm()  # type: ignore[union-attr]  # as the gateway's warm-up does
+    rng = random.Random(5)
+    hits = [reworded(q, f) for f in range(len(REWORDINGS)) for q in held]
+    rng.shuffle(hits)
+    work = [("hit query", t) for t in hits[:count]] + [("miss query", t) for t in misses[:count]]
+    rng.shuffle(work)
+    samples = []
+    try:
+        for kind, text in [("warm", t) for t in misses[-5:]] + work:
+            begin = time.perf_counter()
+            hit, pending = await cache.lookup_staged(cache_request(tenant, text))
+            if pending is not None:
+                hit = await pending.search
+            samples.append(Sample(kind, "cache_" if hit else "", None,
+                                  (time.perf_counter() - begin) * 1000))
+    finally:
+        await cache.close()
+    deadline = settings.lookup_deadline_ms
+    print(f"  the lookup alone, in-process, one at a time (load average "
+          f"{os.getloadavg()[0]:.1f}); ms; lookup deadline {deadline:g} ms")
+    print(f"    {'':12}{'n':>5}{'served':>8}  {'p50':>7}{'p90':>7}{'p99':>7}{'max':>7}"
+          f"{'>=dl':>7}")
+    for kind in ("hit query", "miss query", "all"):
+        chosen = [s for s in samples if kind in ("all", s.kind) and s.kind != "warm"]
+        took = quantiles([s.total_ms for s in chosen])
+        served = sum(bool(s.route) for s in chosen) / max(len(chosen), 1)
+        late = sum(s.total_ms >= deadline for s in chosen) / max(len(chosen), 1)
+        print(f"    {kind:12}{len(chosen):5d}{served:8.1%}  {took[50]:7.2f}{took[90]:7.2f}"
+              f"{took[99]:7.2f}{took[100]:7.2f}{late:7.1%}")
+
+
 def report(samples: list[Sample], concurrency: int, deadline_ms: float, past: int
            ) -> dict[int, float]:
     print(f"  concurrency {concurrency} (load average {os.getloadavg()[0]:.1f}); ms; "
@@ -349,8 +392,8 @@ def quantiles(values: list[float]) -> dict[int, float]:
 # ---- the stack -------------------------------------------------------------------------------
 
 def write_config(tmp: Path, upstream: str, redis_url: str, port: int, tenants: list[str],
-                 args: argparse.Namespace) -> tuple[Path, float, int]:
-    """Gateway config, keys file and policies; returns the config, deadline and TTL."""
+                 args: argparse.Namespace) -> tuple[Path, CacheSettings]:
+    """Gateway config, keys file and policies; returns the config and the cache settings."""
     policies = tmp / "policies"
     shutil.copytree(ROOT / "policies", policies)
     auto = yaml.safe_load((policies / "default.yaml").read_text())
@@ -367,10 +410,7 @@ def write_config(tmp: Path, upstream: str, redis_url: str, port: int, tenants: l
         "policies": str(policies), "api_keys_file": str(tmp / "keys.yaml"), "port": port,
         "watch_policies": False, "redis_url": redis_url, "cache_prefix": PREFIX,
     }))
-    from gateway.policy import CacheSettings
-
-    settings = CacheSettings(**cache)
-    return config, settings.lookup_deadline_ms, settings.ttl_s
+    return config, CacheSettings(**cache)
 
 
 def run_layout(entries: int, layout: int, prefill: Prefill, upstream: str,
@@ -384,20 +424,23 @@ def run_layout(entries: int, layout: int, prefill: Prefill, upstream: str,
         valkey, redis_url = start_valkey(Path(tmp))
         procs = [valkey]
         try:
-            config, deadline_ms, ttl_s = write_config(Path(tmp), upstream, redis_url, port,
-                                                      tenants, args)
+            config, settings = write_config(Path(tmp), upstream, redis_url, port, tenants, args)
             procs.append(start([sys.executable, "-m", "tooling.cli", "serve", "--config",
                                 str(config)], f"{gateway}/healthz"))
             began = time.perf_counter()
             held = asyncio.run(fill(redis_url, prefill, entries, tenants,
-                                    args.entries + 10_000, ttl_s))
+                                    args.entries + 10_000, settings.ttl_s))
             took = time.perf_counter() - began
             print(f"  fill: {entries} entries in {took:.1f} s ({entries / took:.0f}/s), "
                   f"load average {os.getloadavg()[0]:.1f}")
             info = asyncio.run(index_info(redis_url))
             print("  index: " + ", ".join(f"{k} {v}" for k, v in info.items()))
-            return asyncio.run(measure(gateway, f"sk-{tenants[0]}", redis_url, held[tenants[0]],
-                                miss_questions(), args, deadline_ms))
+            results = asyncio.run(measure(gateway, f"sk-{tenants[0]}", redis_url,
+                                          held[tenants[0]], miss_questions(), args,
+                                          settings.lookup_deadline_ms))
+            asyncio.run(direct_lookups(redis_url, settings, tenants[0], held[tenants[0]],
+                                       miss_questions(), args.queries))
+            return results
         finally:
             for proc in procs:
                 proc.terminate()
