@@ -2,6 +2,7 @@
 
     python -m load.cache_scale [--entries 100000] [--layouts 1,10] [--queries 300]
                                [--concurrency 4] [--real 3000] [--deadline-ms MS]
+                               [--embedding-threads 1]
 
 For each layout (all entries in one tenant; the same number spread over 10 tenants, queried
 as one of them) it starts Valkey with the query engine module (from the `dev` extra), the
@@ -326,16 +327,18 @@ async def measure(gateway: str, key: str, redis_url: str, held: list[str],
 
 
 async def direct_lookups(redis_url: str, settings: CacheSettings, tenant: str, held: list[str],
-                         misses: list[str], count: int) -> None:
+                         misses: list[str], args: argparse.Namespace) -> None:
     """The lookup alone, in this process, one at a time: the exact read, the embedding, the
     KNN search and the verifier, timed to the end of the search whatever the deadline, with
     no HTTP, no upstream and no load generator on the machine's cores."""
-    cache = build_cache(redis_url, lambda _: settings, prefix=PREFIX, embed=SharedEmbedding())
+    cache = build_cache(redis_url, lambda _: settings, prefix=PREFIX,
+                        embed=SharedEmbedding(threads=args.embedding_threads))
     await cache.start()
     cache.verifier.warm()  # type: ignore[union-attr]  # as the gateway's warm-up does
     rng = random.Random(5)
     hits = [reworded(q, f) for f in range(len(REWORDINGS)) for q in held]
     rng.shuffle(hits)
+    count = args.queries
     work = [("hit query", t) for t in hits[:count]] + [("miss query", t) for t in misses[:count]]
     rng.shuffle(work)
     samples = []
@@ -409,6 +412,7 @@ def write_config(tmp: Path, upstream: str, redis_url: str, port: int, tenants: l
         "small_model": "hosted_vllm/small-stand-in", "small_api_base": f"{upstream}/v1",
         "policies": str(policies), "api_keys_file": str(tmp / "keys.yaml"), "port": port,
         "watch_policies": False, "redis_url": redis_url, "cache_prefix": PREFIX,
+        "embedding_threads": args.embedding_threads,
     }))
     return config, CacheSettings(**cache)
 
@@ -439,7 +443,7 @@ def run_layout(entries: int, layout: int, prefill: Prefill, upstream: str,
                                           held[tenants[0]], miss_questions(), args,
                                           settings.lookup_deadline_ms))
             asyncio.run(direct_lookups(redis_url, settings, tenants[0], held[tenants[0]],
-                                       miss_questions(), args.queries))
+                                       miss_questions(), args))
             return results
         finally:
             for proc in procs:
@@ -473,6 +477,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=4)
     parser.add_argument("--baseline-entries", type=int, default=1000,
                         help="a small one-tenant index measured first, side by side (0: none)")
+    parser.add_argument("--embedding-threads", type=int, default=1,
+                        help="the embedder's intra-op threads (gateway and lookup alone)")
     parser.add_argument("--deadline-ms", type=float, default=None,
                         help="override the policy's cache lookup_deadline_ms (default: keep)")
     args = parser.parse_args()

@@ -48,6 +48,14 @@ def test_kind_folds_pool_small_kinds_by_first_word() -> None:
                                                               "qqp_nondup")}
 
 
+def test_kind_folds_leave_a_source_out_whole() -> None:
+    kinds = ["qqp_dup"] * 50 + ["qqp_nondup"] * 50 + ["negation"] * 20
+    assert kind_folds(kinds, min_rows=10, together=[["qqp_dup", "qqp_nondup"]]) == {
+        "negation": ["negation"], "qqp_dup+qqp_nondup": ["qqp_dup", "qqp_nondup"]}
+    with pytest.raises(ValueError, match="qqp_other"):
+        kind_folds(kinds, together=[["qqp_dup", "qqp_other"]])
+
+
 def test_holdout_never_trains_on_the_kind_it_scores(monkeypatch: pytest.MonkeyPatch) -> None:
     frame = training.read_pairs(FIXTURE)
     x = training.pair_matrix(frame, None)

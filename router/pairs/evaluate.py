@@ -122,16 +122,22 @@ def _rates(served: np.ndarray, y: np.ndarray, kinds: np.ndarray) -> dict[str, An
     }
 
 
-def kind_folds(kinds: Any, min_rows: int = 100) -> dict[str, list[str]]:
+def kind_folds(kinds: Any, min_rows: int = 100,
+               together: list[list[str]] | tuple = ()) -> dict[str, list[str]]:
     """What to leave out together: each kind alone, except kinds with fewer than `min_rows`
     rows, which go with the kinds sharing their name up to the first underscore (`qqp_dup`
-    and `qqp_nondup` as `qqp`)."""
+    and `qqp_nondup` as `qqp`), and the groups in `together` (a source left out whole: its
+    positives and its negatives)."""
     counts: dict[str, int] = {}
     for kind in kinds:
         counts[kind] = counts.get(kind, 0) + 1
+    unknown = sorted({k for group in together for k in group} - set(counts))
+    if unknown:
+        raise ValueError(f"no pairs of kind {', '.join(unknown)} to leave out")
+    joined = {kind: "+".join(group) for group in together for kind in group}
     folds: dict[str, list[str]] = {}
     for kind in sorted(counts):
-        name = kind if counts[kind] >= min_rows else kind.split("_")[0]
+        name = joined.get(kind) or (kind if counts[kind] >= min_rows else kind.split("_")[0])
         folds.setdefault(name, []).append(kind)
     return folds
 
@@ -144,6 +150,7 @@ def holdout_by_kind(
     min_cosine: float = 0.6,
     folds: dict[str, list[str]] | None = None,
     min_rows: int = 100,
+    together: list[list[str]] | tuple = (),
     trees: int | None = None,
     repeats: int = training.CALIBRATION_REPEATS,
     seed: int = 0,
@@ -168,7 +175,7 @@ def holdout_by_kind(
     kinds = frame.kind.to_numpy()
     names = np.array(training.groups(frame))
     cosine = training.pair_cosines(frame, embed, cache_dir)
-    folds = folds or kind_folds(kinds, min_rows)
+    folds = folds or kind_folds(kinds, min_rows, together)
     prob = np.full(len(frame), np.nan)
     threshold = np.full(len(frame), np.nan)
     fold_reports = []
