@@ -184,9 +184,11 @@ def test_a_question_only_typos_apart_reads_as_the_cached_one() -> None:
     cosine = FEATURES.index("cosine")
     assert features(cached, new, cosine=0.8, diff_cosine=1.0)[cosine] == 1.0
     assert features(cached, "What's a good recipe for fish stew?", 0.8, 0.5)[cosine] == 0.8
-    # the same holds for another spelling of the same conversion
+    # the same holds for another spelling of the same conversion, or an article more
     assert features("Convert 250 miles to kilometers.", "How many km is 250 miles?",
                     0.85, 1.0)[cosine] == 1.0
+    assert features("Which city is the capital of Britain?",
+                    "Which city is the capital of the UK?", 0.85, 1.0)[cosine] == 1.0
     verifier = PairVerifier.load()
     assert verifier.probability(cached, new, 0.8, 1.0) >= verifier.threshold_for(0.01)
 
