@@ -134,6 +134,13 @@ def test_a_greeting_or_a_thank_you_around_a_question_is_left_out(said: str, aske
     assert canonical(said) == asked
 
 
+@pytest.mark.timeout(30)
+def test_a_long_prompt_of_thank_yous_does_not_stall_the_lookup() -> None:
+    """Unbounded, the sign-off search restarted after every "." and took minutes on this."""
+    hostile = "thanks. " * 50_000 + "x"
+    assert canonical(hostile).endswith("thanks. x")
+
+
 def test_typo_alignment_never_turns_a_word_into_its_opposite() -> None:
     fixed, count = align_typos("Sort in ascending order", "Sort in descending order",
                                _spelling_variant)

@@ -227,11 +227,21 @@ _SIGN_OFF = re.compile(
     r"(?: (?:a lot|so much|in advance))?[\s.!?]*)+$", re.IGNORECASE)
 
 
+SIGN_OFF_WINDOW = 120  # characters: a sign-off is short, and a search bounded to it stays
+# linear on a long prompt of "thanks. thanks. ..." (unbounded, each "." restarts it: quadratic)
+
+
+def _without_courtesy(text: str) -> str:
+    bare = _GREETING.sub("", text, count=1)
+    found = _SIGN_OFF.search(bare, max(0, len(bare) - SIGN_OFF_WINDOW))
+    return (bare[:found.start()] if found else bare) or text
+
+
 def canonical(text: str) -> str:
     """The text without a greeting or a thank-you around it, with dates as `year month day`,
     units, currencies, countries and languages under one name each, and requests to convert an
     amount as `convert 5 eur to usd`; everything else (case included) is left as it was."""
-    text = _SIGN_OFF.sub("", _GREETING.sub("", text)) or text
+    text = _without_courtesy(text)
     text = text.replace("°", " ")  # 25°C: the symbol after a number, as "25 c"
     for pattern, order in _DATES:
         text = pattern.sub(lambda m, order=order: _date(m, order), text)
