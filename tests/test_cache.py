@@ -225,6 +225,16 @@ async def test_no_semantic_hit_for_a_near_miss(semantic_cache: LayeredCache, kin
     assert await semantic_cache.lookup(user(new, tenant=f"near-{kind}")) is None
 
 
+async def test_a_prompt_too_long_to_compare_is_served_by_exact_repeats_only(
+        semantic_cache: LayeredCache) -> None:
+    long_prompt = LONG_CONTEXT * (semantic_cache.verifier.max_chars // len(LONG_CONTEXT) + 1)
+    before = semantic_cache.counts["semantic_too_long"]
+    await remember(semantic_cache, user(long_prompt + "\nSummarise.", tenant="long"))
+    assert await semantic_cache.lookup(user(long_prompt + "\nSummarise.", tenant="long"))
+    assert await semantic_cache.lookup(user(long_prompt + "\nsummarise", tenant="long")) is None
+    assert semantic_cache.counts["semantic_too_long"] - before == 2  # store, reworded lookup
+
+
 async def test_no_hit_across_tenants(semantic_cache: LayeredCache) -> None:
     await remember(semantic_cache, user("What is the boiling point of water?", tenant="one"))
     assert await semantic_cache.lookup(user("What is the boiling point of water?",

@@ -328,6 +328,9 @@ class LayeredCache:
             return None
         if settings.multi_turn == "never" and is_multi_turn(request.params):
             return None
+        if len(text) > self.verifier.max_chars:  # type: ignore[union-attr]
+            self.counts["semantic_too_long"] += 1  # served by exact repeats only
+            return None
         return _Semantic(text, context_hash(request))
 
     def _vector_future(self, key: str, request: CacheRequest, text: str) -> asyncio.Future:

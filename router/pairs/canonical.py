@@ -289,7 +289,12 @@ def align_typos(cached: str, new: str, is_variant: Callable[[str, str], bool]
     candidates = sorted(words - new_words)
     fixes: dict[str, str] = {}
     for word in sorted(new_words - words):
-        best = max(candidates, key=lambda w: difflib.SequenceMatcher(None, word, w).ratio(),
+        # a typo keeps its length within two letters and its first or its last letter: the
+        # closest word is sought among those only (among all, two long prompts of unrelated
+        # words took seconds)
+        near = [w for w in candidates if abs(len(w) - len(word)) <= 2
+                and (w[0] == word[0] or w[-1] == word[-1])]
+        best = max(near, key=lambda w: difflib.SequenceMatcher(None, word, w).ratio(),
                    default=None)
         if best is not None and not {word, best} <= PLACES and is_variant(word, best):
             fixes[word] = best
