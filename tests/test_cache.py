@@ -283,6 +283,42 @@ async def test_server_without_query_engine_is_a_clear_error(tmp_path,
         plain.kill()
 
 
+async def test_redis_restarted_empty_gets_its_index_back_before_the_next_search(
+        tmp_path, embed: SharedEmbedding) -> None:
+    """The index used to be recreated only after a search had failed on it; the entry a
+    client stored meanwhile was indexed by a background scan that a paraphrase's lookup
+    could outrun, and a missed paraphrase is an exact repeat from then on."""
+    import asyncio
+
+    import redis.asyncio as aioredis
+
+    from tests.conftest import RedisServer
+
+    server = RedisServer(tmp_path)
+    server.start()
+    cache = build_cache(server.url, settings_for(lookup_deadline_ms=5000), prefix=prefix(),
+                        embed=embed)
+    cache.retry_after_s = 0.05
+    await cache.start()
+    question = user("How do I zip two lists in Python?")
+    try:
+        server.kill()
+        assert await cache.lookup(question) is None  # refused: the circuit opens
+        server.start()  # empty: no entries, no index
+        await asyncio.sleep(0.06)
+        assert await cache.lookup(question) is None
+        probe = aioredis.Redis.from_url(server.url)
+        assert await probe.execute_command("FT._LIST") == [cache.semantic.keys.index.encode()]
+        await probe.aclose()
+        await remember(cache, question)
+        hit = await cache.lookup(user("how do i zip two lists in python"))
+        assert hit is not None and hit.kind == "semantic"
+        assert cache.health() is None
+    finally:
+        await cache.close()
+        server.kill()
+
+
 class HeldStore(MemoryExactStore):
     """An exact store whose writes wait for `release` and whose reads fail while `down`."""
 

@@ -365,7 +365,7 @@ class LayeredCache:
         if self._error is not None:
             return f"{self._error}: serving misses, retrying every {self.retry_after_s:g}s"
         if self.semantic is not None and not self._index_ready:
-            return "semantic index missing: recreated on the next lookup"
+            return "semantic index unchecked since Redis failed: (re)created on the next lookup"
         return None
 
     def _is_down(self) -> bool:
@@ -386,8 +386,8 @@ class LayeredCache:
 
     def _failed(self, exc: BaseException) -> None:
         self.counts["error"] += 1
+        self._index_ready = False  # Redis may come back empty: the next lookup checks first
         if "no such index" in str(exc).lower() or "unknown index" in str(exc).lower():
-            self._index_ready = False
             return
         self._error, self._failed_at = f"{type(exc).__name__}: {exc}", time.monotonic()
         if not self._is_down():
