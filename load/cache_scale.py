@@ -47,6 +47,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -54,7 +55,7 @@ import yaml
 
 from gateway.api.openai_types import ChatCompletionRequest
 from gateway.cache.fingerprint import context_hash, exact_key
-from gateway.cache.layered import build_cache
+from gateway.cache.layered import LayeredCache, build_cache
 from gateway.cache.redis_exact import Keys, RedisExactStore, connect
 from gateway.cache.semantic import SemanticIndex
 from gateway.embedding import SharedEmbedding
@@ -326,30 +327,86 @@ async def measure(gateway: str, key: str, redis_url: str, held: list[str],
     return results
 
 
+class Steps:
+    """Where one lookup's time goes (lookups run one at a time): the exact read, the
+    embeddings (the question's, and the changed parts' the verifier asks for), the KNN search
+    and the verifier's own work. Wraps the cache's parts on this instance only."""
+
+    NAMES = ("exact read", "embedding", "KNN search", "verifier")
+
+    def __init__(self, cache: LayeredCache) -> None:
+        self.ms: dict[str, float] = defaultdict(float)
+        self.verifying = False
+        embed, verify = cache._embed, cache._verify
+        cache._embed = self._timed_embed(embed)  # read at call time by the embedding steps
+        cache._verify = self._timed_verify(verify)
+        cache.exact.get = self._timed_async("exact read", cache.exact.get)
+        cache.semantic.search = self._timed_async("KNN search", cache.semantic.search)
+
+    def take(self) -> dict[str, float]:
+        taken, self.ms = dict(self.ms), defaultdict(float)
+        return taken
+
+    def _timed_embed(self, embed: Any) -> Any:
+        def timed(texts: list[str]) -> Any:
+            began = time.perf_counter()
+            try:
+                return embed(texts)
+            finally:
+                took = (time.perf_counter() - began) * 1000
+                self.ms["embedding"] += took
+                if self.verifying:
+                    self.ms["verifier"] -= took  # counted as embedding, not twice
+        return timed
+
+    def _timed_verify(self, verify: Any) -> Any:
+        def timed(*args: Any) -> Any:
+            began, self.verifying = time.perf_counter(), True
+            try:
+                return verify(*args)
+            finally:
+                self.verifying = False
+                self.ms["verifier"] += (time.perf_counter() - began) * 1000
+        return timed
+
+    def _timed_async(self, name: str, call: Any) -> Any:
+        async def timed(*args: Any, **kwargs: Any) -> Any:
+            began = time.perf_counter()
+            try:
+                return await call(*args, **kwargs)
+            finally:
+                self.ms[name] += (time.perf_counter() - began) * 1000
+        return timed
+
+
 async def direct_lookups(redis_url: str, settings: CacheSettings, tenant: str, held: list[str],
                          misses: list[str], args: argparse.Namespace) -> None:
     """The lookup alone, in this process, one at a time: the exact read, the embedding, the
     KNN search and the verifier, timed to the end of the search whatever the deadline, with
-    no HTTP, no upstream and no load generator on the machine's cores."""
+    no HTTP, no upstream and no load generator on the machine's cores; then where the time
+    went, step by step."""
     cache = build_cache(redis_url, lambda _: settings, prefix=PREFIX,
                         embed=SharedEmbedding(threads=args.embedding_threads))
     await cache.start()
     cache.verifier.warm()  # type: ignore[union-attr]  # as the gateway's warm-up does
+    steps = Steps(cache)
     rng = random.Random(5)
     hits = [reworded(q, f) for f in range(len(REWORDINGS)) for q in held]
     rng.shuffle(hits)
     count = args.queries
     work = [("hit query", t) for t in hits[:count]] + [("miss query", t) for t in misses[:count]]
     rng.shuffle(work)
-    samples = []
+    samples, spent = [], []
     try:
         for kind, text in [("warm", t) for t in misses[-5:]] + work:
+            steps.take()
             begin = time.perf_counter()
             hit, pending = await cache.lookup_staged(cache_request(tenant, text))
             if pending is not None:
                 hit = await pending.search
             samples.append(Sample(kind, "cache_" if hit else "", None,
                                   (time.perf_counter() - begin) * 1000))
+            spent.append(steps.take())
     finally:
         await cache.close()
     deadline = settings.lookup_deadline_ms
@@ -364,6 +421,12 @@ async def direct_lookups(redis_url: str, settings: CacheSettings, tenant: str, h
         late = sum(s.total_ms >= deadline for s in chosen) / max(len(chosen), 1)
         print(f"    {kind:12}{len(chosen):5d}{served:8.1%}  {took[50]:7.2f}{took[90]:7.2f}"
               f"{took[99]:7.2f}{took[100]:7.2f}{late:7.1%}")
+    measured = [ms for s, ms in zip(samples, spent, strict=True) if s.kind != "warm"]
+    print("    by step, all lookups (ms per lookup; a step's p99 is not a share of the "
+          "total's)")
+    for name in Steps.NAMES:
+        took = quantiles([ms.get(name, 0.0) for ms in measured])
+        print(f"      {name:12}  p50 {took[50]:6.2f}  p90 {took[90]:6.2f}  p99 {took[99]:6.2f}")
 
 
 def report(samples: list[Sample], concurrency: int, deadline_ms: float, past: int

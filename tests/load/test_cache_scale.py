@@ -33,3 +33,8 @@ def test_prefilled_entries_are_served_by_the_gateway() -> None:
     alone = out[out.index("the lookup alone"):]
     served = re.search(r"^\s+hit query\s+10\s+([\d.]+)%", alone, re.M)
     assert served and float(served.group(1)) > 0, out
+    # ...and says where its time went: every step ran, the embedding on every lookup.
+    steps = dict(re.findall(r"^\s+(exact read|embedding|KNN search|verifier)\s+p50\s+([\d.]+)",
+                            alone, re.M))
+    assert set(steps) == {"exact read", "embedding", "KNN search", "verifier"}, out
+    assert float(steps["embedding"]) > 0 and float(steps["KNN search"]) > 0, out
