@@ -178,6 +178,34 @@ def test_a_changed_operator_is_vetoed(cached: str, new: str) -> None:
     assert not vetoed(features("What is 6*3?", "what is 6 * 3", cosine=0.95, diff_cosine=1.0))
 
 
+@pytest.mark.parametrize("cached, new", [
+    ("Why were public libraries first created?", "When were public libraries first created?"),
+    ("Who is Harsha Bhogle?", "Where is Harsha Bhogle?"),
+    ("How can I become a pro boxer?", "Can I become a pro boxer?"),
+    ("How are databases used?", "Why are databases used?"),
+    ("What should you do if you hate your parents?", "Do you hate your parents?"),
+    ("How come the sky is blue?", "When is the sky blue?"),
+])
+def test_a_question_asking_for_another_kind_of_answer_is_vetoed(cached: str, new: str) -> None:
+    """The same words asking why instead of when, how instead of whether: another answer."""
+    assert vetoed(features(cached, new, cosine=0.97, diff_cosine=0.97))
+
+
+@pytest.mark.parametrize("cached, new", [
+    ("How do I reverse a list in Python?", "What is the best way to reverse a list in Python?"),
+    ("Where is a good place to live in Orange County?",
+     "What is the best place to live in Orange County?"),
+    ("Is it hard to create an Android game?", "How hard is it to create an Android game?"),
+    ("Which is better, DynamoDB or SQLite?", "Should I use DynamoDB or SQLite?"),
+    ("I was wondering, how should I start learning poker?", "How should I start learning poker?"),
+    ("What is the most overrated city in India? Why?", "What is the most overrated city in India?"),
+    ("Convert this table to JSON.", "What is this table as JSON?"),
+])
+def test_rewordings_that_ask_for_the_same_kind_of_answer_are_not_vetoed(cached: str,
+                                                                        new: str) -> None:
+    assert features(cached, new, cosine=0.97, diff_cosine=0.97)[FEATURES.index("asks_changed")] == 0
+
+
 def test_warming_the_verifier_loads_its_word_list() -> None:
     _dictionary.cache_clear()
     PairVerifier.load().warm()

@@ -51,14 +51,14 @@ FEATURES = [
     "context_changed",
     # Veto only, after the model's columns: the shipped trees index columns by position and
     # never split on them (vetoed rows are left out of training).
-    "swapped_roles", "operators_changed",
+    "swapped_roles", "operators_changed", "asks_changed",
 ]
 # A difference of these kinds changes the answer whatever the model says: rejected outright.
 VETOES = [
     "numbers_changed", "numbers_reordered", "negation_flip", "opposites", "direction_changes",
     "units_changed", "quantities_changed", "unit_order_changed", "months_changed",
     "entities_changed", "languages_changed", "context_changed", "swapped_roles",
-    "operators_changed",
+    "operators_changed", "asks_changed",
 ]
 # The probability may only fall as these grow (+1: only rise); keeps the model sane on
 # families it never saw.
@@ -147,6 +147,20 @@ fortran cobol zig nim crystal lisp scheme racket prolog vb vba delphi pascal ass
 ARTICLES = frozenset(("a", "an", "the"))
 WH_WORDS = frozenset("what which who whom whose why when where how".split())
 OPERATORS = frozenset("+*/<>=^")
+# The kind of answer a question word asks for. What and which ask for any kind ("What is the
+# best place ..." / "Where is a good place ..."); the others for one.
+ASKS = {"why": "reason", "when": "time", "where": "place", "who": "person", "whom": "person",
+        "whose": "person", "how": "way", "what": "any", "which": "any"}
+DEGREES = frozenset("""
+    come much many long often far old big hard easy good bad likely safe important difficult
+    reliable effective accurate expensive fast soon well
+""".split())
+AUXILIARIES = frozenset("""
+    is are am was were can could do does did will would should shall has have had may might
+    must isn't aren't wasn't weren't can't couldn't don't doesn't didn't won't wouldn't
+    shouldn't hasn't haven't hadn't
+""".split())
+_CLAUSES = re.compile(r"(?<=[.!?,:;])\s+|\n")
 
 def tokens(text: str) -> list[str]:
     """Lower-cased word tokens; number words become digits, `1,743` becomes `1743`."""
@@ -237,6 +251,39 @@ def _counted(numbers: list[str]) -> list[str]:
     a pronoun ("a new one", "one can") or "a" ("at least one order") as a count; a 1 against
     another number still shows as that number on one side only."""
     return sorted(n for n in numbers if n != "1")
+
+
+def _asks(text: str) -> set[str]:
+    """The kinds of answer a text asks for, clause by clause: a clause's question word's (among
+    its first three words), or "yes/no" when it opens with an auxiliary verb ("any" with an
+    "or": "Should I use X or Y?"). Empty for an instruction."""
+    kinds = set()
+    for clause in _CLAUSES.split(text):
+        words = tokens(clause)
+        first = [w if w in AUXILIARIES else w.split("'")[0] for w in words[:3]]
+        if first and first[0] in AUXILIARIES:
+            kinds.add("any" if "or" in words else "yes/no")
+        kinds.update(_asked(w, words[k + 1:k + 2]) for k, w in enumerate(first) if w in ASKS)
+    return kinds
+
+
+def _asked(word: str, after: list[str]) -> str:
+    """The kind of answer a question word asks for, given the word after it: "how" before an
+    adjective asks how much ("How hard is it ...?" / "Is it hard ...?"), "how come" why."""
+    if word == "how" and after and after[0] in DEGREES:
+        return "reason" if after[0] == "come" else "degree"
+    return ASKS[word]
+
+
+def _asks_changed(a: set[str], b: set[str]) -> bool:
+    """Two questions asking for different kinds of answer ("Why were ..." / "When were ...",
+    "How can I ...?" / "Can I ...?"); "any" goes with every kind but yes or no, "degree" with
+    yes or no too."""
+    if not a or not b or a & b:
+        return False
+    if "degree" in a | b and "yes/no" in a | b:
+        return False
+    return not (("any" in a and b - {"yes/no"}) or ("any" in b and a - {"yes/no"}))
 
 
 def _jaccard(a: set[str], b: set[str]) -> float:
@@ -593,6 +640,7 @@ def _values(diff: PairDiff, cosine: float, diff_cosine: float) -> dict[str, floa
         "swapped_roles": _swapped_roles(a, b),
         "operators_changed": float(sorted(t for t in ta if t in OPERATORS)
                                    != sorted(t for t in tb if t in OPERATORS)),
+        "asks_changed": float(_asks_changed(_asks(a), _asks(b))),
     }
     return values
 
