@@ -319,6 +319,27 @@ async def test_redis_restarted_empty_gets_its_index_back_before_the_next_search(
         server.kill()
 
 
+async def test_a_burst_of_lookups_past_the_pool_size_waits_for_connections(
+        redis_url: str) -> None:
+    """redis-py's pool refused the 101st call in flight ("Too many connections"): a burst of
+    requests read as a Redis failure and opened the circuit on a healthy Redis."""
+    import asyncio
+
+    from gateway.cache.redis_exact import MAX_CONNECTIONS
+
+    cache = build_cache(redis_url, settings_for(lookup_deadline_ms=5000), prefix=prefix())
+    await cache.start()
+    try:
+        burst = [request(seed=n) for n in range(3 * MAX_CONNECTIONS)]
+        assert await asyncio.gather(*(cache.lookup(r) for r in burst)) == [None] * len(burst)
+        assert cache.counts["error"] == 0 and cache.health() is None
+        await asyncio.gather(*(cache.store(r, ANSWER) for r in burst))
+        hits = await asyncio.gather(*(cache.lookup(r) for r in burst))
+        assert all(hit is not None and hit.kind == "exact" for hit in hits)
+    finally:
+        await cache.close()
+
+
 class HeldStore(MemoryExactStore):
     """An exact store whose writes wait for `release` and whose reads fail while `down`."""
 

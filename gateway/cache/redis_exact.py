@@ -61,14 +61,23 @@ class Keys:
                 f"{self.prefix}:n:{scope}"]
 
 
-def connect(url: str, timeout_s: float = 0.25) -> Any:
-    """An asyncio Redis client with short timeouts (a slow Redis must not stall requests)."""
+MAX_CONNECTIONS = 100  # per client; each call holds one for well under a millisecond
+
+
+def connect(url: str, timeout_s: float = 0.25, max_connections: int = MAX_CONNECTIONS) -> Any:
+    """An asyncio Redis client with short timeouts (a slow Redis must not stall requests).
+
+    Past `max_connections` calls in flight, a call waits up to `timeout_s` for a connection
+    to come free. redis-py's own pool fails it at once ("Too many connections", 100 by
+    default): a burst of requests opened the cache's circuit on a healthy Redis."""
     import redis.asyncio as redis
 
-    return redis.Redis.from_url(
-        url, protocol=2, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-        health_check_interval=0, retry_on_timeout=False,
+    pool = redis.BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=timeout_s, protocol=2,
+        socket_timeout=timeout_s, socket_connect_timeout=timeout_s, health_check_interval=0,
+        retry_on_timeout=False,
     )
+    return redis.Redis.from_pool(pool)
 
 
 class RedisExactStore:
