@@ -267,7 +267,11 @@ class CascadeEngine:
             for chunk in small.chunks:
                 yield self._outgoing(call, chunk)
             if rest is not None:
-                gap = self._small_deadlines(call).gap_s
+                # The client has the start of this answer: nothing can take over now, so a
+                # silence is cut short only when it outlasts the small model's whole timeout.
+                # The first-token deadline cut answers on a busy machine (vLLM on CPU pauses
+                # every stream for seconds while it prefills another prompt).
+                gap = call.policy.latency_budget.small_timeout / 1000
                 async with aclosing(self._relay(call, small, rest, gap, self.small.name)) as out:
                     async for chunk in out:
                         yield chunk

@@ -298,13 +298,31 @@ async def test_cut_after_first_bytes_ends_with_an_error_not_a_success(upstream: 
     assert "incomplete" in caught.value.message
 
 
-async def test_stall_after_commit_is_a_timeout_error(upstream: str) -> None:
-    pol = policy(streaming={"mode": "direct"}, latency_budget={"small_ttft": 300})
+async def test_stall_after_commit_past_the_small_timeout_is_a_timeout_error(
+        upstream: str) -> None:
+    pol = policy(streaming={"mode": "direct"},
+                 latency_budget={"small_ttft": 300, "small_timeout": 1000})
     chunks, _ = await engine_for(upstream).stream(
         call("hi" + script(output_tokens=10, stall_after_tokens=3, stall_ms=2000), pol)
     )
     with pytest.raises(UpstreamTimeout):
         await collect(chunks)
+
+
+@pytest.mark.parametrize("mode", ["direct", "holdback"])
+async def test_a_pause_after_commit_longer_than_the_first_token_deadline_is_waited_out(
+        upstream: str, mode: str) -> None:
+    """Once the client has the start of an answer nothing can take over, and a busy machine
+    pauses streams (vLLM on CPU, while it prefills another prompt): the first-token deadline
+    used to cut the answer, which the client saw as "the answer is incomplete"."""
+    pol = policy(streaming={"mode": mode, "holdback_tokens": 2},
+                 latency_budget={"small_ttft": 300})
+    words = " ".join(f"w{n}" for n in range(10))
+    chunks, decision = await engine_for(upstream).stream(
+        call("hi" + script(text=words, stall_after_tokens=4, stall_ms=1200), pol)
+    )
+    assert decision.route == Route.SMALL
+    assert streamed_text(await collect(chunks)) == words
 
 
 async def test_streamed_frontier_retries_before_the_first_byte(upstream: str) -> None:
