@@ -196,7 +196,9 @@ def semantic_policy(name: str, deadline_ms: float) -> Policy:
     return Policy.model_validate({
         "name": name, "route": "cascade", "streaming": {"mode": "buffer"},
         "confidence": {"scorer": "logprob", "threshold": 0.5},
-        "cache": {"semantic": True, "lookup_deadline_ms": deadline_ms}})
+        # no audits: one would ask the small model again, 5% of hits by default
+        "cache": {"semantic": True, "lookup_deadline_ms": deadline_ms,
+                  "semantic_audit_rate": 0}})
 
 
 SEMANTIC = semantic_policy("semantic", 30_000)
