@@ -145,12 +145,12 @@ fortran cobol zig nim crystal lisp scheme racket prolog vb vba delphi pascal ass
 """.split())
 
 ARTICLES = frozenset(("a", "an", "the"))
-WH_WORDS = frozenset("what which who whom whose why when where how".split())
 OPERATORS = frozenset("+*/<>=^")
 # The kind of answer a question word asks for. What and which ask for any kind ("What is the
 # best place ..." / "Where is a good place ..."); the others for one.
 ASKS = {"why": "reason", "when": "time", "where": "place", "who": "person", "whom": "person",
         "whose": "person", "how": "way", "what": "any", "which": "any"}
+WH_WORDS = frozenset(ASKS)
 DEGREES = frozenset("""
     come much many long often far old big hard easy good bad likely safe important difficult
     reliable effective accurate expensive fast soon well
